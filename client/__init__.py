@@ -1,1 +1,50 @@
-"""seqserve.client."""
+"""seqserve.client: async and sync clients, multiplexed resumable sessions, the ``seqserve`` CLI.
+
+Needs only grpcio, protobuf and numpy (the base install)."""
+
+from __future__ import annotations
+
+from .aio import DEFAULT_TARGET, AsyncClient
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    PositionConflict,
+    SeqServeError,
+    ServerBusy,
+    ServerError,
+    SessionExists,
+    SessionLost,
+    SessionNotFound,
+    Unavailable,
+)
+from .mux import Multiplexer
+from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .retry import Backoff
+from .session import AsyncSession
+from .sync import Client, Session
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "AsyncSession",
+    "Backoff",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "ModelInfo",
+    "Multiplexer",
+    "PositionConflict",
+    "Prediction",
+    "SeqServeError",
+    "SequencePrediction",
+    "ServerBusy",
+    "ServerError",
+    "Session",
+    "SessionExists",
+    "SessionInfo",
+    "SessionLost",
+    "SessionNotFound",
+    "Unavailable",
+]

@@ -1,0 +1,243 @@
+"""``AsyncClient``: the asyncio client. Unary calls, batch predict, and sessions multiplexed on
+one ``Stream`` call that resumes by itself after a drop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.proto.codec import from_matrix, to_matrix
+
+from .channel import TLS, call_metadata, make_channel
+from .errors import Unavailable, error_from_rpc
+from .frames import as_sequences
+from .mux import Multiplexer
+from .results import ModelInfo, SequencePrediction, SessionInfo
+from .retry import Backoff, Contact
+from .session import AsyncSession
+
+__all__ = ["DEFAULT_TARGET", "AsyncClient"]
+
+DEFAULT_TARGET = "localhost:50051"
+_PREDICT_BYTES = 4 * 1024 * 1024  # frames per Predict call, well under message limits
+_HEALTH = "/grpc.health.v1.Health/Check"
+_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+_NO_CONTACT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+               grpc.StatusCode.CANCELLED}
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """Client of a seqserve server; create and use it inside one event loop.
+
+    ``timeout`` bounds each unary call and each send's wait (None: no bound). ``retry`` is the
+    reconnect policy for dropped streams and unavailable servers. ``window`` is the most frames a
+    session has in flight; keep it at most the server's ``--replay-window`` (default 64) so every
+    resend can be answered.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
+                 window: int = 64, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or Backoff()
+        self.window = window
+        self._metadata = call_metadata(token)
+        self._channel = make_channel(target, tls, options)
+        self._stub = pb_grpc.SeqServeStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _HEALTH, request_serializer=_health_request, response_deserializer=_health_status)
+        self._contact = Contact()
+        self._mux: Multiplexer | None = None
+        self._streams: list[Multiplexer] = []
+        self._model: ModelInfo | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """End the streams (pending sends get a moment to finish) and the channel."""
+        for mux in self._streams:
+            await mux.aclose(timeout=1.0 if self.timeout is None else self.timeout)
+        await self._channel.close()
+
+    # -- unary calls --------------------------------------------------------------------------
+
+    async def model(self) -> ModelInfo:
+        """Model metadata: name, version, features, labels, layers, limits."""
+        info = ModelInfo.from_pb(await self._call(self._stub.GetModel, pb.ModelRequest()))
+        self._model = info
+        return info
+
+    async def health(self, service: str = "") -> str:
+        """The gRPC health status: ``SERVING``, ``NOT_SERVING`` (e.g. draining), ..."""
+        return await self._call(self._health, service, retry=False)
+
+    async def predict(self, sequences: Any, lengths: Any = None, *,
+                      per_step: bool = False) -> list[SequencePrediction]:
+        """Whole-sequence inference on independent sequences (a list of ``[T_i, F]`` arrays, or a
+        padded ``[n, T, F]`` array with ``lengths``); one result per sequence, in order."""
+        model = await self._model_info()
+        arrays = as_sequences(sequences, lengths, model.features)
+        results: list[SequencePrediction] = []
+        for batch in _batches(arrays, _PREDICT_BYTES):
+            request = pb.PredictRequest(
+                sequences=[pb.Sequence(frames=to_matrix(a)) for a in batch], per_step=per_step)
+            response = await self._call(self._stub.Predict, request)
+            for p in response.predictions:
+                results.append(SequencePrediction(
+                    probabilities=from_matrix(p.probabilities)[0].copy(), labels=model.labels,
+                    per_step=from_matrix(p.per_step).copy() if per_step else None))
+        return results
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        return SessionInfo.from_pb(await self._call(self._stub.GetSession,
+                                                    pb.SessionRef(session_id=session_id)))
+
+    async def close_session(self, session_id: str) -> SessionInfo:
+        return SessionInfo.from_pb(await self._call(self._stub.CloseSession,
+                                                    pb.SessionRef(session_id=session_id)))
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def stream(self) -> Multiplexer:
+        """A further ``Stream`` call of its own (sessions use one shared call by default)."""
+        mux = Multiplexer(self._stub, metadata=self._metadata, retry=self.retry,
+                          contact=self._contact, target=self.target)
+        self._streams.append(mux)
+        return mux
+
+    @property
+    def multiplexer(self) -> Multiplexer:
+        """The shared stream every session of this client uses unless told otherwise."""
+        if self._mux is None:
+            self._mux = self.stream()
+        return self._mux
+
+    async def open_session(self, session_id: str | None = None, *, resume: bool = False,
+                           stream: Multiplexer | None = None) -> AsyncSession:
+        """Open a new session (server-assigned id when None; SessionExists if taken), or with
+        ``resume=True`` continue an existing one from its current position."""
+        model = await self._model_info()
+        if resume:
+            if not session_id:
+                raise ValueError("resume needs the session id")
+            info = await self.get_session(session_id)
+        else:
+            info = SessionInfo.from_pb(await self._call(
+                self._stub.OpenSession, pb.OpenSessionRequest(session_id=session_id or "")))
+        return AsyncSession(stream or self.multiplexer, info.session_id, position=info.position,
+                            labels=model.labels, features=model.features, window=self.window,
+                            closer=self.close_session)
+
+    @contextlib.asynccontextmanager
+    async def session(self, session_id: str | None = None, *, resume: bool = False,
+                      stream: Multiplexer | None = None) -> AsyncIterator[AsyncSession]:
+        """``async with client.session() as s:`` opens a session and closes it at the end."""
+        session = await self.open_session(session_id, resume=resume, stream=stream)
+        try:
+            yield session
+        finally:
+            await session.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _model_info(self) -> ModelInfo:
+        return self._model or await self.model()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *,
+                    retry: bool = True) -> T:
+        """One unary call; UNAVAILABLE is retried under the backoff once the server has been
+        reached (an address that never answered fails at once)."""
+        attempt, first_failure = 0, 0.0
+        while True:
+            try:
+                response = await method(request, metadata=self._metadata, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                error = error_from_rpc(exc, target=self.target)
+            else:
+                self._contact.seen = True
+                return response
+            if error.code not in _NO_CONTACT:
+                self._contact.seen = True
+            if attempt == 0:
+                first_failure = time.monotonic()
+            elapsed = time.monotonic() - first_failure
+            if not (retry and error.code is grpc.StatusCode.UNAVAILABLE and self._contact.seen):
+                raise error from None
+            if not self.retry.allows(attempt, elapsed):
+                raise Unavailable(f"{error} (gave up after {attempt} retries, {elapsed:.1f}s)",
+                                  code=error.code, reason=error.reason) from None
+            await asyncio.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+
+def _batches(arrays: list[Any], limit: int) -> list[list[Any]]:
+    batches: list[list[Any]] = [[]]
+    size = 0
+    for array in arrays:
+        if batches[-1] and size + array.nbytes > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(array)
+        size += array.nbytes
+    return batches
+
+
+def _health_request(service: str) -> bytes:
+    """``grpc.health.v1.HealthCheckRequest`` by hand: the base install has no health stubs."""
+    raw = service.encode()
+    if not raw:
+        return b""
+    return b"\x0a" + _varint(len(raw)) + raw
+
+
+def _health_status(data: bytes) -> str:
+    """The ``status`` (field 1, varint) of a ``HealthCheckResponse``."""
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        if key == 0x08:
+            value, i = _read_varint(data, i)
+            return _HEALTH_STATUS.get(value, str(value))
+        if key & 7 == 0:
+            _, i = _read_varint(data, i)
+        elif key & 7 == 2:
+            length, i = _read_varint(data, i)
+            i += length
+        else:
+            break
+    return "UNKNOWN"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while i < len(data):
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value, i

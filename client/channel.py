@@ -1,0 +1,51 @@
+"""Channel construction: target, TLS, call metadata (token)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+__all__ = ["TLS", "call_metadata", "make_channel"]
+
+#: ``None`` (plaintext), ``True`` (TLS with the system roots), PEM root certificate bytes, or
+#: ready ``grpc.ChannelCredentials``.
+TLS = bool | bytes | grpc.ChannelCredentials | None
+
+_DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+def credentials(tls: TLS) -> grpc.ChannelCredentials | None:
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    if isinstance(tls, bytes):
+        return grpc.ssl_channel_credentials(root_certificates=tls)
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    raise TypeError(f"tls must be None, True, PEM bytes or grpc.ChannelCredentials, not {tls!r}")
+
+
+def make_channel(target: str, tls: TLS = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """An asyncio channel; call from the event loop that will use it."""
+    merged = dict(_DEFAULT_OPTIONS)
+    merged.update(dict(options))
+    creds = credentials(tls)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=list(merged.items()))
+    return grpc.aio.secure_channel(target, creds, options=list(merged.items()))
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Metadata sent with every call: ``authorization: Bearer <token>`` when a token is set."""
+    return (("authorization", f"Bearer {token}"),) if token else ()

@@ -1,0 +1,116 @@
+"""Recordings for the CLI: CSV / ``.npy`` files and the bundled model's test samples."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["InputError", "Recording", "bundled_samples", "load_recordings"]
+
+
+class InputError(Exception):
+    """A recording cannot be read; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recording:
+    name: str
+    frames: np.ndarray  # [T, F] float32
+    truth: str | int | None = None  # the true label (or class index) when known
+
+
+def bundled_samples() -> Path:
+    """The bundled model's test recordings (``SEQSERVE_SAMPLES`` overrides the path)."""
+    override = os.environ.get("SEQSERVE_SAMPLES")
+    if override:
+        return Path(override)
+    import seqserve.models
+
+    return Path(seqserve.models.__file__).parent / "basicmotions" / "samples.npz"
+
+
+def load_recordings(source: str) -> list[Recording]:
+    """``FILE.csv`` (rows = frames, optional header), ``FILE.npy`` ([T, F] or [n, T, F]),
+    ``sample:N`` (test recording N of the bundled model), ``samples`` or ``samples:K`` (the
+    first K of them, default all)."""
+    if source == "samples" or source.startswith("samples:"):
+        return _samples(source, many=True)
+    if source.startswith("sample:"):
+        return _samples(source, many=False)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{source}: no such file (expected a .csv or .npy file, sample:N or "
+                         "samples[:K])")
+    if path.suffix.lower() == ".npy":
+        return _npy(path)
+    return [Recording(path.name, _csv(path))]
+
+
+def _samples(source: str, *, many: bool) -> list[Recording]:
+    path = bundled_samples()
+    if not path.is_file():
+        raise InputError(f"{source}: the bundled samples are missing ({path})")
+    _, _, arg = source.partition(":")
+    with np.load(path) as data:
+        x, lengths = data["x"], data["lengths"]
+        y = data["y"] if "y" in data.files else None
+    try:
+        count = int(arg) if arg else len(x)
+    except ValueError:
+        raise InputError(f"{source}: expected a number after ':'") from None
+    indices = range(min(count, len(x))) if many else [count]
+    if not many and not 0 <= count < len(x):
+        raise InputError(f"{source}: there are {len(x)} samples (0..{len(x) - 1})")
+    if many and count < 1:
+        raise InputError(f"{source}: expected at least one sample")
+    return [Recording(f"sample:{i}", np.ascontiguousarray(x[i, : int(lengths[i])], np.float32),
+                      _truth(y[i]) if y is not None else None) for i in indices]
+
+
+def _truth(value: np.generic) -> str | int:
+    item = value.item()
+    if isinstance(item, bytes):
+        return item.decode()
+    return item if isinstance(item, (str, int)) else str(item)
+
+
+def _npy(path: Path) -> list[Recording]:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+    if array.ndim == 2:
+        return [Recording(path.name, array.astype(np.float32))]
+    if array.ndim == 3:
+        return [Recording(f"{path.name}[{i}]", a.astype(np.float32))
+                for i, a in enumerate(array)]
+    raise InputError(f"{path}: expected a [time, features] array, got shape {array.shape}")
+
+
+def _csv(path: Path) -> np.ndarray:
+    rows: list[list[float]] = []
+    try:
+        with path.open(newline="") as fh:
+            for number, row in enumerate(csv.reader(fh), start=1):
+                cells = [c.strip() for c in row]
+                if not any(cells):
+                    continue
+                try:
+                    values = [float(c) for c in cells]
+                except ValueError:
+                    if not rows and number == 1:
+                        continue  # a header
+                    raise InputError(f"{path}:{number}: not a number in {row!r}") from None
+                if rows and len(values) != len(rows[0]):
+                    raise InputError(f"{path}:{number}: {len(values)} columns, the rows before "
+                                     f"have {len(rows[0])}")
+                rows.append(values)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+    if not rows:
+        raise InputError(f"{path}: no frames (expected one row of numbers per frame)")
+    return np.asarray(rows, dtype=np.float32)

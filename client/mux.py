@@ -1,0 +1,207 @@
+"""Many sessions over one bidirectional ``Stream`` call, with transparent resume.
+
+Every request carries ``(session_id, position)``; responses are matched back by that pair. Each
+request stays *unacknowledged* until its response arrives. When the call breaks (connection lost,
+server draining or restarted: UNAVAILABLE), a new call is opened after a backoff and every
+unacknowledged request is written again, in the original order. The server answers requests it
+had already applied from its replay store (``replayed=true``) and applies the rest, so nothing is
+lost or applied twice. Only a session truly gone (NOT_FOUND) or a retry budget spent reaches the
+caller, as an exception on the request's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+
+from .errors import SeqServeError, Unavailable, error_from_rpc, error_from_status
+from .retry import Backoff, Contact
+
+__all__ = ["Multiplexer"]
+
+log = logging.getLogger("seqserve.client.mux")
+
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+_Key = tuple[str, int]
+
+
+class Multiplexer:
+    """Owns one ``Stream`` call (opened on first use) and routes responses to futures."""
+
+    def __init__(self, stub: pb_grpc.SeqServeStub, *, metadata: tuple[tuple[str, str], ...] = (),
+                 retry: Backoff | None = None, contact: Contact | None = None,
+                 target: str = "") -> None:
+        self._stub = stub
+        self._metadata = metadata
+        self._retry = retry or Backoff()
+        self._contact = contact or Contact()
+        self._target = target
+        self._unacked: dict[_Key, tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
+        self._outbox: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._answered = False
+        self.reconnects = 0  # streams opened after the first
+        self.resent = 0  # requests written again after a drop
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet answered."""
+        return len(self._unacked)
+
+    def submit(self, request: pb.StepRequest) -> asyncio.Future[pb.StepResponse]:
+        """Queue a request; the future gives its response or raises a ``SeqServeError``."""
+        if self._closing:
+            raise Unavailable("the client is closed", code=grpc.StatusCode.CANCELLED,
+                              session_id=request.session_id, position=request.position)
+        key = (request.session_id, request.position)
+        if key in self._unacked:
+            raise ValueError(f"position {request.position} of session {request.session_id!r} "
+                             "is already pending")
+        future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
+        self._unacked[key] = (request, future)
+        self._idle.clear()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="seqserve-client-stream")
+        else:
+            self._outbox.put_nowait(request)
+        return future
+
+    async def drain(self) -> None:
+        """Wait until every submitted request is answered (or failed)."""
+        await self._idle.wait()
+
+    async def aclose(self, timeout: float | None = 5.0) -> None:
+        """Let pending requests finish (up to ``timeout``), then end the stream."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), timeout)
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            self._outbox.put_nowait(None)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._fail_all(Unavailable("the client was closed before the server answered",
+                                   code=grpc.StatusCode.CANCELLED))
+
+    # -- the connection loop ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt, first_failure, opened = 0, 0.0, 0
+        while self._unacked and not self._closing:
+            if opened:
+                self.reconnects += 1
+                self.resent += len(self._unacked)
+            opened += 1
+            error = await self._one_call()
+            if error is None:
+                attempt = 0
+                continue
+            if attempt == 0 or self._answered:  # a fresh outage: a fresh retry budget
+                first_failure, attempt = time.monotonic(), 0
+            elapsed = time.monotonic() - first_failure
+            retryable = error.code in _RETRY_CODES and self._contact.seen
+            if self._closing or not self._unacked:
+                return
+            if not retryable or not self._retry.allows(attempt, elapsed):
+                if retryable:
+                    error = Unavailable(f"lost the stream to {self._target or 'the server'} and "
+                                        f"could not resume within {elapsed:.1f}s "
+                                        f"({attempt} retries): {error}", code=error.code,
+                                        reason=error.reason)
+                self._fail_all(error)
+                return
+            delay = self._retry.delay(attempt)
+            log.info("stream to %s broke (%s); resuming %d requests in %.2fs",
+                     self._target, error, len(self._unacked), delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _one_call(self) -> SeqServeError | None:
+        """Open a call, write every unacknowledged request then new ones, read responses until
+        the call ends. Returns the error that ended it (None: ended cleanly)."""
+        self._answered = False
+        outbox: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
+        for request, _ in self._unacked.values():
+            outbox.put_nowait(request)
+        if self._closing:
+            outbox.put_nowait(None)
+        self._outbox = outbox
+        call = self._stub.Stream(metadata=self._metadata)
+        writer = asyncio.create_task(_write(call, outbox))
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                self._answered = True
+                self._contact.seen = True
+                self._on_response(response)
+        except grpc.aio.AioRpcError as exc:
+            return error_from_rpc(exc, target=self._target, in_session=True)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            call.cancel()
+        if self._unacked and not self._closing:
+            return Unavailable("the server ended the stream with requests unanswered",
+                               code=grpc.StatusCode.UNAVAILABLE)
+        return None
+
+    def _on_response(self, response: pb.StepResponse) -> None:
+        key = (response.session_id, response.position)
+        entry = self._unacked.get(key)
+        if entry is None:
+            return  # answer to a duplicate write; the first answer already settled it
+        error = response.error if response.HasField("error") else None
+        if error is not None and error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+            return  # draining: not applied; written again on the next call
+        del self._unacked[key]
+        future = entry[1]
+        if not future.done():
+            if error is None:
+                future.set_result(response)
+            else:
+                future.set_exception(error_from_status(
+                    error.code, error.message, reason=error.reason,
+                    session_id=response.session_id, position=error.expected_position,
+                    in_session=True))
+        if not self._unacked:
+            self._idle.set()
+
+    def _fail_all(self, error: SeqServeError) -> None:
+        entries = list(self._unacked.items())
+        self._unacked.clear()
+        for (session_id, position), (_, future) in entries:
+            if not future.done():
+                future.set_exception(type(error)(
+                    str(error), code=error.code, reason=error.reason, session_id=session_id,
+                    position=position))
+        self._idle.set()
+
+
+async def _write(call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.StepRequest | None]
+                 ) -> None:
+    try:
+        while True:
+            request = await outbox.get()
+            if request is None:
+                await call.done_writing()
+                return
+            await call.write(request)
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+        return  # the call broke; the reader sees why

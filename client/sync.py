@@ -1,0 +1,156 @@
+"""``Client``: the blocking client. A private thread runs an event loop with an ``AsyncClient``,
+so the sync and async clients behave the same (one stream, pipelining, resume)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
+
+from .aio import DEFAULT_TARGET, AsyncClient
+from .channel import TLS
+from .errors import DeadlineExceeded
+from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .retry import Backoff
+from .session import AsyncSession
+
+__all__ = ["Client", "Session"]
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """An event loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="seqserve-client",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded(f"no answer within {timeout}s") from None
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class Client:
+    """Blocking client with the shape of ``AsyncClient``; use ``with Client(...) as c``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
+                 tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
+                 window: int = 64, options: Sequence[tuple[str, Any]] = ()) -> None:
+        self._loop = _Loop()
+
+        async def build() -> AsyncClient:
+            return AsyncClient(target, token=token, tls=tls, timeout=timeout, retry=retry,
+                               window=window, options=options)
+
+        self.aio = self._loop.run(build())
+        self.target = target
+        self.timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._loop.run(self.aio.close(), 10.0)
+        self._loop.stop()
+
+    def model(self) -> ModelInfo:
+        return self._loop.run(self.aio.model())
+
+    def health(self, service: str = "") -> str:
+        return self._loop.run(self.aio.health(service))
+
+    def predict(self, sequences: Any, lengths: Any = None, *,
+                per_step: bool = False) -> list[SequencePrediction]:
+        return self._loop.run(self.aio.predict(sequences, lengths, per_step=per_step))
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        return self._loop.run(self.aio.get_session(session_id))
+
+    def open_session(self, session_id: str | None = None, *, resume: bool = False) -> Session:
+        return Session(self._loop, self._loop.run(self.aio.open_session(session_id,
+                                                                         resume=resume)))
+
+    @contextlib.contextmanager
+    def session(self, session_id: str | None = None, *, resume: bool = False
+                ) -> Iterator[Session]:
+        session = self.open_session(session_id, resume=resume)
+        try:
+            yield session
+        finally:
+            session.close()
+
+
+class Session:
+    """Blocking view of an ``AsyncSession``."""
+
+    def __init__(self, loop: _Loop, session: AsyncSession) -> None:
+        self._loop = loop
+        self.aio = session
+        self.id = session.id
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id!r} position={self.aio.position}>"
+
+    @property
+    def position(self) -> int:
+        return self.aio.position
+
+    def send(self, frames: Any, *, end: bool = False) -> Prediction:
+        return self.send_nowait(frames, end=end).result()
+
+    def send_nowait(self, frames: Any, *, end: bool = False
+                    ) -> concurrent.futures.Future[Prediction]:
+        """Submit without waiting; sends keep their order. ``.result()`` gives the Prediction."""
+
+        async def submit() -> asyncio.Future[Prediction]:
+            return self.aio.send_nowait(frames, end=end)
+
+        inner = self._loop.run(submit())
+        outer: concurrent.futures.Future[Prediction] = concurrent.futures.Future()
+
+        def copy(done: asyncio.Future[Prediction]) -> None:
+            if done.cancelled():
+                outer.cancel()
+            elif done.exception() is not None:
+                outer.set_exception(done.exception())
+            else:
+                outer.set_result(done.result())
+
+        self._loop.loop.call_soon_threadsafe(inner.add_done_callback, copy)
+        return outer
+
+    def flush(self) -> None:
+        self._loop.run(self.aio.flush())
+
+    def close(self) -> None:
+        self._loop.run(self.aio.close())
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
