@@ -29,6 +29,9 @@ __all__ = ["Multiplexer"]
 log = logging.getLogger("seqserve.client.mux")
 
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# How a connection torn down mid-call (RST, reset, GOAWAY) can surface besides UNAVAILABLE.
+_TRANSPORT = ("internal error from core", "rst_stream", "stream removed", "socket closed",
+              "connection reset", "goaway", "broken pipe", "end of tcp stream")
 _Key = tuple[str, int]
 
 
@@ -151,7 +154,11 @@ class Multiplexer:
                 self._contact.seen = True
                 self._on_response(response)
         except grpc.aio.AioRpcError as exc:
-            return error_from_rpc(exc, target=self._target, in_session=True)
+            error = error_from_rpc(exc, target=self._target, in_session=True)
+            if _dropped(exc):
+                return Unavailable(f"connection dropped ({exc.code().name}: {exc.details()})",
+                                   code=grpc.StatusCode.UNAVAILABLE)
+            return error
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -192,6 +199,14 @@ class Multiplexer:
                     str(error), code=error.code, reason=error.reason, session_id=session_id,
                     position=position))
         self._idle.set()
+
+
+def _dropped(exc: grpc.aio.AioRpcError) -> bool:
+    """A transport failure reported as INTERNAL/UNKNOWN rather than UNAVAILABLE."""
+    if exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return False
+    details = (exc.details() or "").lower()
+    return any(marker in details for marker in _TRANSPORT)
 
 
 async def _write(call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.StepRequest | None]
