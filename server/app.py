@@ -1,0 +1,162 @@
+"""Entry points: ``create_server`` builds and binds, ``serve`` runs until a signal, ``main`` is the
+``seqserve-server`` command (flags, logging, signal handlers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+
+from .engine import Engine
+from .errors import ModelError, SnapshotError
+from .metrics import Metrics
+from .model import ModelSpec, load_model_spec
+from .runtime import Runtime
+from .servicer import SeqServeServicer
+from .settings import Settings, parse_settings
+from .snapshot import load_snapshot, save_snapshot
+
+__all__ = ["App", "create_server", "main", "serve"]
+
+log = logging.getLogger("seqserve.server")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name
+
+
+class App:
+    """A built, bound server: gRPC, engine, metrics endpoint. ``start`` then ``stop``."""
+
+    def __init__(self, settings: Settings, grpc_server: grpc.aio.Server, engine: Engine,
+                 servicer: SeqServeServicer, health_servicer: health.aio.HealthServicer,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.grpc = grpc_server
+        self.engine = engine
+        self.servicer = servicer
+        self.health = health_servicer
+        self.metrics = metrics
+        self.metrics_port: int | None = None
+        self._http: Any = None
+
+    async def start(self) -> None:
+        if self.settings.metrics_port >= 0:
+            self._http, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
+                                              registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        self.engine.start()
+        await self.grpc.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, answer what was accepted (within the grace
+        period), end streams with UNAVAILABLE, snapshot every session, stop."""
+        grace = self.settings.drain_grace
+        await self.health.enter_graceful_shutdown()
+        self.engine.draining = True
+        self.servicer.drain()
+        try:
+            await asyncio.wait_for(self.engine.drain(), grace)
+        except TimeoutError:
+            log.warning("drain grace (%.1fs) ran out with requests still queued", grace)
+        await self.engine.scheduler.stop()  # nothing runs past here, so the snapshot is consistent
+        if self.settings.snapshot_path:
+            save_snapshot(self.settings.snapshot_path, self.engine.spec, self.engine.table)
+        await self.grpc.stop(min(grace, 5.0))
+        await self.engine.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+def create_server(settings: Settings, *, registry: CollectorRegistry | None = None,
+                  spec: ModelSpec | None = None) -> tuple[App, int]:
+    """Build everything and bind the gRPC port (0 picks one); call from a running event loop.
+
+    Raises ModelError / SnapshotError with a message fit for the user."""
+    spec = spec or load_model_spec(settings.model_dir or None)
+    runtime = Runtime(spec, device=settings.device, threads=settings.ort_threads,
+                      spinning=settings.ort_spinning)
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    engine = Engine(spec, runtime, settings, observer=metrics)
+    metrics.track_sessions(lambda: len(engine.table), engine.bank.bytes_per_slot)
+    _restore(settings, engine)
+
+    limit = settings.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
+    servicer = SeqServeServicer(engine, metrics)
+    pb_grpc.add_SeqServeServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    return App(settings, server, engine, servicer, health_servicer, metrics), port
+
+
+def _restore(settings: Settings, engine: Engine) -> None:
+    path = Path(settings.snapshot_path) if settings.snapshot_path else None
+    if path is None or not path.exists():
+        return
+    try:
+        load_snapshot(path, engine.spec, engine.table)
+    except SnapshotError as exc:
+        if not settings.ignore_bad_snapshot:
+            raise
+        log.error("%s; starting with no sessions (--ignore-bad-snapshot)", exc)
+        return
+    path.unlink()  # restored state now lives in memory; a stale file must never load twice
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    app, port = create_server(settings)
+    await app.start()
+    log.info("serving %s v%s on %s:%d (metrics on :%s, %d sessions restored)",
+             app.engine.spec.name, app.engine.spec.version, settings.host, port,
+             app.metrics_port, len(app.engine.table))
+    stop = stop or asyncio.Event()
+    await stop.wait()
+    log.info("draining")
+    await app.stop()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except (ModelError, SnapshotError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0

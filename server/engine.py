@@ -1,0 +1,204 @@
+"""The data plane: what any front (gRPC today, another protocol tomorrow) calls.
+
+Plain Python + numpy: requests come in as ids, positions and ``float32`` arrays, results go out as
+dataclasses, failures as ``errors.SeqServeError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BadRequest, CapacityExceeded, Draining, PositionError
+from .model import ModelSpec
+from .runtime import Runtime
+from .scheduler import BatchObserver, Scheduler, StepResult, Work
+from .sessions import Session, SessionTable
+from .settings import Settings
+from .states import StateBank
+
+__all__ = ["Engine", "SessionStatus", "StepResult"]
+
+log = logging.getLogger("seqserve.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    session_id: str
+    position: int
+    idle_seconds: float
+    expires_in_seconds: float
+    closed: bool = False
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, runtime: Runtime, settings: Settings,
+                 observer: BatchObserver | None = None) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.settings = settings
+        self.observer = observer or BatchObserver()
+        self.bank = StateBank(spec, settings.max_sessions, settings.replay_window)
+        self.table = SessionTable(self.bank, max_sessions=settings.max_sessions,
+                                  idle_timeout=settings.session_idle_timeout)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
+        self.scheduler = Scheduler(runtime, self.table, self.executor,
+                                   max_batch=settings.max_batch,
+                                   max_wait=settings.max_wait_ms / 1000.0, observer=self.observer)
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.scheduler.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="seqserve-expiry")
+
+    async def drain(self) -> None:
+        """Refuse new work, then wait until every accepted request has been answered."""
+        self.draining = True
+        await self.scheduler.idle()
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.scheduler.stop()
+        self.executor.shutdown(wait=True)
+
+    async def _sweep(self) -> None:
+        interval = min(1.0, self.settings.session_idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.expire()
+
+    def expire(self) -> int:
+        expired = self.table.expired()
+        for session in expired:
+            self.table.end(session, "expired")
+            self.observer.session_event("expired")
+        if expired:
+            log.debug("expired %d idle sessions", len(expired))
+        return len(expired)
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def check_frames(self, frames: np.ndarray, what: str = "frames") -> np.ndarray:
+        if frames.ndim != 2 or frames.shape[0] < 1:
+            raise BadRequest(f"{what}: need at least one frame", reason="bad_frames")
+        if frames.shape[1] != self.spec.features:
+            raise BadRequest(f"{what}: {frames.shape[1]} features per frame, model "
+                             f"{self.spec.name!r} expects {self.spec.features}",
+                             reason="feature_count")
+        if frames.shape[0] > self.settings.max_frames_per_request:
+            raise BadRequest(f"{what}: {frames.shape[0]} frames, at most "
+                             f"{self.settings.max_frames_per_request} per request",
+                             reason="too_many_frames")
+        if not np.isfinite(frames).all():
+            bad = int(np.argwhere(~np.isfinite(frames))[0][0])
+            raise BadRequest(f"{what}: frame {bad} holds NaN or Inf", reason="non_finite")
+        return frames
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise Draining("server is draining; retry on another replica or after restart")
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def status(self, session: Session) -> SessionStatus:
+        return SessionStatus(session.id, session.position,
+                             max(0.0, self.table.clock() - session.last_used),
+                             self.table.expires_in(session), bool(session.ended))
+
+    def open(self, session_id: str | None = None) -> SessionStatus:
+        self._refuse_if_draining()
+        return self.status(self._create(session_id or None))
+
+    def _create(self, session_id: str | None) -> Session:
+        try:
+            session = self.table.create(session_id)
+        except CapacityExceeded:
+            self.observer.session_event("refused")
+            raise
+        self.observer.session_event("opened")
+        return session
+
+    def get(self, session_id: str) -> SessionStatus:
+        return self.status(self.table.get(session_id))
+
+    async def reset(self, session_id: str) -> SessionStatus:
+        self._refuse_if_draining()
+        session = self.table.get(session_id)
+        self.table.touch(session)
+        await self.scheduler.control(session, "reset")
+        return self.status(session)
+
+    async def close(self, session_id: str) -> SessionStatus:
+        session = self.table.get(session_id)
+        await self.scheduler.control(session, "close")
+        return self.status(session)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def submit(self, session_id: str, position: int, frames: np.ndarray, *, start: bool = False,
+               end: bool = False) -> asyncio.Future[StepResult]:
+        """Queue frames for a session; the future gives the outputs or a SeqServeError."""
+        self._refuse_if_draining()
+        self.check_frames(frames)
+        session = self.table.find(session_id)
+        if session is None:
+            if not start:
+                self.table.get(session_id)  # raises unknown / expired / closed
+            if position != 0:
+                raise PositionError(f"a new session starts at position 0, not {position}",
+                                    reason="position_gap", expected=0)
+            self._refuse_if_draining()
+            session = self._create(session_id)
+        elif position > session.accepted:
+            raise PositionError(f"position {position} leaves a gap: session {session_id!r} "
+                                f"expects {session.accepted}", reason="position_gap",
+                                expected=session.accepted)
+        self.table.touch(session)
+        if position + len(frames) > session.accepted:
+            session.accepted = position + len(frames)
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.scheduler.submit(Work(session, position, frames, future, end=end))
+        return future
+
+    async def step(self, session_id: str, position: int, frames: np.ndarray, *,
+                   start: bool = False, end: bool = False) -> StepResult:
+        return await self.submit(session_id, position, frames, start=start, end=end)
+
+    # -- whole sequences ----------------------------------------------------------------------
+
+    async def predict(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per-step probabilities ``[T_i, C]`` of independent sequences, from zero state."""
+        self._refuse_if_draining()
+        if not sequences:
+            raise BadRequest("no sequences given", reason="bad_frames")
+        total = 0
+        for i, frames in enumerate(sequences):
+            self.check_frames(frames, what=f"sequence {i}")
+            total += len(frames)
+        if total > self.settings.max_predict_frames:
+            raise BadRequest(f"{total} frames in all, at most {self.settings.max_predict_frames} "
+                             "per Predict call", reason="too_many_frames")
+        by_length: dict[int, list[int]] = {}
+        for i, frames in enumerate(sequences):
+            by_length.setdefault(len(frames), []).append(i)
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        loop = asyncio.get_running_loop()
+        for indices in by_length.values():
+            for lo in range(0, len(indices), self.settings.max_batch):
+                chunk = indices[lo : lo + self.settings.max_batch]
+                batch = np.stack([sequences[i] for i in chunk])
+                probs, _ = await loop.run_in_executor(
+                    self.executor, self.runtime.sequence, batch,
+                    self.runtime.zero_states(len(chunk)))
+                for row, i in enumerate(chunk):
+                    results[i] = probs[row]
+        return [r for r in results if r is not None]

@@ -1,0 +1,76 @@
+"""Domain errors of the serving core. They know nothing of gRPC: the servicer maps them to codes.
+
+Every error carries a stable machine-readable ``reason`` that clients can branch on.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "CapacityExceeded",
+    "Draining",
+    "ModelError",
+    "PositionError",
+    "SeqServeError",
+    "SessionExists",
+    "SessionNotFound",
+    "SnapshotError",
+]
+
+
+class SeqServeError(Exception):
+    """Base of every error a request can end in; ``reason`` is stable, the message is prose."""
+
+    reason = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class BadRequest(SeqServeError):
+    """The request itself is malformed (frames, ids, sizes); nothing was applied."""
+
+    reason = "bad_request"
+
+
+class SessionNotFound(SeqServeError):
+    """No live session by that id; reason is ``unknown``, ``expired`` or ``closed``."""
+
+    reason = "unknown"
+
+    def __init__(self, message: str, *, reason: str = "unknown", position: int = 0) -> None:
+        super().__init__(message, reason=reason)
+        self.position = position
+
+
+class PositionError(SeqServeError):
+    """The request's position does not continue the session: ``position_gap`` (frames are
+    missing before it) or ``stale_position`` (too old to replay)."""
+
+    reason = "position_gap"
+
+    def __init__(self, message: str, *, reason: str, expected: int) -> None:
+        super().__init__(message, reason=reason)
+        self.expected = expected
+
+
+class CapacityExceeded(SeqServeError):
+    reason = "session_limit"
+
+
+class SessionExists(SeqServeError):
+    reason = "session_exists"
+
+
+class Draining(SeqServeError):
+    reason = "draining"
+
+
+class ModelError(Exception):
+    """The model directory is unusable (missing files, wrong names, checksum mismatch)."""
+
+
+class SnapshotError(Exception):
+    """A session snapshot cannot be restored (corrupt, truncated, or from another model)."""

@@ -1,0 +1,65 @@
+"""Prometheus metrics, built on an injected registry (a fresh one per test)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .scheduler import BatchObserver
+
+__all__ = ["LATENCY_BUCKETS", "Metrics"]
+
+# 50 µs doubling to ~6.5 s: the default buckets start at 5 ms and would hide every step.
+LATENCY_BUCKETS = tuple(50e-6 * 2**k for k in range(18))
+BATCH_BUCKETS = tuple(2**k for k in range(11))  # 1 .. 1024
+
+
+class Metrics(BatchObserver):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.request_seconds = Histogram(
+            "seqserve_request_duration_seconds",
+            "Time from receiving a request (one stream message or unary call) to its response",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "seqserve_requests", "Requests (stream messages and unary calls) by RPC and status",
+            ["rpc", "code"], registry=registry)
+        self.queue_seconds = Histogram(
+            "seqserve_queue_wait_seconds", "Wait of a batch's oldest request before its run",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram(
+            "seqserve_inference_seconds", "onnxruntime time per batch", ["graph"],
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "seqserve_batch_size", "Sessions per onnxruntime call", ["graph"],
+            buckets=BATCH_BUCKETS, registry=registry)
+        self.steps = Counter("seqserve_steps", "Frames applied to sessions", registry=registry)
+        self.predict_frames = Counter("seqserve_predict_frames",
+                                      "Frames run by Predict (whole sequences)", registry=registry)
+        self.session_events = Counter(
+            "seqserve_session_events",
+            "Session lifecycle events: opened, closed, expired, refused (cap reached)",
+            ["event"], registry=registry)
+        self.live_sessions = Gauge("seqserve_live_sessions", "Sessions holding state",
+                                   registry=registry)
+        self.state_bytes = Gauge("seqserve_state_bytes", "Bytes of recurrent state held",
+                                 registry=registry)
+        self._inference = {g: self.inference_seconds.labels(g) for g in ("step", "sequence")}
+        self._batch = {g: self.batch_size.labels(g) for g in ("step", "sequence")}
+        for event in ("opened", "closed", "expired", "refused"):
+            self.session_events.labels(event)
+
+    def batch(self, graph: str, size: int, frames: int, seconds: float, waited: float) -> None:
+        self._inference[graph].observe(seconds)
+        self._batch[graph].observe(size)
+        self.queue_seconds.observe(waited)
+        self.steps.inc(frames)
+
+    def session_event(self, event: str) -> None:
+        self.session_events.labels(event).inc()
+
+    def track_sessions(self, live: Callable[[], int], bytes_per_session: int) -> None:
+        """Gauges read at scrape time, so the hot path never updates them."""
+        self.live_sessions.set_function(live)
+        self.state_bytes.set_function(lambda: live() * bytes_per_session)

@@ -1,0 +1,133 @@
+"""The model directory (``seqserve-model/1``, see models/README.md) as a typed, checked spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+__all__ = ["FORMAT", "LayerSpec", "ModelSpec", "StateSpec", "default_model_dir", "load_model_spec"]
+
+FORMAT = "seqserve-model/1"
+
+
+@dataclass(frozen=True, slots=True)
+class StateSpec:
+    name: str
+    layer: str
+    kind: str
+    size: int
+    input: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    name: str
+    type: str
+    units: int
+    input_size: int
+    params: int
+    activation: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    directory: Path
+    name: str
+    version: str
+    features: int
+    labels: tuple[str, ...]
+    states: tuple[StateSpec, ...]
+    layers: tuple[LayerSpec, ...]
+    parameters: int
+    sequence_graph: Path
+    step_graph: Path
+    fingerprint: str  # identifies the exact graphs; snapshots are bound to it
+
+    @property
+    def classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def state_floats(self) -> int:
+        return sum(s.size for s in self.states)
+
+
+def default_model_dir() -> Path:
+    """The bundled default model (BasicMotions activity classifier)."""
+    import seqserve.models
+
+    return Path(seqserve.models.__file__).resolve().parent / "basicmotions"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _graph_path(directory: Path, graphs: dict[str, Any], key: str) -> Path:
+    entry = graphs.get(key)
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise ModelError(f"model.json: graphs.{key}.file is missing")
+    path = (directory / entry["file"]).resolve()
+    if not path.is_relative_to(directory):
+        raise ModelError(f"model.json: graphs.{key}.file {entry['file']!r} is outside {directory}")
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist")
+    expected = entry.get("sha256")
+    if expected and _sha256(path) != expected:
+        raise ModelError(f"{path.name}: checksum does not match model.json (file changed?)")
+    return path
+
+
+def load_model_spec(directory: str | Path | None = None) -> ModelSpec:
+    directory = Path(directory).resolve() if directory else default_model_dir()
+    meta_path = directory / "model.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{meta_path} not found: not a seqserve model directory") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        states = tuple(
+            StateSpec(s["name"], s["layer"], s["kind"], int(s["size"]), s["input"], s["output"])
+            for s in meta["states"]
+        )
+        layers = tuple(
+            LayerSpec(layer["name"], layer["type"], int(layer.get("units", 0)),
+                      int(layer.get("input_size", 0)), int(layer.get("params", 0)),
+                      str(layer.get("activation", "")))
+            for layer in meta.get("layers", [])
+        )
+        graphs = meta["graphs"]
+        spec = ModelSpec(
+            directory=directory,
+            name=str(meta["name"]),
+            version=str(meta.get("version", "1")),
+            features=int(meta["features"]),
+            labels=tuple(str(label) for label in meta["labels"]),
+            states=states,
+            layers=layers,
+            parameters=int(meta.get("parameters", 0)),
+            sequence_graph=_graph_path(directory, graphs, "sequence"),
+            step_graph=_graph_path(directory, graphs, "step"),
+            fingerprint=hashlib.sha256(
+                json.dumps([graphs, meta["states"]], sort_keys=True).encode()
+            ).hexdigest(),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: missing or malformed field {exc}") from None
+    if spec.features < 1 or spec.classes < 1 or not spec.states:
+        raise ModelError(f"{meta_path}: needs features >= 1, labels and states")
+    return spec

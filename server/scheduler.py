@@ -1,0 +1,285 @@
+"""Batches one pending request from each of many sessions into one onnxruntime call.
+
+Every session has a FIFO of work; the ready queue holds sessions (not requests), so a batch takes
+at most one request per session and a session's requests run strictly in order. Positions are
+checked when a request reaches the head of its session's queue, which lets clients pipeline
+requests. Single-frame requests share one ``step`` call; multi-frame requests of equal length share
+one ``sequence`` call. States are gathered from the bank on the event loop, the graphs run in a
+worker thread, and the new states are scattered back on the loop, so nothing else ever touches a
+slot while its batch runs. Resets and closes travel through the same queue, so they order cleanly
+against steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import PositionError, SessionNotFound
+from .runtime import Runtime
+from .sessions import Session, SessionTable
+
+__all__ = ["BatchObserver", "Scheduler", "StepResult", "Work"]
+
+log = logging.getLogger("seqserve.scheduler")
+
+
+@dataclass(slots=True)
+class StepResult:
+    session_id: str
+    position: int
+    probabilities: np.ndarray  # [frames, classes]
+    next_position: int
+    replayed: bool = False
+    ended: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    session: Session
+    position: int
+    frames: np.ndarray | None  # [T, F]; None for a control action
+    future: asyncio.Future[Any]
+    action: str = "step"  # "step", "reset", "close"
+    end: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+    prefix: np.ndarray | None = None  # replayed rows of frames applied before this request ran
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def batch(self, graph: str, size: int, frames: int, seconds: float, waited: float) -> None:
+        pass
+
+    def session_event(self, event: str) -> None:
+        pass
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, table: SessionTable, executor: Executor, *,
+                 max_batch: int, max_wait: float = 0.0,
+                 observer: BatchObserver | None = None) -> None:
+        self.runtime = runtime
+        self.table = table
+        self.bank = table.bank
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.observer = observer or BatchObserver()
+        self._ready: deque[Session] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- submission (event loop) --------------------------------------------------------------
+
+    def submit(self, work: Work) -> None:
+        session = work.session
+        session.pending.append(work)
+        if not session.scheduled:
+            session.scheduled = True
+            self._ready.append(session)
+            if not self._wake.is_set():
+                self._wake.set()
+                self._idle.clear()
+
+    def control(self, session: Session, action: str) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.submit(Work(session, 0, None, future, action=action))
+        return future
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="seqserve-scheduler")
+
+    async def idle(self) -> None:
+        """Returns once nothing is queued or running."""
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            if not self._ready:
+                self._wake.clear()
+                self._idle.set()
+                await self._wake.wait()
+                continue
+            if self.max_wait and len(self._ready) < self.max_batch:
+                await asyncio.sleep(self.max_wait)
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep serving; the round's requests were already failed
+                log.exception("scheduler round failed")
+
+    # -- one round ----------------------------------------------------------------------------
+
+    async def _round(self) -> None:
+        taken: list[Session] = []
+        steps: list[Work] = []
+        groups: dict[int, list[Work]] = {}
+        for _ in range(min(len(self._ready), self.max_batch)):
+            session = self._ready.popleft()
+            taken.append(session)
+            work = session.pending.popleft()
+            if self._prepare(work):
+                assert work.frames is not None
+                if len(work.frames) == 1:
+                    steps.append(work)
+                else:
+                    groups.setdefault(len(work.frames), []).append(work)
+        if steps or groups:
+            await self._compute(steps, list(groups.values()))
+        for session in taken:
+            if session.ended:
+                self._fail_pending(session)
+            if session.pending:
+                self._ready.append(session)
+            else:
+                session.scheduled = False
+
+    def _prepare(self, work: Work) -> bool:
+        """Settle what needs no model run (controls, replays, errors); True if frames remain."""
+        session = work.session
+        future = work.future
+        if session.ended:
+            _fail(future, self._gone(session))
+            return False
+        if work.action == "reset":
+            self.bank.zero(session.slot)
+            session.position = session.accepted = 0
+            _resolve(future, session)
+            return False
+        if work.action == "close":
+            self._end(session, "closed")
+            _resolve(future, session)
+            return False
+        assert work.frames is not None
+        position, applied, count = work.position, session.position, len(work.frames)
+        if position > applied:
+            session.accepted = applied
+            _fail(future, PositionError(
+                f"position {position} leaves a gap: session {session.id!r} expects {applied}",
+                reason="position_gap", expected=applied))
+            return False
+        if position < applied:
+            done = min(count, applied - position)
+            if position < applied - self.bank.window:
+                _fail(future, PositionError(
+                    f"position {position} is older than the replay window "
+                    f"({self.bank.window} frames before {applied})",
+                    reason="stale_position", expected=applied))
+                return False
+            work.prefix = self.bank.replay(session.slot, position, position + done)
+            if done == count:
+                _resolve(future, StepResult(session.id, position, work.prefix, applied,
+                                            replayed=True))
+                return False
+            work.frames = work.frames[done:]
+        return True
+
+    async def _compute(self, steps: list[Work], groups: list[list[Work]]) -> None:
+        bank = self.bank
+        jobs: list[tuple[str, list[Work], np.ndarray, np.ndarray, list[np.ndarray]]] = []
+        if steps:
+            slots = np.fromiter((w.session.slot for w in steps), np.intp, len(steps))
+            frames = np.stack([w.frames[0] for w in steps])  # type: ignore[index]
+            jobs.append(("step", steps, slots, frames, bank.gather(slots)))
+        for group in groups:
+            slots = np.fromiter((w.session.slot for w in group), np.intp, len(group))
+            frames = np.stack([w.frames for w in group])  # type: ignore[misc]
+            jobs.append(("sequence", group, slots, frames, bank.gather(slots)))
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _run_jobs, self.runtime, [(j[0], j[3], j[4]) for j in jobs])
+        except Exception:
+            log.exception("inference failed for %d requests",
+                          sum(len(j[1]) for j in jobs))
+            for job in jobs:
+                for work in job[1]:
+                    _fail(work.future, RuntimeError("inference failed"))
+            return
+        for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
+                jobs, outputs, strict=True):
+            waited = started - min(w.queued_at for w in works)
+            self.observer.batch(graph, len(works), frames.shape[0] * (
+                1 if graph == "step" else frames.shape[1]), seconds, waited)
+            bank.scatter(slots, states)
+            if graph == "step":
+                positions = np.fromiter((w.session.position for w in works), np.int64, len(works))
+                bank.record_steps(slots, positions, probs)
+                for i, work in enumerate(works):
+                    self._finish(work, probs[i : i + 1])
+            else:
+                for i, work in enumerate(works):
+                    bank.record(work.session.slot, work.session.position, probs[i])
+                    self._finish(work, probs[i])
+
+    def _finish(self, work: Work, probs: np.ndarray) -> None:
+        session = work.session
+        first = session.position
+        session.position += len(probs)
+        if session.accepted < session.position:
+            session.accepted = session.position
+        if work.prefix is not None:
+            probs = np.concatenate([work.prefix, probs])
+            first -= len(work.prefix)
+        if work.end:
+            self._end(session, "closed")
+        _resolve(work.future, StepResult(session.id, first, probs, session.position,
+                                         ended=work.end))
+
+    def _end(self, session: Session, reason: str) -> None:
+        self.table.end(session, reason)
+        self.observer.session_event(reason)
+
+    def _gone(self, session: Session) -> SessionNotFound:
+        return SessionNotFound(f"session {session.id!r} {session.ended} at position "
+                               f"{session.position}", reason=session.ended,
+                               position=session.position)
+
+    def _fail_pending(self, session: Session) -> None:
+        while session.pending:
+            _fail(session.pending.popleft().future, self._gone(session))
+
+
+def _run_jobs(runtime: Runtime, jobs: list[tuple[str, np.ndarray, list[np.ndarray]]]
+              ) -> list[tuple[np.ndarray, list[np.ndarray], float]]:
+    out = []
+    for graph, frames, states in jobs:
+        started = time.perf_counter()
+        run: Callable[..., tuple[np.ndarray, list[np.ndarray]]] = (
+            runtime.step if graph == "step" else runtime.sequence)
+        probs, new_states = run(frames, states)
+        out.append((probs, new_states, time.perf_counter() - started))
+    return out
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

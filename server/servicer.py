@@ -1,0 +1,297 @@
+"""The gRPC front: protobuf <-> numpy, domain errors -> status codes, nothing else.
+
+In a stream, a failed request is answered in the stream (``StepResponse.error``) and the stream
+goes on; a unary call ends with the status code and the trailing metadata ``seqserve-reason`` (and
+``seqserve-expected-position`` for position errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.proto.codec import from_matrix, to_matrix
+
+from .engine import Engine, SessionStatus, StepResult
+from .errors import (
+    BadRequest,
+    CapacityExceeded,
+    Draining,
+    PositionError,
+    SeqServeError,
+    SessionExists,
+    SessionNotFound,
+)
+from .metrics import Metrics
+
+__all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
+
+log = logging.getLogger("seqserve.servicer")
+
+STATUS_CODES: dict[type[SeqServeError], grpc.StatusCode] = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    PositionError: grpc.StatusCode.FAILED_PRECONDITION,
+    CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SessionExists: grpc.StatusCode.ALREADY_EXISTS,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+}
+
+_END = object()  # reader finished
+_DRAIN = object()  # server draining: end the stream once every accepted request is answered
+
+
+def decode_matrix(m: pb.Matrix, features: int, what: str = "frames") -> np.ndarray:
+    try:
+        return from_matrix(m, features)
+    except ValueError as exc:
+        raise BadRequest(f"{what}: {exc} (model has {features} features)",
+                         reason="bad_frames") from None
+
+
+def _status_code(exc: Exception) -> grpc.StatusCode:
+    for kind in type(exc).__mro__:
+        code = STATUS_CODES.get(kind)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _error(exc: Exception) -> pb.Error:
+    if not isinstance(exc, SeqServeError):
+        log.error("unexpected error", exc_info=exc)
+        return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], reason="internal",
+                        message="internal error")
+    return pb.Error(code=_status_code(exc).value[0], reason=exc.reason, message=str(exc),
+                    expected_position=_expected(exc))
+
+
+def _expected(exc: Exception) -> int:
+    if isinstance(exc, PositionError):
+        return exc.expected
+    if isinstance(exc, SessionNotFound):
+        return exc.position
+    return 0
+
+
+def _session_info(status: SessionStatus) -> pb.SessionInfo:
+    return pb.SessionInfo(session_id=status.session_id, position=status.position,
+                          idle_seconds=status.idle_seconds,
+                          expires_in_seconds=status.expires_in_seconds, closed=status.closed)
+
+
+class SeqServeServicer(pb_grpc.SeqServeServicer):
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.features = engine.spec.features
+        self._streams: set[asyncio.Queue[Any]] = set()
+        self._observe = {rpc: metrics.request_seconds.labels(rpc) for rpc in (
+            "Stream", "Step", "Predict", "OpenSession", "GetSession", "ResetSession",
+            "CloseSession", "GetModel")}
+        self._counted: dict[tuple[str, str], Any] = {}
+
+    def drain(self) -> None:
+        """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
+        for queue in self._streams:
+            queue.put_nowait(_DRAIN)
+
+    def _done(self, rpc: str, started: float, code: grpc.StatusCode) -> None:
+        self._observe[rpc].observe(time.perf_counter() - started)
+        counter = self._counted.get((rpc, code.name))
+        if counter is None:
+            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(
+                rpc, code.name)
+        counter.inc()
+
+    async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, started: float,
+                     exc: Exception) -> None:
+        code = _status_code(exc)
+        self._done(rpc, started, code)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed", rpc, exc_info=exc)
+            await context.abort(code, "internal error")
+        assert isinstance(exc, SeqServeError)
+        context.set_trailing_metadata((
+            ("seqserve-reason", exc.reason),
+            ("seqserve-expected-position", str(_expected(exc))),
+        ))
+        await context.abort(code, str(exc))
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
+        frames = decode_matrix(request.frames, self.features)
+        return self.engine.submit(request.session_id, request.position, frames,
+                                  start=request.start, end=request.end)
+
+    @staticmethod
+    def _response(request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
+        probs = result.probabilities
+        if request.output == pb.LAST_FRAME:
+            probs = probs[-1:]
+        return pb.StepResponse(
+            session_id=result.session_id, position=result.position,
+            frames=len(result.probabilities), probabilities=to_matrix(probs),
+            top_class=probs.argmax(axis=1).tolist(), next_position=result.next_position,
+            replayed=result.replayed, ended=result.ended, tag=request.tag)
+
+    async def Step(self, request: pb.StepRequest,
+                   context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        started = time.perf_counter()
+        try:
+            result = await self._submit(request)
+        except Exception as exc:
+            await self._abort(context, "Step", started, exc)
+        self._done("Step", started, grpc.StatusCode.OK)
+        return self._response(request, result)
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.engine.settings.stream_inflight)
+        self._streams.add(queue)
+        reader = asyncio.create_task(self._read(request_iterator, queue, slots))
+        outstanding = 0
+        reading = True
+        draining = self.engine.draining
+        try:
+            while reading or outstanding:
+                if draining and not outstanding:
+                    break
+                item = await queue.get()
+                if item is _END:
+                    reading = False
+                elif item is _DRAIN:
+                    draining = True
+                elif isinstance(item, int):
+                    outstanding += item
+                else:
+                    outstanding -= 1
+                    slots.release()
+                    yield item
+            if draining:
+                context.set_trailing_metadata((("seqserve-reason", "draining"),))
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "server is draining; resume from your last acknowledged "
+                                    "position after it restarts")
+        finally:
+            self._streams.discard(queue)
+            reader.cancel()
+        if not reader.cancelled() and reader.done() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
+
+    async def _read(self, requests: AsyncIterator[pb.StepRequest], queue: asyncio.Queue[Any],
+                    slots: asyncio.Semaphore) -> None:
+        try:
+            async for request in requests:
+                await slots.acquire()
+                queue.put_nowait(1)
+                started = time.perf_counter()
+                try:
+                    future = self._submit(request)
+                except Exception as exc:
+                    queue.put_nowait(self._stream_error(request, started, exc))
+                    continue
+                future.add_done_callback(
+                    lambda f, r=request, t=started: queue.put_nowait(self._stream_done(r, t, f)))
+        finally:
+            queue.put_nowait(_END)
+
+    def _stream_done(self, request: pb.StepRequest, started: float,
+                     future: asyncio.Future[StepResult]) -> pb.StepResponse:
+        exc = future.exception() if not future.cancelled() else Draining("cancelled")
+        if exc is not None:
+            return self._stream_error(request, started, exc)  # type: ignore[arg-type]
+        self._done("Stream", started, grpc.StatusCode.OK)
+        return self._response(request, future.result())
+
+    def _stream_error(self, request: pb.StepRequest, started: float,
+                      exc: Exception) -> pb.StepResponse:
+        error = _error(exc)
+        self._done("Stream", started, grpc.StatusCode(_CODES[error.code]))
+        return pb.StepResponse(session_id=request.session_id, position=request.position,
+                               tag=request.tag, error=error,
+                               next_position=_expected(exc))
+
+    # -- whole sequences ----------------------------------------------------------------------
+
+    async def Predict(self, request: pb.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        started = time.perf_counter()
+        try:
+            sequences = [decode_matrix(s.frames, self.features, f"sequence {i}")
+                         for i, s in enumerate(request.sequences)]
+            outputs = await self.engine.predict(sequences)
+        except Exception as exc:
+            await self._abort(context, "Predict", started, exc)
+        self.metrics.predict_frames.inc(sum(len(o) for o in outputs))
+        response = pb.PredictResponse()
+        for probs in outputs:
+            prediction = response.predictions.add(
+                probabilities=to_matrix(probs[-1:]), top_class=int(probs[-1].argmax()))
+            if request.per_step:
+                prediction.per_step.CopyFrom(to_matrix(probs))
+        self._done("Predict", started, grpc.StatusCode.OK)
+        return response
+
+    # -- sessions and model -------------------------------------------------------------------
+
+    async def _session_call(self, rpc: str, call: Any, context: grpc.aio.ServicerContext,
+                            *args: Any) -> pb.SessionInfo:
+        started = time.perf_counter()
+        try:
+            status = call(*args)
+            if asyncio.iscoroutine(status):
+                status = await status
+        except Exception as exc:
+            await self._abort(context, rpc, started, exc)
+        self._done(rpc, started, grpc.StatusCode.OK)
+        return _session_info(status)
+
+    async def OpenSession(self, request: pb.OpenSessionRequest,
+                          context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        return await self._session_call("OpenSession", self.engine.open, context,
+                                        request.session_id)
+
+    async def GetSession(self, request: pb.SessionRef,
+                         context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        return await self._session_call("GetSession", self.engine.get, context,
+                                        request.session_id)
+
+    async def ResetSession(self, request: pb.SessionRef,
+                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        return await self._session_call("ResetSession", self.engine.reset, context,
+                                        request.session_id)
+
+    async def CloseSession(self, request: pb.SessionRef,
+                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        return await self._session_call("CloseSession", self.engine.close, context,
+                                        request.session_id)
+
+    async def GetModel(self, request: pb.ModelRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        spec, settings = self.engine.spec, self.engine.settings
+        self._done("GetModel", time.perf_counter(), grpc.StatusCode.OK)
+        return pb.ModelInfo(
+            name=spec.name, version=spec.version, features=spec.features, labels=spec.labels,
+            states=[pb.StateSpec(name=s.name, layer=s.layer, kind=s.kind, size=s.size)
+                    for s in spec.states],
+            layers=[pb.LayerSpec(name=la.name, type=la.type, units=la.units,
+                                 input_size=la.input_size, parameters=la.params,
+                                 activation=la.activation) for la in spec.layers],
+            parameters=spec.parameters, state_bytes=4 * spec.state_floats,
+            device=self.engine.runtime.device,
+            max_frames_per_request=settings.max_frames_per_request,
+            session_idle_timeout_seconds=settings.session_idle_timeout)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}

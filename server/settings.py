@@ -1,0 +1,131 @@
+"""Server settings: one typed object. Every field is a CLI flag and a ``SEQSERVE_*`` variable.
+
+Precedence: command line, then environment, then the default here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Settings", "parse_settings"]
+
+ENV_PREFIX = "SEQSERVE_"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _opt("0.0.0.0", "address to bind the gRPC server to")
+    port: int = _opt(50051, "gRPC port (0 picks a free one)")
+    metrics_port: int = _opt(8081, "Prometheus /metrics HTTP port (0 picks a free one, -1 off)")
+    model_dir: str = _opt("", "model directory (seqserve-model/1); empty = bundled basicmotions")
+    device: str = _opt("cpu", "cpu, or cuda (onnxruntime-gpu; refuses to start on CPU fallback)",
+                       choices=("cpu", "cuda"))
+    max_sessions: int = _opt(100_000, "cap on live sessions; opening more is refused at once")
+    session_idle_timeout: float = _opt(600.0, "seconds without a request before a session expires")
+    max_batch: int = _opt(256, "most session steps in one onnxruntime call")
+    max_wait_ms: float = _opt(0.0, "wait up to this long for a step batch to fill (0: take what "
+                              "queued while the previous batch ran)")
+    max_frames_per_request: int = _opt(4096, "most frames in one step request or one sequence")
+    max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_predict_frames: int = _opt(1_048_576, "most frames in all sequences of one Predict call")
+    replay_window: int = _opt(64, "frames of recent outputs kept per session to answer retries")
+    stream_inflight: int = _opt(1024, "requests one stream may have queued before reads pause")
+    snapshot_path: str = _opt("seqserve-sessions.npz", "where sessions are saved on drain and "
+                              "restored at start; empty disables")
+    ignore_bad_snapshot: bool = _opt(False, "start empty when the snapshot cannot be restored "
+                                     "(default: refuse to start)")
+    drain_grace: float = _opt(20.0, "seconds to finish in-flight requests on SIGTERM/SIGINT")
+    ort_threads: int = _opt(1, "onnxruntime intra-op threads per graph")
+    ort_spinning: bool = _opt(False, "let onnxruntime threads spin-wait (raises p99 under load)")
+    reflection: bool = _opt(True, "enable gRPC server reflection")
+    log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(kind: type, raw: str) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return kind(raw)
+
+
+def build_parser(prog: str = "seqserve-server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a stateful sequence model over gRPC. Every flag can also be set with "
+        f"the environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_SESSIONS).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Settings):
+        kind = type(f.default)
+        help_text = f"{f.metadata['help']} [{_env_name(f.name)}]"
+        if kind is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None,
+                   environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags and ``SEQSERVE_*`` variables; bad values exit with a usage error."""
+    parser = build_parser()
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(_env_name(f.name))
+        if raw is None:
+            continue
+        try:
+            value = _convert(type(f.default), raw)
+        except ValueError as exc:
+            parser.error(f"{_env_name(f.name)}: {exc}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            parser.error(f"{_env_name(f.name)}: {value!r} is not one of {', '.join(choices)}")
+        values[f.name] = value
+    values.update(vars(parser.parse_args(argv)))
+    settings = Settings(**values)
+    problems = validate(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return settings
+
+
+def validate(settings: Settings) -> list[str]:
+    problems = []
+    for name in ("max_sessions", "max_batch", "max_frames_per_request", "max_message_bytes",
+                 "replay_window", "stream_inflight", "ort_threads", "max_predict_frames"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{_flag(name)} must be at least 1")
+    for name in ("session_idle_timeout", "drain_grace"):
+        if getattr(settings, name) <= 0:
+            problems.append(f"{_flag(name)} must be positive")
+    if settings.max_wait_ms < 0:
+        problems.append("--max-wait-ms must not be negative")
+    return problems

@@ -1,0 +1,123 @@
+"""Save every live session to one file on drain and restore it at start.
+
+The file is an ``.npz`` (zip: per-member CRCs catch corruption and truncation) holding a JSON
+header, the ids and positions, each state tensor and the replay ring. It is written to a temporary
+name and renamed, so a crash mid-write never leaves a half file under the real name. Loading checks
+everything before touching the session table: a corrupt, truncated or foreign file is refused whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SnapshotError
+from .model import ModelSpec
+from .sessions import SessionTable
+
+__all__ = ["load_snapshot", "save_snapshot"]
+
+log = logging.getLogger("seqserve.snapshot")
+
+FORMAT = "seqserve-snapshot/1"
+
+
+def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int:
+    """Write all live sessions; returns how many. Call only when the scheduler is idle."""
+    path = Path(path)
+    sessions = list(table)
+    slots = np.array([s.slot for s in sessions], np.intp)
+    bank = table.bank
+    now = table.clock()
+    header = {
+        "format": FORMAT,
+        "model": spec.name,
+        "version": spec.version,
+        "fingerprint": spec.fingerprint,
+        "states": [[s.name, s.size] for s in spec.states],
+        "window": bank.window,
+        "sessions": len(sessions),
+        "created": time.time(),
+    }
+    arrays: dict[str, np.ndarray] = {
+        "header": np.frombuffer(json.dumps(header).encode(), np.uint8),
+        "ids": np.array([s.id for s in sessions], dtype="U128"),
+        "positions": np.array([s.position for s in sessions], np.int64),
+        "idle": np.array([now - s.last_used for s in sessions], np.float64),
+        "ring": bank.ring[slots],
+    }
+    for i, slab in enumerate(bank.slabs):
+        arrays[f"state{i}"] = slab[slots]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    log.info("saved %d sessions to %s", len(sessions), path)
+    return len(sessions)
+
+
+def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise SnapshotError(f"{path}: not a readable seqserve snapshot ({exc})") from None
+    try:
+        header = json.loads(arrays["header"].tobytes())
+    except (KeyError, ValueError) as exc:
+        raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    if header.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("fingerprint") != spec.fingerprint:
+        raise SnapshotError(f"{path}: saved for model {header.get('model')!r} "
+                            f"v{header.get('version')}, not this {spec.name!r} v{spec.version}")
+    n = int(header.get("sessions", -1))
+    expected = {"ids": (n,), "positions": (n,), "idle": (n,),
+                "ring": (n, int(header.get("window", -1)), spec.classes)}
+    for i, state in enumerate(spec.states):
+        expected[f"state{i}"] = (n, state.size)
+    for name, shape in expected.items():
+        if name not in arrays or arrays[name].shape != shape:
+            raise SnapshotError(f"{path}: array {name!r} missing or not of shape {shape}")
+    if header["window"] != window:
+        raise SnapshotError(f"{path}: saved with --replay-window {header['window']}, the server "
+                            f"runs with {window}; restart with the same window")
+    if (arrays["positions"] < 0).any():
+        raise SnapshotError(f"{path}: negative positions")
+    for name in expected:
+        if arrays[name].dtype.kind == "f" and not np.isfinite(arrays[name]).all():
+            raise SnapshotError(f"{path}: array {name!r} holds NaN or Inf")
+    return arrays
+
+
+def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int:
+    """Restore sessions into an empty table; returns how many. Raises SnapshotError, loading
+    nothing, if the file cannot be trusted."""
+    path = Path(path)
+    bank = table.bank
+    arrays = _read(path, spec, bank.window)
+    ids = [str(i) for i in arrays["ids"]]
+    if len(set(ids)) != len(ids):
+        raise SnapshotError(f"{path}: duplicate session ids")
+    if len(ids) > table.max_sessions:
+        raise SnapshotError(f"{path}: {len(ids)} sessions, more than --max-sessions "
+                            f"{table.max_sessions}")
+    now = table.clock()
+    order = np.argsort(-arrays["idle"], kind="stable")  # oldest first keeps LRU order
+    for k in order:
+        session = table.create(ids[k], position=int(arrays["positions"][k]),
+                               last_used=now - float(arrays["idle"][k]))
+        for i, slab in enumerate(bank.slabs):
+            slab[session.slot] = arrays[f"state{i}"][k]
+        bank.ring[session.slot] = arrays["ring"][k]
+    log.info("restored %d sessions from %s", len(ids), path)
+    return len(ids)

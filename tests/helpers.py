@@ -1,0 +1,30 @@
+"""Small helpers for tests: request builders and an in-process reference run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto.codec import from_matrix, to_matrix
+
+
+def step_request(session_id: str, position: int, frames: np.ndarray, **kw: object
+                 ) -> pb.StepRequest:
+    return pb.StepRequest(session_id=session_id, position=position, frames=to_matrix(frames),
+                          **kw)  # type: ignore[arg-type]
+
+
+def probs(response: pb.StepResponse) -> np.ndarray:
+    return np.array(from_matrix(response.probabilities))
+
+
+def solo_run(model_dir: Path, frames: np.ndarray) -> np.ndarray:
+    """Per-step probabilities of one whole sequence, by in-process onnxruntime."""
+    from seqserve.server.model import load_model_spec
+    from seqserve.server.runtime import Runtime
+
+    runtime = Runtime(load_model_spec(model_dir))
+    out, _ = runtime.sequence(frames[None].astype(np.float32), runtime.zero_states(1))
+    return out[0]
