@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The full test suite, in ./.venv with every extra (TensorFlow included, for the export tests).
+source "$(dirname "$0")/_venv.sh" server,export,dev
+.venv/bin/python proto/generate.py --check
+.venv/bin/ruff check .
+exec .venv/bin/python -P -m pytest -q -p no:cacheprovider "$@"
