@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -11,7 +11,7 @@ __all__ = ["TLS", "call_metadata", "make_channel"]
 
 #: ``None`` (plaintext), ``True`` (TLS with the system roots), PEM root certificate bytes, or
 #: ready ``grpc.ChannelCredentials``.
-TLS = bool | bytes | grpc.ChannelCredentials | None
+TLS: TypeAlias = bool | bytes | grpc.ChannelCredentials | None
 
 _DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .aio import DEFAULT_TARGET, AsyncClient
-from .errors import InvalidInput, SeqServeError
+from .errors import DeadlineExceeded, InvalidInput, SeqServeError
 from .inputs import InputError, Recording, load_recordings
 from .live import JsonLines, LiveView, PlainLines, Progress, View, print_summary, summary
 from .results import ModelInfo
@@ -210,10 +210,12 @@ async def _stream(client: AsyncClient, args: argparse.Namespace) -> int:
                      _truth(r.truth, model) if r.truth is not None else None)
             for r in recordings]
     view = _view(sys.stdout, rows, args.json)
+    # an answer may wait for a resume: allow the whole resume budget on top of the timeout
+    step_timeout = args.timeout + args.resume_for if args.timeout else None
     started = time.perf_counter()
     try:
         outcomes = await asyncio.gather(
-            *(_replay(client, rec, row, view, args.rate, max(1, args.depth))
+            *(_replay(client, rec, row, view, args.rate, max(1, args.depth), step_timeout)
               for rec, row in zip(recordings, rows, strict=True)),
             return_exceptions=True)
     finally:
@@ -245,7 +247,7 @@ def _view(out: TextIO, rows: list[Progress], as_json: bool) -> View:
 
 
 async def _replay(client: AsyncClient, recording: Recording, row: Progress, view: View,
-                  rate: float, depth: int) -> None:
+                  rate: float, depth: int, step_timeout: float | None) -> None:
     """Send a recording frame by frame at ``rate`` Hz (0: as fast as ``depth`` allows)."""
     try:
         async with client.session() as session:
@@ -269,12 +271,15 @@ async def _replay(client: AsyncClient, recording: Recording, row: Progress, view
             producer = asyncio.create_task(produce())
             try:
                 while (future := await inflight.get()) is not None:
-                    view.step(row, await future)
+                    view.step(row, await asyncio.wait_for(future, step_timeout))
             finally:
                 producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await producer
             row.finished = True
+    except TimeoutError:
+        row.error = f"no answer within {step_timeout:.0f}s"
+        raise DeadlineExceeded(f"{recording.name}: {row.error}") from None
     except SeqServeError as exc:
         row.error = str(exc)
         raise

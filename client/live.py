@@ -17,6 +17,14 @@ __all__ = ["JsonLines", "LiveView", "PlainLines", "Progress", "View", "print_sum
 _MAX_LINES = 12  # sessions shown one per line; more are folded into the last line
 
 
+def _glyphs(out: TextIO) -> tuple[str, str, str, str, str]:
+    """Bar full/empty, ellipsis, right/wrong: Unicode when the stream can encode it."""
+    encoding = (getattr(out, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding.startswith("utf"):
+        return "█", "░", "…", "✓", "✗"
+    return "#", "-", "...", "ok", "WRONG"
+
+
 @dataclass(slots=True)
 class Progress:
     """One stream's state as the views show it."""
@@ -81,6 +89,7 @@ class LiveView(View):
     def __init__(self, out: TextIO, rows: list[Progress], interval: float = 0.05) -> None:
         super().__init__(out, rows)
         self.interval = interval
+        self._glyphs = _glyphs(out)
         self._drawn = 0
         self._last = 0.0
         self.out.write("\x1b[?25l")  # hide the cursor while drawing
@@ -99,7 +108,7 @@ class LiveView(View):
         elif rest:
             done = sum(r.done for r in rest)
             total = sum(r.total for r in rest)
-            lines.append(f"… {len(rest)} more sessions: {done}/{total} frames")
+            lines.append(f"{self._glyphs[2]} {len(rest)} more sessions: {done}/{total} frames")
         text = f"\x1b[{self._drawn}F" if self._drawn else ""
         text += "".join(f"\x1b[2K{line}\n" for line in lines)
         self._drawn = len(lines)
@@ -111,10 +120,9 @@ class LiveView(View):
         self.out.write("\x1b[?25h")
         self.out.flush()
 
-    @staticmethod
-    def _line(row: Progress, width: int = 20) -> str:
+    def _line(self, row: Progress, width: int = 20) -> str:
         filled = int(width * row.done / row.total) if row.total else width
-        bar = "█" * filled + "░" * (width - filled)
+        bar = self._glyphs[0] * filled + self._glyphs[1] * (width - filled)
         if row.error:
             state = f"\x1b[31merror: {row.error}\x1b[0m"
         else:
@@ -148,13 +156,14 @@ def summary(rows: list[Progress], seconds: float, reconnects: int) -> dict[str, 
 
 def print_summary(out: TextIO, report: dict[str, Any]) -> None:
     width = max(len(s["source"]) for s in report["sessions"])
+    glyphs = _glyphs(out)
     for s in report["sessions"]:
         if s["error"]:
             line = f"error: {s['error']}"
         else:
             line = f"{s['label']} ({s['confidence']:.1%})"
             if s["truth"] is not None:
-                mark = "✓" if s["truth"] == s["label"] else "✗"
+                mark = glyphs[3] if s["truth"] == s["label"] else glyphs[4]
                 line += f"   true: {s['truth']} {mark}"
         out.write(f"{s['source']:<{width}}  {line}\n")
     lat = report["latency_ms"]

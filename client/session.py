@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ import numpy as np
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto.codec import from_matrix, to_matrix
 
-from .errors import SeqServeError, SessionLost, SessionNotFound, Unavailable
+from .errors import DeadlineExceeded, SeqServeError, SessionLost, SessionNotFound, Unavailable
 from .frames import as_frames
 from .mux import Multiplexer
 from .results import Prediction
@@ -58,7 +59,7 @@ class AsyncSession:
         self._inflight_chunks = 0
         self._outstanding: set[asyncio.Future[Prediction]] = set()
         self._dead: SeqServeError | None = None  # the session is gone (or the link given up)
-        self._failed_at: tuple[int, SeqServeError] | None = None  # later in-flight ones fail too
+        self._failed_at: tuple[int, Exception] | None = None  # later in-flight ones fail too
         self._ended = False
         self._closed = False
 
@@ -80,9 +81,22 @@ class AsyncSession:
         """Sends not answered yet."""
         return len(self._outstanding)
 
-    async def send(self, frames: Any, *, end: bool = False) -> Prediction:
-        """Apply one frame ``[F]`` or frames ``[T, F]``; per-frame probabilities back."""
-        return await self.send_nowait(frames, end=end)
+    async def send(self, frames: Any, *, end: bool = False,
+                   timeout: float | None = None) -> Prediction:
+        """Apply one frame ``[F]`` or frames ``[T, F]``; per-frame probabilities back.
+
+        ``timeout`` bounds the wait (DeadlineExceeded); the send itself stays queued and is
+        still applied, in order, so the session remains consistent."""
+        future = self.send_nowait(frames, end=end)
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            future.add_done_callback(_consume)
+            raise DeadlineExceeded(f"session {self.id!r}: no answer within {timeout}s",
+                                   code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   session_id=self.id) from None
 
     def send_nowait(self, frames: Any, *, end: bool = False) -> asyncio.Future[Prediction]:
         """Like ``send`` but returns at once with a future: pipelines sends on the stream."""
@@ -153,7 +167,7 @@ class AsyncSession:
                 continue
             self._inflight += chunk.frames
             self._inflight_chunks += 1
-            future.add_done_callback(lambda f, c=chunk: self._answered(c, f))
+            future.add_done_callback(functools.partial(self._answered, chunk))
 
     def _answered(self, chunk: _Chunk, future: asyncio.Future[pb.StepResponse]) -> None:
         self._inflight -= chunk.frames
@@ -181,7 +195,7 @@ class AsyncSession:
             self._failed_at = None
         self._pump()
 
-    def _fail_backlog(self, exc: SeqServeError, failed: int) -> None:
+    def _fail_backlog(self, exc: Exception, failed: int) -> None:
         while self._backlog:
             self._backlog.popleft().future.set_exception(_after(exc, failed))
 
@@ -203,13 +217,20 @@ class AsyncSession:
             replayed=all(r.replayed for r in outcomes)))
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # nobody waits for it any more: do not log it as unretrieved
+
+
 def _again(exc: SeqServeError) -> SeqServeError:
     return type(exc)(str(exc), code=exc.code, reason=exc.reason, session_id=exc.session_id,
                      position=exc.position)
 
 
-def _after(exc: SeqServeError, failed: int) -> SeqServeError:
+def _after(exc: Exception, failed: int) -> Exception:
     """The error for a request queued behind one that failed at position ``failed``."""
+    if not isinstance(exc, SeqServeError):
+        return exc
     if isinstance(exc, (SessionNotFound, Unavailable)):
         return _again(exc)
     return type(exc)(f"not applied: the send at position {failed} before it failed: {exc}",

@@ -119,8 +119,13 @@ class Session:
     def position(self) -> int:
         return self.aio.position
 
-    def send(self, frames: Any, *, end: bool = False) -> Prediction:
-        return self.send_nowait(frames, end=end).result()
+    def send(self, frames: Any, *, end: bool = False, timeout: float | None = None
+             ) -> Prediction:
+        """Apply frames and wait for their probabilities (DeadlineExceeded after ``timeout``)."""
+        try:
+            return self.send_nowait(frames, end=end).result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceeded(f"session {self.id!r}: no answer within {timeout}s") from None
 
     def send_nowait(self, frames: Any, *, end: bool = False
                     ) -> concurrent.futures.Future[Prediction]:
