@@ -65,7 +65,7 @@ async def _session(stub: pb_grpc.SeqServeStub, sid: str, frames: np.ndarray, sto
             raise RuntimeError(response.error.message)
         position += 1
     queue.put_nowait(None)
-    async for _ in call:
+    while await call.read() is not grpc.aio.EOF:
         pass
 
 
@@ -89,7 +89,8 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     opts = parser.parse_args()
-    with np.load(ROOT / "models" / "basicmotions" / "samples.npz") as data:
+    model_dir = Path(os.environ.get("SEQSERVE_MODEL_DIR") or ROOT / "models" / "basicmotions")
+    with np.load(model_dir / "samples.npz") as data:
         frames = data["x"][0].astype(np.float32)
     echo_port, seq_port = _free_port(), _free_port()
     procs = [

@@ -49,7 +49,8 @@ class Engine:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
         self.scheduler = Scheduler(runtime, self.table, self.executor,
                                    max_batch=settings.max_batch,
-                                   max_wait=settings.max_wait_ms / 1000.0, observer=self.observer)
+                                   max_wait=settings.max_wait_ms / 1000.0,
+                                   inline_batch=settings.inline_batch, observer=self.observer)
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -67,7 +67,7 @@ class BatchObserver:
 
 class Scheduler:
     def __init__(self, runtime: Runtime, table: SessionTable, executor: Executor, *,
-                 max_batch: int, max_wait: float = 0.0,
+                 max_batch: int, max_wait: float = 0.0, inline_batch: int = 0,
                  observer: BatchObserver | None = None) -> None:
         self.runtime = runtime
         self.table = table
@@ -75,6 +75,7 @@ class Scheduler:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.inline_batch = inline_batch
         self.observer = observer or BatchObserver()
         self._ready: deque[Session] = deque()
         self._wake = asyncio.Event()
@@ -209,9 +210,15 @@ class Scheduler:
             frames = np.stack([w.frames for w in group])  # type: ignore[misc]
             jobs.append(("sequence", group, slots, frames, bank.gather(slots)))
         started = time.perf_counter()
+        work = [(j[0], j[3], j[4]) for j in jobs]
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self.executor, _run_jobs, self.runtime, [(j[0], j[3], j[4]) for j in jobs])
+            if sum(len(j[1]) for j in jobs) <= self.inline_batch:
+                # A thread hop costs more than a small batch's run (measured: ~0.2 ms vs
+                # ~0.09 ms for one step), so small batches run right here on the loop.
+                outputs = _run_jobs(self.runtime, work)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, _run_jobs, self.runtime, work)
         except Exception:
             log.exception("inference failed for %d requests",
                           sum(len(j[1]) for j in jobs))
