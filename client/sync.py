@@ -60,7 +60,11 @@ class Client:
             return AsyncClient(target, token=token, tls=tls, timeout=timeout, retry=retry,
                                window=window, options=options)
 
-        self.aio = self._loop.run(build())
+        try:
+            self.aio = self._loop.run(build())
+        except BaseException:
+            self._loop.stop()
+            raise
         self.target = target
         self.timeout = timeout
 
