@@ -53,8 +53,9 @@ class Multiplexer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._answered = False
+        self._opened = 0  # calls opened so far
         self.reconnects = 0  # streams opened after the first
-        self.resent = 0  # requests written again after a drop
+        self.resent = 0  # requests written again on a new call (their first answer was lost)
 
     @property
     def pending(self) -> int:
@@ -103,12 +104,12 @@ class Multiplexer:
     # -- the connection loop ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        attempt, first_failure, opened = 0, 0.0, 0
+        attempt, first_failure = 0, 0.0
         while self._unacked and not self._closing:
-            if opened:
+            if self._opened:
                 self.reconnects += 1
                 self.resent += len(self._unacked)
-            opened += 1
+            self._opened += 1
             error = await self._one_call()
             if error is None:
                 attempt = 0

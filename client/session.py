@@ -1,9 +1,11 @@
 """``AsyncSession``: one server-side session driven through a ``Multiplexer``.
 
-Positions are assigned here, at submission, so sends can be pipelined (``send_nowait``). A send
-longer than the replay window is cut into requests of at most ``window`` frames, and at most
-``window`` frames are in flight at once: every request the server applied but did not get to
-answer before a drop can then still be answered from its replay store after a resume.
+Positions are assigned here, at submission, so sends can be pipelined (``send_nowait``). At most
+``window`` frames (and ``max_requests`` requests) of a session are in flight at once; sends queued
+behind them are coalesced into multi-frame requests of at most ``window`` frames. Every request
+the server applied but could not answer before a drop is then still within its replay window
+(keep ``window`` at most the server's ``--replay-window``) and is answered again after a resume.
+A rejected request rewinds the session to its position; requests pipelined behind it fail too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import numpy as np
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto.codec import from_matrix, to_matrix
 
-from .errors import DeadlineExceeded, SeqServeError, SessionLost, SessionNotFound, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    SeqServeError,
+    ServerError,
+    SessionLost,
+    SessionNotFound,
+    Unavailable,
+)
 from .frames import as_frames
 from .mux import Multiplexer
 from .results import Prediction
@@ -32,14 +41,33 @@ __all__ = ["AsyncSession"]
 
 
 @dataclass(slots=True, eq=False)
-class _Chunk:
-    request: pb.StepRequest
-    frames: int
-    future: asyncio.Future[pb.StepResponse]
+class _Send:
+    """One ``send`` call: its future and the outputs of its parts as they arrive."""
+
+    result: asyncio.Future[Prediction]
+    position: int
+    started: float
+    outputs: list[np.ndarray | None]
+    left: int
+    replayed: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class _Part:
+    """At most ``window`` consecutive frames of one send; parts of several sends may travel in
+    one request."""
+
+    send: _Send
+    index: int
+    position: int
+    frames: np.ndarray
+    end: bool
 
 
 class AsyncSession:
     """Send frames, get per-frame probabilities. Use as ``async with client.session() as s``."""
+
+    max_requests = 4  # requests in flight per session; further sends queue and coalesce
 
     def __init__(self, mux: Multiplexer, session_id: str, *, position: int = 0,
                  labels: tuple[str, ...] = (), features: int = 0, window: int = 64,
@@ -54,9 +82,9 @@ class AsyncSession:
         self._closer = closer
         self._next = position  # position of the next frame to send
         self._acked = position  # frames answered, contiguous from the start
-        self._backlog: deque[_Chunk] = deque()
+        self._backlog: deque[_Part] = deque()
         self._inflight = 0  # frames submitted to the multiplexer, not yet answered
-        self._inflight_chunks = 0
+        self._inflight_requests = 0
         self._outstanding: set[asyncio.Future[Prediction]] = set()
         self._dead: SeqServeError | None = None  # the session is gone (or the link given up)
         self._failed_at: tuple[int, Exception] | None = None  # later in-flight ones fail too
@@ -99,27 +127,25 @@ class AsyncSession:
                                    session_id=self.id) from None
 
     def send_nowait(self, frames: Any, *, end: bool = False) -> asyncio.Future[Prediction]:
-        """Like ``send`` but returns at once with a future: pipelines sends on the stream."""
+        """Like ``send`` but returns at once with a future: pipelines sends on the stream.
+
+        While earlier sends are in flight, queued sends are coalesced into multi-frame requests
+        (the outputs are the same, the stream carries fewer messages)."""
         self._check_usable()
         array = as_frames(frames, self.features)
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        chunks = []
-        for lo in range(0, len(array), self._window):
+        pieces = range(0, len(array), self._window)
+        result: asyncio.Future[Prediction] = loop.create_future()
+        send = _Send(result, self._next, time.perf_counter(), [None] * len(pieces), len(pieces))
+        for index, lo in enumerate(pieces):
             piece = array[lo : lo + self._window]
             last = lo + self._window >= len(array)
-            request = pb.StepRequest(session_id=self.id, position=self._next,
-                                     frames=to_matrix(piece), start=self._next == 0,
-                                     end=end and last)
+            self._backlog.append(_Part(send, index, self._next, piece, end and last))
             self._next += len(piece)
-            chunks.append(_Chunk(request, len(piece), loop.create_future()))
         if end:
             self._ended = True
-        self._backlog.extend(chunks)
-        result: asyncio.Future[Prediction] = loop.create_future()
         self._outstanding.add(result)
-        gathered = asyncio.gather(*(c.future for c in chunks), return_exceptions=True)
-        gathered.add_done_callback(lambda g: self._settle(result, chunks, g, started))
+        result.add_done_callback(self._outstanding.discard)
         self._pump()
         return result
 
@@ -156,29 +182,55 @@ class AsyncSession:
                               reason="closed", session_id=self.id, position=self._next)
 
     def _pump(self) -> None:
-        """Hand backlog chunks to the multiplexer while the in-flight window allows."""
-        while self._backlog and self._failed_at is None and (
-                self._inflight == 0 or self._inflight + self._backlog[0].frames <= self._window):
-            chunk = self._backlog.popleft()
+        """Turn backlog parts into requests while the in-flight limits allow."""
+        while (self._backlog and self._failed_at is None
+               and self._inflight_requests < self.max_requests):
+            room = self._window - self._inflight
+            if self._inflight and len(self._backlog[0].frames) > room:
+                return
+            parts = [self._backlog.popleft()]
+            count = len(parts[0].frames)
+            while (self._backlog and not parts[-1].end
+                   and count + len(self._backlog[0].frames) <= room):
+                parts.append(self._backlog.popleft())
+                count += len(parts[-1].frames)
+            frames = (parts[0].frames if len(parts) == 1
+                      else np.concatenate([p.frames for p in parts]))
+            position = parts[0].position
+            request = pb.StepRequest(session_id=self.id, position=position,
+                                     frames=to_matrix(frames), start=position == 0,
+                                     end=parts[-1].end)
             try:
-                future = self._mux.submit(chunk.request)
+                future = self._mux.submit(request)
             except Exception as exc:
-                chunk.future.set_exception(exc)
+                for part in parts:
+                    _fail(part, exc)
                 continue
-            self._inflight += chunk.frames
-            self._inflight_chunks += 1
-            future.add_done_callback(functools.partial(self._answered, chunk))
+            self._inflight += count
+            self._inflight_requests += 1
+            future.add_done_callback(functools.partial(self._answered, parts, count))
 
-    def _answered(self, chunk: _Chunk, future: asyncio.Future[pb.StepResponse]) -> None:
-        self._inflight -= chunk.frames
-        self._inflight_chunks -= 1
-        position = chunk.request.position
+    def _answered(self, parts: list[_Part], count: int,
+                  future: asyncio.Future[pb.StepResponse]) -> None:
+        self._inflight -= count
+        self._inflight_requests -= 1
+        position = parts[0].position
         exc = future.exception() if not future.cancelled() else Unavailable("cancelled")
         if exc is None:
             response = future.result()
-            self._acked = max(self._acked, response.next_position)
-            chunk.future.set_result(response)
-        else:
+            probs = np.array(from_matrix(response.probabilities))
+            if len(probs) != count:
+                exc = ServerError(f"{len(probs)} rows of probabilities for {count} frames",
+                                  session_id=self.id, position=position)
+            else:
+                self._acked = max(self._acked, response.next_position)
+                offset = 0
+                for part in parts:
+                    n = len(part.frames)
+                    _done(part, probs[offset : offset + n], response.replayed, self.labels,
+                          self.id)
+                    offset += n
+        if exc is not None:
             assert isinstance(exc, Exception)
             if self._failed_at is not None and position > self._failed_at[0]:
                 exc = _after(self._failed_at[1], self._failed_at[0])
@@ -190,31 +242,37 @@ class AsyncSession:
                 self._next = position
                 self._ended = False
                 self._fail_backlog(exc, position)
-            chunk.future.set_exception(exc)
-        if self._failed_at is not None and self._inflight_chunks == 0:
+            for part in parts:
+                _fail(part, exc)
+        if self._failed_at is not None and self._inflight_requests == 0:
             self._failed_at = None
         self._pump()
 
     def _fail_backlog(self, exc: Exception, failed: int) -> None:
         while self._backlog:
-            self._backlog.popleft().future.set_exception(_after(exc, failed))
+            _fail(self._backlog.popleft(), _after(exc, failed))
 
-    def _settle(self, result: asyncio.Future[Prediction], chunks: list[_Chunk],
-                gathered: asyncio.Future[list[Any]], started: float) -> None:
-        self._outstanding.discard(result)
-        if result.done():
-            return
-        outcomes = gathered.result()
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                result.set_exception(outcome)
-                return
-        probs = [np.array(from_matrix(r.probabilities)) for r in outcomes]
-        result.set_result(Prediction(
-            session_id=self.id, position=chunks[0].request.position,
-            probabilities=probs[0] if len(probs) == 1 else np.concatenate(probs),
-            labels=self.labels, latency=time.perf_counter() - started,
-            replayed=all(r.replayed for r in outcomes)))
+
+def _done(part: _Part, probs: np.ndarray, replayed: bool, labels: tuple[str, ...],
+          session_id: str) -> None:
+    send = part.send
+    if send.result.done():
+        return
+    send.outputs[part.index] = probs
+    send.replayed = send.replayed and replayed
+    send.left -= 1
+    if send.left:
+        return
+    outputs = [o for o in send.outputs if o is not None]
+    send.result.set_result(Prediction(
+        session_id=session_id, position=send.position,
+        probabilities=outputs[0] if len(outputs) == 1 else np.concatenate(outputs),
+        labels=labels, latency=time.perf_counter() - send.started, replayed=send.replayed))
+
+
+def _fail(part: _Part, exc: BaseException) -> None:
+    if not part.send.result.done():
+        part.send.result.set_exception(exc)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

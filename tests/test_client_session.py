@@ -182,3 +182,21 @@ async def test_sync_client_behaves_the_same(server, samples, model_dir):
     solo = solo_run(model_dir, x)
     assert np.abs(streamed - solo).max() <= TOL and np.abs(batch - solo).max() <= TOL
     assert name and position == len(x)
+
+
+async def test_a_rejected_send_leaves_the_session_usable(start_server, samples, model_dir):
+    _, port = await start_server(max_frames_per_request=8)
+    x = _x(samples, 0)
+    async with AsyncClient(f"127.0.0.1:{port}", timeout=WAIT) as c, c.session() as s:
+        first = await s.send(x[:4])
+        big = s.send_nowait(x[4:24])  # 20 frames: over the server's limit, rejected
+        behind = s.send_nowait(x[24])  # pipelined behind it: cannot be applied either
+        with pytest.raises(InvalidInput, match="at most 8"):
+            await asyncio.wait_for(big, WAIT)
+        with pytest.raises(InvalidInput, match="not applied"):
+            await asyncio.wait_for(behind, WAIT)
+        assert s.position == 4  # rewound: the next send continues where the session is
+        rest = [await s.send(frame) for frame in x[4:10]]
+        assert (await c.get_session(s.id)).position == 10
+    out = np.concatenate([first.probabilities, *(p.probabilities for p in rest)])
+    assert np.abs(out - solo_run(model_dir, x[:10])).max() <= TOL
