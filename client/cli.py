@@ -89,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(str(exc))
         return 2 if isinstance(exc, (InputError, OSError, InvalidInput)) else 1
+    except Exception as exc:  # a bug: still one line unless --debug
+        if args.debug:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return 1
 
 
 def _fail(message: str) -> None:
