@@ -266,7 +266,10 @@ async def _replay(client: AsyncClient, recording: Recording, row: Progress, view
                     for i, frame in enumerate(recording.frames):
                         if rate > 0:
                             await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
-                        await inflight.put(session.send_nowait(frame))
+                        future = session.send_nowait(frame)
+                        # after a first error the rest fail alike and are never awaited
+                        future.add_done_callback(_retrieve)
+                        await inflight.put(future)
                 except SeqServeError as exc:
                     failed: asyncio.Future[Any] = loop.create_future()
                     failed.set_exception(exc)
@@ -288,3 +291,8 @@ async def _replay(client: AsyncClient, recording: Recording, row: Progress, view
     except SeqServeError as exc:
         row.error = str(exc)
         raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

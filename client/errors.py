@@ -102,6 +102,8 @@ def error_from_status(code: grpc.StatusCode | int, message: str, *, reason: str 
     kind = _BY_CODE.get(code, ServerError)
     if kind is SessionNotFound and in_session:
         kind = SessionLost
+        if reason == "unknown":
+            message += " (the server no longer has it: restarted without its session snapshot?)"
     if kind is ServerError:
         message = f"server error ({code.name}): {message}"
     return kind(message or code.name, code=code, reason=reason, session_id=session_id,
