@@ -18,6 +18,7 @@ from seqserve.proto.codec import from_matrix, to_matrix
 from .channel import TLS, call_metadata, make_channel
 from .errors import Unavailable, error_from_rpc
 from .frames import as_sequences
+from .health import HEALTH_CHECK, decode_status, encode_request
 from .mux import Multiplexer
 from .results import ModelInfo, SequencePrediction, SessionInfo
 from .retry import Backoff, Contact
@@ -27,8 +28,6 @@ __all__ = ["DEFAULT_TARGET", "AsyncClient"]
 
 DEFAULT_TARGET = "localhost:50051"
 _PREDICT_BYTES = 4 * 1024 * 1024  # frames per Predict call, well under message limits
-_HEALTH = "/grpc.health.v1.Health/Check"
-_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 _NO_CONTACT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                grpc.StatusCode.CANCELLED}
 T = TypeVar("T")
@@ -54,7 +53,7 @@ class AsyncClient:
         self._channel = make_channel(target, tls, options)
         self._stub = pb_grpc.SeqServeStub(self._channel)
         self._health = self._channel.unary_unary(
-            _HEALTH, request_serializer=_health_request, response_deserializer=_health_status)
+            HEALTH_CHECK, request_serializer=encode_request, response_deserializer=decode_status)
         self._contact = Contact()
         self._mux: Multiplexer | None = None
         self._streams: list[Multiplexer] = []
@@ -193,51 +192,3 @@ def _batches(arrays: list[Any], limit: int) -> list[list[Any]]:
         batches[-1].append(array)
         size += array.nbytes
     return batches
-
-
-def _health_request(service: str) -> bytes:
-    """``grpc.health.v1.HealthCheckRequest`` by hand: the base install has no health stubs."""
-    raw = service.encode()
-    if not raw:
-        return b""
-    return b"\x0a" + _varint(len(raw)) + raw
-
-
-def _health_status(data: bytes) -> str:
-    """The ``status`` (field 1, varint) of a ``HealthCheckResponse``."""
-    i = 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        if key == 0x08:
-            value, i = _read_varint(data, i)
-            return _HEALTH_STATUS.get(value, str(value))
-        if key & 7 == 0:
-            _, i = _read_varint(data, i)
-        elif key & 7 == 2:
-            length, i = _read_varint(data, i)
-            i += length
-        else:
-            break
-    return "UNKNOWN"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while i < len(data):
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    return value, i

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["InputError", "Recording", "bundled_samples", "load_recordings"]
+from .errors import InvalidInput
+from .results import ModelInfo
+
+__all__ = [
+    "InputError",
+    "Recording",
+    "bundled_samples",
+    "check_features",
+    "load_recordings",
+    "truth_label",
+]
 
 
 class InputError(Exception):
@@ -114,3 +124,17 @@ def _csv(path: Path) -> np.ndarray:
     if not rows:
         raise InputError(f"{path}: no frames (expected one row of numbers per frame)")
     return np.asarray(rows, dtype=np.float32)
+
+
+def truth_label(value: str | int, model: ModelInfo) -> str:
+    if isinstance(value, int) and 0 <= value < len(model.labels):
+        return model.labels[value]
+    return str(value)
+
+
+def check_features(recordings: list[Recording], model: ModelInfo) -> None:
+    for rec in recordings:
+        if rec.frames.shape[1] != model.features:
+            raise InvalidInput(f"{rec.name}: {rec.frames.shape[1]} features per frame, model "
+                               f"{model.name!r} expects {model.features}",
+                               reason="feature_count")
