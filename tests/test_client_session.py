@@ -168,7 +168,11 @@ async def test_sync_client_behaves_the_same(server, samples, model_dir):
     def run() -> tuple[np.ndarray, np.ndarray, str, int]:
         with Client(f"127.0.0.1:{server[1]}", timeout=WAIT) as c:
             assert c.health() == "SERVING"
+            with pytest.raises(SessionNotFound):
+                c.get_session("nobody")
             with c.session() as s:
+                with pytest.raises(InvalidInput):
+                    s.send(np.zeros(x.shape[1] + 1))
                 first = s.send(x[:10])
                 futures = [s.send_nowait(frame) for frame in x[10:]]
                 rest = [f.result(WAIT) for f in futures]
