@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ __all__ = [
     "load_recordings",
     "truth_label",
 ]
+
+
+_SLICE = re.compile(r"samples(?::(\d+)|\[(\d*):(\d*)\])?")
 
 
 class InputError(Exception):
@@ -45,38 +49,49 @@ def bundled_samples() -> Path:
 
 def load_recordings(source: str) -> list[Recording]:
     """``FILE.csv`` (rows = frames, optional header), ``FILE.npy`` ([T, F] or [n, T, F]),
-    ``sample:N`` (test recording N of the bundled model), ``samples`` or ``samples:K`` (the
-    first K of them, default all)."""
-    if source == "samples" or source.startswith("samples:"):
-        return _samples(source, many=True)
+    ``sample:N`` (test recording N of the bundled model), ``samples`` (all of them),
+    ``samples:K`` (the first K) or a slice ``samples[A:B]``."""
+    if source == "samples" or source.startswith(("samples:", "samples[")):
+        return _samples(source, _selection(source))
     if source.startswith("sample:"):
-        return _samples(source, many=False)
+        try:
+            return _samples(source, [int(source[len("sample:"):])])
+        except ValueError:
+            raise InputError(f"{source}: expected sample:N with a number N") from None
     path = Path(source)
     if not path.is_file():
-        raise InputError(f"{source}: no such file (expected a .csv or .npy file, sample:N or "
-                         "samples[:K])")
+        raise InputError(f"{source}: no such file (expected a .csv or .npy file, sample:N, "
+                         "samples, samples:K or samples[A:B])")
     if path.suffix.lower() == ".npy":
         return _npy(path)
     return [Recording(path.name, _csv(path))]
 
 
-def _samples(source: str, *, many: bool) -> list[Recording]:
+def _selection(source: str) -> slice:
+    match = _SLICE.fullmatch(source)
+    if match is None:
+        raise InputError(f"{source}: expected samples, samples:K or samples[A:B]")
+    count, start, stop = match.groups()
+    if count is not None:
+        return slice(0, int(count))
+    return slice(int(start) if start else None, int(stop) if stop else None)
+
+
+def _samples(source: str, chosen: slice | list[int]) -> list[Recording]:
     path = bundled_samples()
     if not path.is_file():
         raise InputError(f"{source}: the bundled samples are missing ({path})")
-    _, _, arg = source.partition(":")
     with np.load(path) as data:
         x, lengths = data["x"], data["lengths"]
         y = data["y"] if "y" in data.files else None
-    try:
-        count = int(arg) if arg else len(x)
-    except ValueError:
-        raise InputError(f"{source}: expected a number after ':'") from None
-    indices = range(min(count, len(x))) if many else [count]
-    if not many and not 0 <= count < len(x):
-        raise InputError(f"{source}: there are {len(x)} samples (0..{len(x) - 1})")
-    if many and count < 1:
-        raise InputError(f"{source}: expected at least one sample")
+    if isinstance(chosen, slice):
+        indices = list(range(len(x)))[chosen]
+    else:
+        indices = chosen
+        if not all(0 <= i < len(x) for i in indices):
+            raise InputError(f"{source}: there are {len(x)} samples (0..{len(x) - 1})")
+    if not indices:
+        raise InputError(f"{source}: selects no sample (there are {len(x)})")
     return [Recording(f"sample:{i}", np.ascontiguousarray(x[i, : int(lengths[i])], np.float32),
                       _truth(y[i]) if y is not None else None) for i in indices]
 

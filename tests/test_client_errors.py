@@ -96,3 +96,22 @@ def test_recordings_from_csv_and_npy(tmp_path):
     assert [r.name for r in load_recordings(str(npy))] == [f"many.npy[{i}]" for i in range(3)]
     with pytest.raises(InputError, match="no such file"):
         load_recordings(str(tmp_path / "missing.csv"))
+
+
+def test_sample_selections(tmp_path, monkeypatch):
+    path = tmp_path / "samples.npz"
+    np.savez(path, x=np.zeros((5, 4, 2), np.float32), lengths=np.array([4, 3, 4, 2, 4]),
+             y=np.array(["a", "b", "a", "b", "a"]))
+    monkeypatch.setenv("SEQSERVE_SAMPLES", str(path))
+
+    def names(source):
+        return [r.name for r in load_recordings(source)]
+
+    assert names("samples") == [f"sample:{i}" for i in range(5)]
+    assert names("samples:2") == names("samples[:2]") == ["sample:0", "sample:1"]
+    assert names("samples[3:]") == ["sample:3", "sample:4"]
+    (one,) = load_recordings("sample:1")
+    assert (one.frames.shape, one.truth) == ((3, 2), "b")
+    for bad in ("sample:7", "sample:x", "samples[a]", "samples:0"):
+        with pytest.raises(InputError):
+            load_recordings(bad)
