@@ -204,3 +204,15 @@ async def test_a_rejected_send_leaves_the_session_usable(start_server, samples, 
         assert (await c.get_session(s.id)).position == 10
     out = np.concatenate([first.probabilities, *(p.probabilities for p in rest)])
     assert np.abs(out - solo_run(model_dir, x[:10])).max() <= TOL
+
+
+async def test_sessions_on_a_stream_of_their_own(client, samples, model_dir):
+    x = _x(samples, 2)[:20]
+    extra = client.stream()
+    async with client.session(stream=extra) as mine, client.session() as shared:
+        a = await asyncio.wait_for(asyncio.gather(*(mine.send_nowait(f) for f in x)), WAIT)
+        b = await asyncio.wait_for(asyncio.gather(*(shared.send_nowait(f) for f in x)), WAIT)
+    solo = solo_run(model_dir, x)
+    for preds in (a, b):
+        assert np.abs(np.concatenate([p.probabilities for p in preds]) - solo).max() <= TOL
+    assert extra is not client.multiplexer and extra.pending == 0
