@@ -12,5 +12,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 .venv/bin/seqserve --target "127.0.0.1:$PORT" model
-.venv/bin/seqserve --target "127.0.0.1:$PORT" stream "samples:${SEQSERVE_DEMO_SAMPLES:-4}" \
+# One test recording of each activity (samples.npz is ordered by class), streamed concurrently as
+# four sessions on one stream at twice the watch's 10 Hz.
+.venv/bin/seqserve --target "127.0.0.1:$PORT" stream sample:0 sample:10 sample:20 sample:30 \
   --rate "${SEQSERVE_DEMO_RATE:-20}"
