@@ -101,6 +101,8 @@ def create_server(settings: Settings, *, registry: CollectorRegistry | None = No
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Two servers on one port would split sessions between two tables at random.
+        ("grpc.so_reuseport", 0),
     ])
     servicer = SeqServeServicer(engine, metrics)
     pb_grpc.add_SeqServeServicer_to_server(servicer, server)

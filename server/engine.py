@@ -139,6 +139,9 @@ class Engine:
         return self.status(session)
 
     async def close(self, session_id: str) -> SessionStatus:
+        # Refused while draining like every other change: the session is in the snapshot, and a
+        # close queued behind the stopped scheduler would otherwise hang until the server stops.
+        self._refuse_if_draining()
         session = self.table.get(session_id)
         await self.scheduler.control(session, "close")
         return self.status(session)

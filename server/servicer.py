@@ -291,7 +291,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             parameters=spec.parameters, state_bytes=4 * spec.state_floats,
             device=self.engine.runtime.device,
             max_frames_per_request=settings.max_frames_per_request,
-            session_idle_timeout_seconds=settings.session_idle_timeout)
+            session_idle_timeout_seconds=settings.session_idle_timeout,
+            replay_window=settings.replay_window)
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
