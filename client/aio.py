@@ -38,8 +38,8 @@ class AsyncClient:
 
     ``timeout`` bounds each unary call and each send's wait (None: no bound). ``retry`` is the
     reconnect policy for dropped streams and unavailable servers. ``window`` is the most frames a
-    session has in flight; keep it at most the server's ``--replay-window`` (default 64) so every
-    resend can be answered.
+    session has in flight; sessions use at most the server's ``--replay-window`` (from
+    ``GetModel``) so every resend can be answered.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
@@ -137,7 +137,8 @@ class AsyncClient:
             info = SessionInfo.from_pb(await self._call(
                 self._stub.OpenSession, pb.OpenSessionRequest(session_id=session_id or "")))
         return AsyncSession(stream or self.multiplexer, info.session_id, position=info.position,
-                            labels=model.labels, features=model.features, window=self.window,
+                            labels=model.labels, features=model.features,
+                            window=min(self.window, model.replay_window or self.window),
                             closer=self.close_session)
 
     @contextlib.asynccontextmanager

@@ -95,6 +95,7 @@ class ModelInfo:
     device: str
     max_frames_per_request: int
     session_idle_timeout: float
+    replay_window: int = 0
     layers: tuple[dict[str, object], ...] = field(default=())
     states: tuple[dict[str, object], ...] = field(default=())
 
@@ -105,6 +106,7 @@ class ModelInfo:
             labels=tuple(info.labels), parameters=info.parameters, state_bytes=info.state_bytes,
             device=info.device, max_frames_per_request=info.max_frames_per_request,
             session_idle_timeout=info.session_idle_timeout_seconds,
+            replay_window=info.replay_window,
             layers=tuple({"name": la.name, "type": la.type, "units": la.units,
                           "input_size": la.input_size, "parameters": la.parameters,
                           "activation": la.activation} for la in info.layers),

@@ -216,3 +216,16 @@ async def test_sessions_on_a_stream_of_their_own(client, samples, model_dir):
     for preds in (a, b):
         assert np.abs(np.concatenate([p.probabilities for p in preds]) - solo).max() <= TOL
     assert extra is not client.multiplexer and extra.pending == 0
+
+
+async def test_session_window_follows_the_server_replay_window(start_server, samples):
+    from seqserve.client import AsyncClient
+
+    _, port = await start_server(replay_window=8)
+    async with AsyncClient(f"127.0.0.1:{port}") as client:
+        assert (await client.model()).replay_window == 8
+        async with client.session() as session:
+            assert session._window == 8
+            futures = [session.send_nowait(frame) for frame in samples["x"][0][:40]]
+            results = [await f for f in futures]
+            assert [r.position for r in results] == list(range(40))
