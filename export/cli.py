@@ -22,11 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the seed model on a UEA dataset and export it")
-    train.add_argument("--dataset", choices=("basicmotions", "japanesevowels"),
-                       default="basicmotions")
+    train.add_argument(
+        "--dataset", choices=("basicmotions", "japanesevowels"), default="basicmotions"
+    )
     train.add_argument("-o", "--output", type=Path, help="model directory (default models/NAME)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--epochs", type=int, help="default: 200 (basicmotions), 150 (japanesevowels)")
+    train.add_argument(
+        "--epochs", type=int, help="default: 200 (basicmotions), 150 (japanesevowels)"
+    )
     train.add_argument("--cell", choices=("LSTM", "GRU", "SimpleRNN"), default="LSTM")
     train.add_argument("--units", default="64,128,64", help="recurrent units, comma-separated")
     train.add_argument("--dense", default="64,32", help="hidden Dense units, comma-separated")
@@ -40,9 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--name", help="model name (default: output folder name)")
     convert.add_argument("--version", default="1")
     convert.add_argument("--labels", help="class labels, comma-separated")
-    convert.add_argument("--samples", type=Path,
-                         help="npz with x [n,T,F], lengths [n], y [n] raw recordings for parity "
-                         "and samples.npz (default: synthetic frames)")
+    convert.add_argument(
+        "--samples",
+        type=Path,
+        help="npz with x [n,T,F], lengths [n], y [n] raw recordings for parity "
+        "and samples.npz (default: synthetic frames)",
+    )
 
     inspect = sub.add_parser("inspect", help="per-layer units, states and parameter counts")
     inspect.add_argument("model", type=Path, help="Keras model file or model directory")
@@ -54,33 +60,53 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .datasets import load
     from .errors import ExportError
-    from .pipeline import Samples, export
+    from .pipeline import MAX_SAMPLES, Samples, export
     from .training import Architecture, Recipe, train
 
     dataset = load(args.dataset)
-    arch = Architecture(cell=args.cell, units=_ints(args.units), dense=_ints(args.dense),
-                        activation=args.activation)
+    arch = Architecture(
+        cell=args.cell, units=_ints(args.units), dense=_ints(args.dense), activation=args.activation
+    )
     epochs = args.epochs or (200 if args.dataset == "basicmotions" else 150)
     batch = 8 if args.dataset == "basicmotions" else 16
     recipe = Recipe(epochs=epochs, batch_size=batch, learning_rate=args.learning_rate)
     model, record = train(dataset, arch, recipe, args.seed)
     out = args.output or Path("models") / args.dataset
-    print(f"{dataset.name}: train accuracy {record['train_accuracy']:.4f}, test accuracy "
-          f"{record['test_accuracy']:.4f}, 1-NN DTW baseline {record['baseline']['test_accuracy']:.4f}"
-          f" ({record['train_seconds']} s)")
+    print(
+        f"{dataset.name}: train accuracy {record['train_accuracy']:.4f}, test accuracy "
+        f"{record['test_accuracy']:.4f}, 1-NN DTW baseline "
+        f"{record['baseline']['test_accuracy']:.4f} ({record['train_seconds']} s)"
+    )
     if not record["meets_baseline"]:
         _log.warning("test accuracy is below the 1-NN DTW baseline")
     test = dataset.test
-    samples = Samples(test.x, test.lengths, test.y, f"{dataset.name} TEST split, first rows")
+    # Evenly spaced TEST rows (the whole split when it is small), so every class shows up.
+    rows = np.unique(np.linspace(0, len(test.y) - 1, min(MAX_SAMPLES, len(test.y))).astype(int))
+    samples = Samples(
+        test.x[rows],
+        test.lengths[rows],
+        test.y[rows],
+        f"{dataset.name} TEST split, rows {rows.tolist()}",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "model.keras"
         model.save(source)
         try:
-            meta = export(model, out, source=source, name=args.dataset, version=args.version,
-                          labels=dataset.labels, samples=samples, training=record,
-                          copy_source_as="model.keras")
+            meta = export(
+                model,
+                out,
+                source=source,
+                name=args.dataset,
+                version=args.version,
+                labels=dataset.labels,
+                samples=samples,
+                training=record,
+                copy_source_as="model.keras",
+            )
         except ExportError:
             kept = Path(tempfile.gettempdir()) / f"seqserve-{args.dataset}-failed.keras"
             model.save(kept)
@@ -100,12 +126,23 @@ def _convert(args: argparse.Namespace) -> int:
     samples = None
     if args.samples:
         with np.load(args.samples) as data:
-            samples = Samples(data["x"].astype(np.float32), data["lengths"].astype(np.int64),
-                              data["y"].astype(np.int64), f"{args.samples.name}")
+            samples = Samples(
+                data["x"].astype(np.float32),
+                data["lengths"].astype(np.int64),
+                data["y"].astype(np.int64),
+                f"{args.samples.name}",
+            )
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     name = args.name or args.output.resolve().name
-    meta = export(model, args.output, source=args.model, name=name, version=args.version,
-                  labels=labels, samples=samples)
+    meta = export(
+        model,
+        args.output,
+        source=args.model,
+        name=name,
+        version=args.version,
+        labels=labels,
+        samples=samples,
+    )
     print(f"wrote {args.output} in {meta['export']['seconds']} s; parity {meta['parity']}")
     return 0
 

@@ -110,8 +110,15 @@ def _cell(layer: Recurrent, x: tf.Tensor, states: Sequence[tf.Tensor]) -> list[t
     return [_gru(layer, x, states[0], kernel, recurrent, act, gate)]
 
 
-def _gru(layer: Recurrent, x: tf.Tensor, h_prev: tf.Tensor, kernel: tf.Tensor,
-         recurrent: tf.Tensor, act, gate) -> tf.Tensor:  # type: ignore[no-untyped-def]
+def _gru(
+    layer: Recurrent,
+    x: tf.Tensor,
+    h_prev: tf.Tensor,
+    kernel: tf.Tensor,
+    recurrent: tf.Tensor,
+    act,
+    gate,
+) -> tf.Tensor:  # type: ignore[no-untyped-def]
     units = layer.units
     matrix_x = tf.matmul(x, kernel)
     bias = layer.bias

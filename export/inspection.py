@@ -18,7 +18,9 @@ def check_entries(entries: list[dict[str, Any]]) -> None:
         if entry["type"] == "Activation":
             continue
         expected = expected_params(
-            entry["type"], entry["units"], entry["input_size"],
+            entry["type"],
+            entry["units"],
+            entry["input_size"],
             reset_after=entry.get("reset_after", True),
         )
         if entry["params"] != expected:
@@ -28,9 +30,11 @@ def check_entries(entries: list[dict[str, Any]]) -> None:
 
 
 def format_entries(entries: list[dict[str, Any]], features: int) -> str:
-    lines = [f"input features: {features}",
-             f"{'layer':<16} {'type':<10} {'units':>6} {'input':>6} {'activation':<14} "
-             f"{'states':<24} {'params':>9}"]
+    lines = [
+        f"input features: {features}",
+        f"{'layer':<16} {'type':<10} {'units':>6} {'input':>6} {'activation':<14} "
+        f"{'states':<30} {'params':>9}",
+    ]
     total = 0
     for e in entries:
         states = ",".join(f"{s}[{e['units']}]" for s in e.get("states", [])) or "-"
@@ -39,7 +43,7 @@ def format_entries(entries: list[dict[str, Any]], features: int) -> str:
             activation += "/" + e["recurrent_activation"]
         lines.append(
             f"{e['name']:<16} {e['type']:<10} {e.get('units', '-')!s:>6} "
-            f"{e.get('input_size', '-')!s:>6} {activation:<14} {states:<24} {e['params']:>9,}"
+            f"{e.get('input_size', '-')!s:>6} {activation:<14} {states:<30} {e['params']:>9,}"
         )
         total += e["params"]
     lines.append(f"total parameters: {total:,} (formulas checked)")

@@ -25,8 +25,11 @@ def layer_entries(spec: ModelSpec) -> list[dict[str, Any]]:
     for layer in (*spec.recurrent, *spec.head):
         if isinstance(layer, Recurrent):
             entry: dict[str, Any] = {
-                "name": layer.name, "type": layer.kind, "units": layer.units,
-                "input_size": layer.input_size, "activation": layer.activation,
+                "name": layer.name,
+                "type": layer.kind,
+                "units": layer.units,
+                "input_size": layer.input_size,
+                "activation": layer.activation,
             }
             if layer.recurrent_activation is not None:
                 entry["recurrent_activation"] = layer.recurrent_activation
@@ -36,14 +39,21 @@ def layer_entries(spec: ModelSpec) -> list[dict[str, Any]]:
             entry["states"] = [f"{layer.name}_{kind}" for kind in layer.state_kinds]
         elif isinstance(layer, Dense):
             entry = {
-                "name": layer.name, "type": "Dense", "units": layer.units,
-                "input_size": layer.input_size, "activation": layer.activation,
+                "name": layer.name,
+                "type": "Dense",
+                "units": layer.units,
+                "input_size": layer.input_size,
+                "activation": layer.activation,
                 "params": layer.params,
             }
         else:
             assert isinstance(layer, Activation)
-            entry = {"name": layer.name, "type": "Activation", "activation": layer.activation,
-                     "params": 0}
+            entry = {
+                "name": layer.name,
+                "type": "Activation",
+                "activation": layer.activation,
+                "params": 0,
+            }
         entries.append(entry)
     return entries
 
@@ -74,8 +84,14 @@ def manifest(
         },
         "layers": layer_entries(spec),
         "states": [
-            {"name": s.name, "layer": s.layer, "kind": s.kind, "size": s.size,
-             "input": s.input, "output": s.output}
+            {
+                "name": s.name,
+                "layer": s.layer,
+                "kind": s.kind,
+                "size": s.size,
+                "input": s.input,
+                "output": s.output,
+            }
             for s in spec.states
         ],
         "parameters": spec.parameters,

@@ -32,8 +32,13 @@ class Parity:
         return asdict(self)
 
     def worst(self) -> float:
-        return max(self.sequence_max_abs, self.step_max_abs, self.sequence_t1_max_abs,
-                   self.batched_step_max_abs, self.chunked_max_abs)
+        return max(
+            self.sequence_max_abs,
+            self.step_max_abs,
+            self.sequence_t1_max_abs,
+            self.batched_step_max_abs,
+            self.chunked_max_abs,
+        )
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,12 +66,18 @@ def check(
         st = max(st, _diff(step.stepped(frames), want))
         t1 = max(t1, _diff(sequence.stepped(frames, sequence=True), want))
         for _ in range(chunkings):
-            cuts = rng.integers(1, length, size=rng.integers(1, max(2, length // 4))) if length > 1 else []
+            cuts = (
+                rng.integers(1, length, size=rng.integers(1, max(2, length // 4)))
+                if length > 1
+                else []
+            )
             ch = max(ch, _diff(sequence.chunked(frames, list(cuts)), want))
     shortest = int(lengths.min())
     batched = _diff(step.stepped(x[:, :shortest]), expected[:, :shortest])
     parity = Parity(seq, st, t1, batched, ch, len(lengths), chunkings)
     _log.info("parity: %s", parity)
     if parity.worst() > tolerance:
-        raise ParityError(f"ONNX differs from Keras by {parity.worst():.3g} > {tolerance}: {parity}")
+        raise ParityError(
+            f"ONNX differs from Keras by {parity.worst():.3g} > {tolerance}: {parity}"
+        )
     return parity

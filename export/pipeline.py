@@ -67,8 +67,9 @@ def build_graphs(spec: ModelSpec, opset: int = OPSET) -> dict[str, bytes]:
         if spec.normalized and restore_division(model, spec.std) != 1:
             raise ExportError(f"{key} graph: cannot find the input normalization to restore")
         onnx.checker.check_model(model, full_check=True)
-        if key == "step" and any(n.op_type in ("LSTM", "GRU", "RNN", "Loop", "Scan")
-                                 for n in model.graph.node):
+        if key == "step" and any(
+            n.op_type in ("LSTM", "GRU", "RNN", "Loop", "Scan") for n in model.graph.node
+        ):
             raise ExportError("step graph contains a recurrent op; expected only cell arithmetic")
         graphs[key] = model.SerializeToString()
     return graphs

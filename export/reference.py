@@ -33,7 +33,7 @@ def _clone(model: keras.Model, *, per_step: bool) -> keras.Model:
 
 
 def per_step_model(model: keras.Model) -> keras.Model:
-    """Clone of `model` whose last recurrent layer returns sequences; the head then runs per step."""
+    """Clone whose last recurrent layer returns sequences, so the head runs on every step."""
     return _clone(model, per_step=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,7 +41,7 @@ class Runner:
         states = self.zeros(frames.shape[0])
         pieces = []
         bounds = [0, *sorted(set(cuts)), frames.shape[1]]
-        for start, stop in zip(bounds, bounds[1:], strict=False):
+        for start, stop in itertools.pairwise(bounds):
             if stop > start:
                 probabilities, states = self(frames[:, start:stop], states)
                 pieces.append(probabilities)

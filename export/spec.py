@@ -7,6 +7,7 @@ builders consume. Nothing here writes files.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,8 +139,9 @@ class ModelSpec:
         )
 
 
-def expected_params(kind: str, units: int, input_size: int, *, use_bias: bool = True,
-                    reset_after: bool = True) -> int:
+def expected_params(
+    kind: str, units: int, input_size: int, *, use_bias: bool = True, reset_after: bool = True
+) -> int:
     """Parameter count from the textbook formulas (GRU reset_after adds a second bias)."""
     if kind == "Dense":
         return units * input_size + (units if use_bias else 0)
@@ -182,7 +184,7 @@ def _chain(model: keras.Model) -> list[keras.Layer]:
     for layer in layers:  # a known unsupported layer is a better message than "not a chain"
         if type(layer).__name__ in _REASONS:
             raise UnsupportedModelError(layer.name, _REASONS[type(layer).__name__])
-    for previous, layer in zip(layers, layers[1:], strict=False):
+    for previous, layer in itertools.pairwise(layers):
         nodes = layer._inbound_nodes
         if len(nodes) != 1:
             raise UnsupportedModelError(layer.name, "layer is used more than once (shared layer)")
@@ -263,15 +265,18 @@ class _Walk:
             raise UnsupportedModelError(layer.name, _REASONS[kind])
         elif "Conv" in kind:
             raise UnsupportedModelError(
-                layer.name, f"{kind}: convolution over time mixes neighbouring frames, which the "
+                layer.name,
+                f"{kind}: convolution over time mixes neighbouring frames, which the "
                 "per-layer recurrent states of a stream do not carry",
             )
         elif "Pooling" in kind:
-            raise UnsupportedModelError(layer.name, f"{kind}: pooling over time needs the whole "
-                                        "sequence")
+            raise UnsupportedModelError(
+                layer.name, f"{kind}: pooling over time needs the whole sequence"
+            )
         else:
             raise UnsupportedModelError(
-                layer.name, f"unsupported layer type {kind}; supported: InputLayer, Masking and "
+                layer.name,
+                f"unsupported layer type {kind}; supported: InputLayer, Masking and "
                 "Normalization (before the stack), LSTM/GRU/SimpleRNN, Dense/Activation/Softmax "
                 "head, Dropout",
             )
@@ -279,7 +284,8 @@ class _Walk:
     def _preprocessing(self, layer: keras.Layer, kind: str) -> None:
         if self.recurrent or self.head:
             raise UnsupportedModelError(
-                layer.name, f"{kind} in the middle of the model; it is supported only before the "
+                layer.name,
+                f"{kind} in the middle of the model; it is supported only before the "
                 "first recurrent layer",
             )
         if kind == "Masking":
@@ -290,12 +296,15 @@ class _Walk:
         axis = config.get("axis")
         if axis not in (-1, 2, [-1], [2], (-1,), (2,)) or config.get("invert") or self.normalized:
             raise UnsupportedModelError(
-                layer.name, "only one per-feature Normalization (axis=-1, invert=False) is supported"
+                layer.name,
+                "only one per-feature Normalization (axis=-1, invert=False) is supported",
             )
         mean = _array(layer.mean).reshape(-1)
         variance = _array(layer.variance).reshape(-1)
         if mean.size != self.features:
-            raise UnsupportedModelError(layer.name, f"{mean.size} means for {self.features} features")
+            raise UnsupportedModelError(
+                layer.name, f"{mean.size} means for {self.features} features"
+            )
         self.mean = mean
         # Same arithmetic as Keras: (x - mean) / maximum(sqrt(variance), epsilon).
         self.std = np.maximum(np.sqrt(variance), np.float32(keras.config.epsilon()))
@@ -318,8 +327,9 @@ class _Walk:
         use_bias = bool(config.get("use_bias", True))
         reset_after = bool(config.get("reset_after", False)) if kind == "GRU" else False
         units = int(config["units"])
-        expected = expected_params(kind, units, self.size, use_bias=use_bias,
-                                   reset_after=reset_after)
+        expected = expected_params(
+            kind, units, self.size, use_bias=use_bias, reset_after=reset_after
+        )
         counted = int(layer.count_params())
         if expected != counted:
             raise ExportError(
@@ -333,7 +343,8 @@ class _Walk:
                 input_size=self.size,
                 activation=_activation_name(layer, "activation", allow_softmax=False),
                 recurrent_activation=(
-                    None if kind == "SimpleRNN"
+                    None
+                    if kind == "SimpleRNN"
                     else _activation_name(layer, "recurrent_activation", allow_softmax=False)
                 ),
                 use_bias=use_bias,

@@ -14,7 +14,14 @@ import tensorflow as tf
 from .datasets import Dataset, Split
 
 __all__ = [
-    "Architecture", "Recipe", "accuracy", "baseline_accuracy", "build", "fit", "normalization", "train",
+    "Architecture",
+    "Recipe",
+    "accuracy",
+    "baseline_accuracy",
+    "build",
+    "fit",
+    "normalization",
+    "train",
 ]
 
 _log = logging.getLogger(__name__)
@@ -64,8 +71,13 @@ def normalization(split: Split) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(
-    arch: Architecture, features: int, classes: int, mean: np.ndarray, std: np.ndarray,
-    *, masking: bool,
+    arch: Architecture,
+    features: int,
+    classes: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    masking: bool,
 ) -> keras.Model:
     """The model, with raw-feature input: [Masking] -> Normalization -> recurrent stack -> head."""
     layers: list[keras.Layer] = [keras.Input((None, features), name="frames")]
@@ -74,10 +86,17 @@ def build(
     layers.append(keras.layers.Normalization(mean=mean, variance=np.square(std)))
     cell = getattr(keras.layers, arch.cell)
     for i, units in enumerate(arch.units):
-        kwargs = {} if arch.cell == "SimpleRNN" else {
-            "recurrent_activation": arch.recurrent_activation}
-        layers.append(cell(units, activation=arch.activation,
-                           return_sequences=i < len(arch.units) - 1, **kwargs))
+        kwargs = (
+            {} if arch.cell == "SimpleRNN" else {"recurrent_activation": arch.recurrent_activation}
+        )
+        layers.append(
+            cell(
+                units,
+                activation=arch.activation,
+                return_sequences=i < len(arch.units) - 1,
+                **kwargs,
+            )
+        )
     layers.extend(keras.layers.Dense(units, activation="relu") for units in arch.dense)
     layers.append(keras.layers.Dense(classes, activation="softmax"))
     return keras.Sequential(layers, name="seed")
@@ -102,8 +121,9 @@ def fit(dataset: Dataset, arch: Architecture, recipe: Recipe, seed: int) -> kera
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     mean, std = normalization(dataset.train)
-    model = build(arch, dataset.features, len(dataset.labels), mean, std,
-                  masking=dataset.variable_length)
+    model = build(
+        arch, dataset.features, len(dataset.labels), mean, std, masking=dataset.variable_length
+    )
     optimizer = keras.optimizers.SGD(
         recipe.learning_rate, momentum=recipe.momentum, global_clipnorm=recipe.global_clipnorm
     )
@@ -112,8 +132,13 @@ def fit(dataset: Dataset, arch: Architecture, recipe: Recipe, seed: int) -> kera
     best = _KeepBest()
     targets = keras.utils.to_categorical(dataset.train.y, len(dataset.labels))
     model.fit(
-        dataset.train.x, targets, epochs=recipe.epochs, batch_size=recipe.batch_size,
-        shuffle=True, verbose=0, callbacks=[best],
+        dataset.train.x,
+        targets,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        verbose=0,
+        callbacks=[best],
     )
     if recipe.keep_best and best.weights is not None:
         _log.info("keeping epoch %d (training loss %.4f)", best.epoch + 1, best.loss)
@@ -133,15 +158,20 @@ class _KeepBest(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         loss = float((logs or {}).get("loss", float("inf")))
         if epoch % 10 == 9:
-            _log.debug("epoch %d: loss %.4f accuracy %.3f", epoch + 1, loss,
-                       (logs or {}).get("accuracy", float("nan")))
+            _log.debug(
+                "epoch %d: loss %.4f accuracy %.3f",
+                epoch + 1,
+                loss,
+                (logs or {}).get("accuracy", float("nan")),
+            )
         if np.isfinite(loss) and loss < self.loss:
             self.loss, self.epoch = loss, epoch
             self.weights = [np.array(w) for w in self.model.get_weights()]
 
 
-def train(dataset: Dataset, arch: Architecture, recipe: Recipe, seed: int
-          ) -> tuple[keras.Model, dict[str, Any]]:
+def train(
+    dataset: Dataset, arch: Architecture, recipe: Recipe, seed: int
+) -> tuple[keras.Model, dict[str, Any]]:
     """Fit, evaluate against 1-NN DTW, and return the model with its `training` record."""
     started = time.perf_counter()
     model = fit(dataset, arch, recipe, seed)
@@ -149,8 +179,14 @@ def train(dataset: Dataset, arch: Architecture, recipe: Recipe, seed: int
     train_acc = accuracy(model, dataset.train)
     test_acc = accuracy(model, dataset.test)
     base = baseline_accuracy(dataset)
-    _log.info("%s: train %.4f test %.4f, 1-NN DTW %.4f (%.0f s)",
-              dataset.name, train_acc, test_acc, base, seconds)
+    _log.info(
+        "%s: train %.4f test %.4f, 1-NN DTW %.4f (%.0f s)",
+        dataset.name,
+        train_acc,
+        test_acc,
+        base,
+        seconds,
+    )
     record = {
         "dataset": dataset.name,
         "split": "official TRAIN/TEST (aeon)",

@@ -1,0 +1,141 @@
+"""The committed model directories: consistent, reproducible by `convert`, and by `train`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+pytest.importorskip("aeon")
+keras = pytest.importorskip("keras")
+
+from seqserve.export.cli import main  # noqa: E402
+from seqserve.export.datasets import load  # noqa: E402
+from seqserve.export.runner import Runner  # noqa: E402
+from seqserve.export.spec import State  # noqa: E402
+from seqserve.export.training import Architecture, Recipe, accuracy, fit, train  # noqa: E402
+
+pytestmark = pytest.mark.export
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+BUNDLED = ["basicmotions", "japanesevowels"]
+TOL = 1e-5
+
+
+def _bundled(name: str) -> Path:
+    path = MODELS / name
+    if not (path / "model.json").exists():
+        pytest.skip(f"{path} not exported yet")
+    return path
+
+
+def _meta(path: Path) -> dict:
+    return json.loads((path / "model.json").read_text())
+
+
+def _runners(path: Path) -> tuple[Runner, Runner]:
+    states = [State(s["name"], s["layer"], s["kind"], s["size"]) for s in _meta(path)["states"]]
+    return (
+        Runner((path / "sequence.onnx").read_bytes(), states),
+        Runner((path / "step.onnx").read_bytes(), states),
+    )
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_committed_directory_is_consistent(name: str) -> None:
+    path = _bundled(name)
+    meta = _meta(path)
+    for graph in meta["graphs"].values():
+        data = (path / graph["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == graph["sha256"]
+    assert meta["source"]["file"] == "model.keras"
+    source = (path / "model.keras").read_bytes()
+    assert hashlib.sha256(source).hexdigest() == meta["source"]["sha256"]
+    assert max(v for k, v in meta["parity"].items() if k.endswith("_max_abs")) <= TOL
+    training = meta["training"]
+    assert training["test_accuracy"] >= training["baseline"]["test_accuracy"]
+    sequence, step = _runners(path)
+    with np.load(path / "reference.npz") as ref:
+        x, lengths, expected = ref["x"], ref["lengths"], ref["probabilities"]
+    with np.load(path / "samples.npz") as samples:
+        assert samples["x"].shape[-1] == meta["features"]
+        assert len(samples["y"]) == len(samples["lengths"]) <= 40
+        assert samples["y"].max() < len(meta["labels"])
+    for i, n in enumerate(lengths):
+        streamed = step.stepped(x[i : i + 1, :n])
+        whole, _ = sequence(x[i : i + 1, :n], sequence.zeros(1))
+        assert np.max(np.abs(streamed - expected[i : i + 1, :n])) <= TOL
+        assert np.max(np.abs(whole - expected[i : i + 1, :n])) <= TOL
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_convert_of_committed_keras_model_reproduces_graphs(name: str, tmp_path: Path) -> None:
+    path = _bundled(name)
+    meta = _meta(path)
+    out = tmp_path / name
+    assert (
+        main(
+            [
+                "convert",
+                str(path / "model.keras"),
+                "-o",
+                str(out),
+                "--name",
+                name,
+                "--labels",
+                ",".join(meta["labels"]),
+                "--samples",
+                str(path / "samples.npz"),
+            ]
+        )
+        == 0
+    )
+    again = _meta(out)
+    for key in ("features", "labels", "normalization", "layers", "states", "parameters", "opset"):
+        assert again[key] == meta[key], key
+    assert again["source"]["sha256"] == meta["source"]["sha256"]
+    committed, fresh = _runners(path), _runners(out)
+    with np.load(path / "samples.npz") as samples:
+        x, lengths = samples["x"], samples["lengths"]
+    for i, n in enumerate(lengths[:8]):
+        frames = x[i : i + 1, :n]
+        for old, new in zip(committed, fresh, strict=True):
+            a = old.stepped(frames) if old is committed[1] else old(frames, old.zeros(1))[0]
+            b = new.stepped(frames) if new is fresh[1] else new(frames, new.zeros(1))[0]
+            assert np.max(np.abs(a - b)) <= 1e-6
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    dataset = load("basicmotions")
+    arch = Architecture(units=(8,), dense=(8,))
+    recipe = Recipe(epochs=3)
+    first = fit(dataset, arch, recipe, seed=3).get_weights()
+    second = fit(dataset, arch, recipe, seed=3).get_weights()
+    other = fit(dataset, arch, recipe, seed=4).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "epochs", "batch"), [("basicmotions", 200, 8), ("japanesevowels", 150, 16)]
+)
+def test_training_reproduces_committed_model_and_beats_baseline(
+    name: str, epochs: int, batch: int
+) -> None:
+    path = _bundled(name)
+    meta = _meta(path)
+    model, record = train(
+        load(name), Architecture(), Recipe(epochs=epochs, batch_size=batch), seed=0
+    )
+    assert record["test_accuracy"] >= record["baseline"]["test_accuracy"]
+    assert record["test_accuracy"] == meta["training"]["test_accuracy"]
+    committed = keras.saving.load_model(path / "model.keras", compile=False)
+    for a, b in zip(model.get_weights(), committed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert accuracy(committed, load(name).test) == record["test_accuracy"]
