@@ -60,4 +60,5 @@ def _load_saved_model(path: Path) -> keras.Model:
     try:
         return rebuild(path, metadata)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: cannot rebuild Keras model from SavedModel: {exc}") from exc
+        reason = str(exc)[:300]
+        raise ExportError(f"{path}: cannot rebuild Keras model from SavedModel: {reason}") from exc

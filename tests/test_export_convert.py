@@ -326,3 +326,20 @@ def test_inspect_rejects_wrong_parameter_count(
     (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
     assert main(["inspect", str(tmp_path / "m")]) == 2
     assert "formula gives" in caplog.text
+
+
+def test_keras2_savedmodel_directory_converts(tmp_path: Path) -> None:
+    fixtures = Path(__file__).resolve().parent / "export_fixtures"
+    source = fixtures / "keras2_savedmodel"
+    out = tmp_path / "sm"
+    assert main(["convert", str(source), "-o", str(out)]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    _check_directory(out, meta)
+    assert [layer["type"] for layer in meta["layers"]] == ["LSTM", "GRU", "Dense", "Dense"]
+    assert meta["source"]["file"] == "keras2_savedmodel"
+    with np.load(fixtures / "keras2_savedmodel_expected.npz") as data:
+        x, expected = data["x"], data["probabilities"]
+    sequence, step, _ = _runners(out)
+    # The tf.keras 2 model's own outputs (saved when the fixture was made) are reproduced.
+    assert np.max(np.abs(sequence(x, sequence.zeros(2))[0][:, -1] - expected)) <= TOL
+    assert np.max(np.abs(step.stepped(x)[:, -1] - expected)) <= TOL
