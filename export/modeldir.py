@@ -123,7 +123,7 @@ def write(
             (staging / f"{key}.onnx").write_bytes(data)
         for key, values in arrays.items():
             with (staging / f"{key}.npz").open("wb") as stream:
-                np.savez_compressed(stream, **values)
+                np.savez_compressed(stream, **dict(values))  # type: ignore[arg-type]
         for filename, path in (copies or {}).items():
             shutil.copyfile(path, staging / filename)
         text = json.dumps(model_json, indent=2) + "\n"

@@ -66,12 +66,9 @@ def check(
         st = max(st, _diff(step.stepped(frames), want))
         t1 = max(t1, _diff(sequence.stepped(frames, sequence=True), want))
         for _ in range(chunkings):
-            cuts = (
-                rng.integers(1, length, size=rng.integers(1, max(2, length // 4)))
-                if length > 1
-                else []
-            )
-            ch = max(ch, _diff(sequence.chunked(frames, list(cuts)), want))
+            pieces = int(rng.integers(1, max(2, length // 4)))
+            cuts: list[int] = rng.integers(1, length, size=pieces).tolist() if length > 1 else []
+            ch = max(ch, _diff(sequence.chunked(frames, cuts), want))
     shortest = int(lengths.min())
     batched = _diff(step.stepped(x[:, :shortest]), expected[:, :shortest])
     parity = Parity(seq, st, t1, batched, ch, len(lengths), chunkings)
