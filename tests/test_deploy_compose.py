@@ -1,0 +1,189 @@
+"""docker-compose.yml, deploy/prometheus.yml and the Grafana provisioning, parsed and checked
+against each other, the Dockerfile and the server's settings (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+from test_deploy_image import Stage, parse_dockerfile
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose file")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+LONG_RUNNING = ("seqserve", "prometheus", "grafana")
+
+
+def _load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ``${VAR:-default}`` / ``${VAR}`` with nothing set in the environment."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: _interpolate(str(v)) for k, v in env.items()}
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source (a named volume or a ./ path) of each short-syntax volume."""
+    mounts = {}
+    for spec in service.get("volumes", []):
+        source, target, *_ = spec.split(":")
+        mounts[target] = source
+    return mounts
+
+
+def _mounted_from(mounts: dict[str, str], path: str) -> str | None:
+    """The source of the mount that holds ``path`` in the container."""
+    p = PurePosixPath(path)
+    holders = [t for t in mounts if p == PurePosixPath(t) or PurePosixPath(t) in p.parents]
+    return mounts[max(holders, key=len)] if holders else None
+
+
+def _container_ports(service: dict[str, Any]) -> set[int]:
+    return {int(str(p).split(":")[-1].split("/")[0]) for p in service.get("ports", [])}
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return dict(a[2:].split("=", 1) for a in command if a.startswith("--") and "=" in a)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return _load(ROOT / "docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, Stage]:
+    return parse_dockerfile()
+
+
+@pytest.fixture(scope="module")
+def server_settings(compose, stages) -> Any:
+    """What the seqserve service runs with: the image's ENV, then the compose environment."""
+    from seqserve.server.settings import parse_settings
+
+    target = compose["services"]["seqserve"]["build"]["target"]
+    image_env = {k: v for k, v in stages[target].env.items() if k.startswith("SEQSERVE_")}
+    return parse_settings([], environ={**image_env, **_environment(
+        compose["services"]["seqserve"])})
+
+
+def test_services_and_their_build_targets(compose, stages):
+    services = compose["services"]
+    assert set(services) >= {*LONG_RUNNING, "export"}
+    for name in ("seqserve", "export"):
+        build = services[name]["build"]
+        assert (ROOT / build["context"] / "Dockerfile").samefile(ROOT / "Dockerfile")
+        assert build["target"] in stages, f"{name}: no stage {build['target']!r}"
+    assert services["seqserve"]["build"]["target"] == "runtime"
+    assert stages[services["export"]["build"]["target"]].exec_form("ENTRYPOINT") == [
+        "seqserve-export"]
+
+
+def test_every_seqserve_variable_is_a_real_setting(compose):
+    from seqserve.server.settings import Settings
+
+    fields = {f"SEQSERVE_{f.upper()}" for f in Settings.__dataclass_fields__}
+    for name, service in compose["services"].items():
+        unknown = {k for k in _environment(service) if k.startswith("SEQSERVE_")} - fields
+        assert not unknown, f"{name}: {sorted(unknown)} are not seqserve-server settings"
+
+
+def test_seqserve_ports_are_the_ones_it_listens_on_and_exposes(compose, stages, server_settings):
+    service = compose["services"]["seqserve"]
+    exposed = stages[service["build"]["target"]].exposed
+    ports = _container_ports(service)
+    assert ports == {server_settings.port, server_settings.metrics_port}
+    assert ports <= exposed
+
+
+def test_seqserve_volumes_hold_its_snapshot_and_models(compose, server_settings):
+    service = compose["services"]["seqserve"]
+    mounts = _mounts(service)
+    state = _mounted_from(mounts, server_settings.snapshot_path)
+    assert state in compose["volumes"], "sessions must survive a new container: a named volume"
+    assert "/models" in mounts and mounts["/models"] in compose["volumes"]
+    if server_settings.model_dir:
+        assert _mounted_from(mounts, server_settings.model_dir) is not None
+
+
+def test_restart_policies_and_stop_grace_outlast_the_drain(compose, server_settings):
+    services = compose["services"]
+    for name in LONG_RUNNING:
+        assert services[name].get("restart") in ("unless-stopped", "always"), name
+    assert str(services["export"].get("restart")) == "no", "a finished job must not restart"
+    # On SIGTERM: up to drain_grace for accepted requests, then streams end (<= 5 s), then the
+    # snapshot is written; leave at least 10 s more for that and the interpreter's exit.
+    grace = server_settings.drain_grace
+    stop = _seconds(services["seqserve"]["stop_grace_period"])
+    assert stop >= grace + min(grace, 5.0) + 10, (stop, grace)
+
+
+def test_export_job_writes_into_the_models_volume_the_server_reads(compose):
+    pytest.importorskip("seqserve.export.cli")
+    from seqserve.export.cli import _parser
+
+    job = compose["services"]["export"]
+    assert job["profiles"] == ["export"], "only with --profile export"
+    args = _parser().parse_args(job["command"])
+    output = str(args.output)
+    job_volume = _mounted_from(_mounts(job), output)
+    assert job_volume in compose["volumes"]
+    assert _mounts(compose["services"]["seqserve"])["/models"] == job_volume
+    assert not any(v.endswith(":ro") for v in job["volumes"] if v.startswith(job_volume + ":"))
+
+
+def test_prometheus_scrapes_the_seqserve_service(compose, server_settings):
+    service = compose["services"]["prometheus"]
+    flags = _flags(service["command"])
+    config_source = _mounts(service)[flags["config.file"]]
+    assert (ROOT / config_source).resolve() == DEPLOY / "prometheus.yml"
+    assert _mounted_from(_mounts(service), flags["storage.tsdb.path"]) in compose["volumes"]
+    config = _load(DEPLOY / "prometheus.yml")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "seqserve"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"seqserve:{server_settings.metrics_port}"]
+    assert "seqserve" in compose["services"]
+
+
+def test_grafana_provisions_the_datasource_and_dashboard(compose):
+    service = compose["services"]["grafana"]
+    mounts = _mounts(service)
+    provisioning = ROOT / mounts["/etc/grafana/provisioning"]
+    assert provisioning.resolve() == DEPLOY / "grafana" / "provisioning"
+    (datasource,) = _load(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    prometheus = compose["services"]["prometheus"]
+    listen = _flags(prometheus["command"]).get("web.listen-address", "0.0.0.0:9090")
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == f"http://prometheus:{listen.rsplit(':', 1)[1]}"
+    (provider,) = _load(provisioning / "dashboards" / "seqserve.yml")["providers"]
+    folder = ROOT / mounts[provider["options"]["path"]]
+    dashboards = sorted(folder.glob("*.json"))
+    assert [d.name for d in dashboards] == ["seqserve.json"]
+    home = _environment(service)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert PurePosixPath(home).parent == PurePosixPath(provider["options"]["path"])
+    assert (folder / PurePosixPath(home).name).exists()
+    dashboard = json.loads(dashboards[0].read_text())
+    for panel in dashboard["panels"]:
+        for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
+            assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+
