@@ -30,7 +30,7 @@ RUN python -m venv /opt/seqserve \
 FROM ${PYTHON_IMAGE} AS export
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir --find-links /wheels "seqserve[export]" && rm -rf /wheels \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin seqserve \
+    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin seqserve \
     && mkdir -p /models && chown seqserve /models
 USER 10001
 WORKDIR /models

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# System (Debian) packages some tests need: prometheus (the server and promtool, for the deploy
-# tests) and openssl (certificates for the client TLS tests). Installs only what is missing, only
+# System (Debian) packages some tests need: prometheus (the server and promtool), docker-compose
+# (validates docker-compose.yml; no Docker engine needed) and openssl (certificates for the client
+# TLS tests). Installs only what is missing, only
 # as root with apt-get; otherwise says what is missing and exits 0 (those tests then skip).
 # Quiet and fast when everything is there. Called by .ci/run and scripts/test.sh.
 set -euo pipefail
 
 # command -> Debian package that ships it
-declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus [openssl]=openssl)
+declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus [openssl]=openssl
+                       [docker-compose]=docker-compose)
 
 missing=()
 for cmd in "${!PACKAGE_OF[@]}"; do

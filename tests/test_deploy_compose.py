@@ -4,14 +4,18 @@ against each other, the Dockerfile and the server's settings (no Docker engine n
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 from test_deploy_image import Stage, parse_dockerfile
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose file")
+yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install pyyaml): it reads the "
+                          "compose file")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -175,6 +179,8 @@ def test_grafana_provisions_the_datasource_and_dashboard(compose):
     listen = _flags(prometheus["command"]).get("web.listen-address", "0.0.0.0:9090")
     assert datasource["type"] == "prometheus"
     assert datasource["url"] == f"http://prometheus:{listen.rsplit(':', 1)[1]}"
+    scrape = _load(DEPLOY / "prometheus.yml")["global"]["scrape_interval"]
+    assert datasource["jsonData"]["timeInterval"] == scrape, "$__rate_interval needs it"
     (provider,) = _load(provisioning / "dashboards" / "seqserve.yml")["providers"]
     folder = ROOT / mounts[provider["options"]["path"]]
     dashboards = sorted(folder.glob("*.json"))
@@ -187,3 +193,18 @@ def test_grafana_provisions_the_datasource_and_dashboard(compose):
         for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
             assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
 
+
+
+def test_docker_compose_validates_the_file_with_every_profile():
+    """docker-compose's own schema and interpolation check (``config`` needs no engine)."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed (Debian package docker-compose; "
+                    "scripts/system-deps.sh installs it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQSERVE_", "COMPOSE_"))}
+    run = subprocess.run(
+        [binary, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
+         "--profile", "export", "config", "--services"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    assert set(run.stdout.split()) == {*LONG_RUNNING, "export"}
