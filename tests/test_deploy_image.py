@@ -242,13 +242,22 @@ def _healthcheck(stage: Stage, env: dict[str, str]) -> subprocess.CompletedProce
 
 
 @pytest.mark.timeout(90)
-def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_path):
+@pytest.mark.parametrize("model", ["basicmotions", "japanesevowels"])
+def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_path, model):
+    """The bundled default model (SEQSERVE_MODEL_DIR empty, as the image sets it), or a model
+    directory mounted elsewhere and named by SEQSERVE_MODEL_DIR."""
     pytest.importorskip("onnxruntime")
     stage = stages["runtime"]
     port, metrics_port = _free_port(), _free_port()
     env = _image_environ(stage, SEQSERVE_HOST="127.0.0.1", SEQSERVE_PORT=str(port),
                          SEQSERVE_METRICS_PORT=str(metrics_port),
                          SEQSERVE_SNAPSHOT_PATH=str(tmp_path / "sessions.npz"))
+    if model != "basicmotions":
+        if not (ROOT / "models" / model / "model.json").exists():
+            pytest.skip(f"no models/{model} to mount")
+        mounted = tmp_path / "mnt" / model
+        shutil.copytree(ROOT / "models" / model, mounted)
+        env["SEQSERVE_MODEL_DIR"] = str(mounted)
     # Nothing listening yet: unhealthy with exit code 1.
     assert _healthcheck(stage, env).returncode == 1
     command = stage.exec_form("ENTRYPOINT") + stage.exec_form("CMD")
@@ -269,7 +278,7 @@ def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_
             assert b"seqserve_live_sessions" in r.read()
         server.send_signal(signal.SIGTERM)  # what `docker stop` sends
         assert server.wait(timeout=30) == 0
-        assert "basicmotions" in (tmp_path / "server.log").read_text()
+        assert f"serving {model} v" in (tmp_path / "server.log").read_text()
     finally:
         if server.poll() is None:
             server.kill()
