@@ -75,7 +75,7 @@ class Scheduler:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.inline_batch = inline_batch
+        self.inline_floats = inline_batch * runtime.spec.features  # frames, counted in floats
         self.observer = observer or BatchObserver()
         self._ready: deque[Session] = deque()
         self._wake = asyncio.Event()
@@ -138,25 +138,27 @@ class Scheduler:
         taken: list[Session] = []
         steps: list[Work] = []
         groups: dict[int, list[Work]] = {}
-        for _ in range(min(len(self._ready), self.max_batch)):
-            session = self._ready.popleft()
-            taken.append(session)
-            work = session.pending.popleft()
-            if self._prepare(work):
-                assert work.frames is not None
-                if len(work.frames) == 1:
-                    steps.append(work)
+        try:
+            for _ in range(min(len(self._ready), self.max_batch)):
+                session = self._ready.popleft()
+                taken.append(session)
+                work = session.pending.popleft()
+                if self._prepare(work):
+                    assert work.frames is not None
+                    if len(work.frames) == 1:
+                        steps.append(work)
+                    else:
+                        groups.setdefault(len(work.frames), []).append(work)
+            if steps or groups:
+                await self._compute(steps, list(groups.values()))
+        finally:
+            for session in taken:
+                if session.ended:
+                    self._fail_pending(session)
+                if session.pending:
+                    self._ready.append(session)
                 else:
-                    groups.setdefault(len(work.frames), []).append(work)
-        if steps or groups:
-            await self._compute(steps, list(groups.values()))
-        for session in taken:
-            if session.ended:
-                self._fail_pending(session)
-            if session.pending:
-                self._ready.append(session)
-            else:
-                session.scheduled = False
+                    session.scheduled = False
 
     def _prepare(self, work: Work) -> bool:
         """Settle what needs no model run (controls, replays, errors); True if frames remain."""
@@ -212,7 +214,7 @@ class Scheduler:
         started = time.perf_counter()
         work = [(j[0], j[3], j[4]) for j in jobs]
         try:
-            if sum(len(j[1]) for j in jobs) <= self.inline_batch:
+            if sum(frames.size for _, frames, _ in work) <= self.inline_floats:
                 # A thread hop costs more than a small batch's run (measured: ~0.2 ms vs
                 # ~0.09 ms for one step), so small batches run right here on the loop.
                 outputs = _run_jobs(self.runtime, work)

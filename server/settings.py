@@ -34,8 +34,8 @@ class Settings:
     max_batch: int = _opt(256, "most session steps in one onnxruntime call")
     max_wait_ms: float = _opt(0.0, "wait up to this long for a step batch to fill (0: take what "
                               "queued while the previous batch ran)")
-    inline_batch: int = _opt(8, "batches of at most this many requests run on the event loop "
-                             "thread; larger ones in a worker thread (0: always the worker)")
+    inline_batch: int = _opt(8, "batches of at most this many frames in all run on the event "
+                             "loop thread; larger ones in a worker thread (0: always the worker)")
     max_frames_per_request: int = _opt(4096, "most frames in one step request or one sequence")
     max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent")
     max_predict_frames: int = _opt(1_048_576, "most frames in all sequences of one Predict call")

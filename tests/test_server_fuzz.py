@@ -61,8 +61,8 @@ async def test_fuzzed_steps_never_internal_and_keep_state(stub, samples, model_d
     if request.session_id == "fz" and code != grpc.StatusCode.OK:
         after = await stub.GetSession(pb.SessionRef(session_id="fz"))
         assert after.position == before.position
-        r = await stub.Step(step_request("fz", after.position, x[after.position:]))
-        if after.position == 2:
+        if after.position == 2:  # an earlier example may have sent frames 2 and 3 already
+            r = await stub.Step(step_request("fz", 2, x[2:]))
             assert np.abs(probs(r) - solo_run(model_dir, x)[2:]).max() <= 1e-5
 
 

@@ -164,3 +164,27 @@ async def test_model_metadata(stub, model_dir):
     assert [s.size for s in info.states] == [64, 64, 128, 128, 64, 64]
     assert info.state_bytes == 4 * sum(s.size for s in info.states)
     assert info.parameters == meta["parameters"] > 0
+
+
+async def test_long_requests_run_off_the_event_loop(server, stub, samples):
+    import threading
+
+    app, _ = server
+    runtime = app.engine.runtime
+    threads: dict[str, str] = {}
+    real_step, real_sequence = runtime.step, runtime.sequence
+
+    def step(frames, states):
+        threads["step"] = threading.current_thread().name
+        return real_step(frames, states)
+
+    def sequence(frames, states):
+        threads["sequence"] = threading.current_thread().name
+        return real_sequence(frames, states)
+
+    runtime.step, runtime.sequence = step, sequence
+    x = samples["x"][0]
+    await stub.Step(step_request("inline", 0, x[:1], start=True))
+    await stub.Step(step_request("inline", 1, x[1:100]))
+    assert threads["step"] == threading.current_thread().name  # one step: inline on the loop
+    assert threads["sequence"].startswith("seqserve-infer")  # 99 frames: the worker thread
