@@ -48,4 +48,6 @@ def make_channel(target: str, tls: TLS = None,
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Metadata sent with every call: ``authorization: Bearer <token>`` when a token is set."""
+    if token and not (token.isascii() and token.isprintable()):
+        raise ValueError("token must be printable ASCII (it travels as an HTTP/2 header)")
     return (("authorization", f"Bearer {token}"),) if token else ()

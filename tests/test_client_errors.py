@@ -115,3 +115,12 @@ def test_sample_selections(tmp_path, monkeypatch):
     for bad in ("sample:7", "sample:x", "samples[a]", "samples:0"):
         with pytest.raises(InputError):
             load_recordings(bad)
+
+
+def test_a_token_that_cannot_be_a_header_is_refused_up_front():
+    import pytest
+
+    from seqserve.client import Client
+
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Client("127.0.0.1:1", token="s\u00e9cret")
