@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,23 @@ def test_training_is_deterministic_for_a_seed() -> None:
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+# BasicMotions retrains in ~2 min on 2 cores; JapaneseVowels takes ~4 min more, so it runs
+# only with SEQSERVE_EXPORT_RETRAIN_ALL=1 (both passed bit-identically when the models were made).
+_RETRAIN_ALL = os.environ.get("SEQSERVE_EXPORT_RETRAIN_ALL") == "1"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "epochs", "batch"), [("basicmotions", 200, 8), ("japanesevowels", 150, 16)]
+    ("name", "epochs", "batch"),
+    [
+        ("basicmotions", 200, 8),
+        pytest.param(
+            "japanesevowels",
+            150,
+            16,
+            marks=pytest.mark.skipif(not _RETRAIN_ALL, reason="SEQSERVE_EXPORT_RETRAIN_ALL=1"),
+        ),
+    ],
 )
 def test_training_reproduces_committed_model_and_beats_baseline(
     name: str, epochs: int, batch: int

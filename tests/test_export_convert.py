@@ -117,12 +117,12 @@ def test_seed_architecture_counts_and_exports(tmp_path: Path) -> None:
     model = keras.Sequential(
         [
             keras.Input((5, 126)),
-            keras.layers.LSTM(64, return_sequences=True, activation="relu"),
-            keras.layers.LSTM(128, return_sequences=True, activation="relu"),
-            keras.layers.LSTM(64, activation="relu"),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
+            keras.layers.LSTM(64, return_sequences=True, activation="relu", name="lstm"),
+            keras.layers.LSTM(128, return_sequences=True, activation="relu", name="lstm_1"),
+            keras.layers.LSTM(64, activation="relu", name="lstm_2"),
+            keras.layers.Dense(64, activation="relu", name="dense"),
+            keras.layers.Dense(32, activation="relu", name="dense_1"),
+            keras.layers.Dense(10, activation="softmax", name="dense_2"),
         ]
     )
     spec = describe(model)
