@@ -97,7 +97,9 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self._observe = {rpc: metrics.request_seconds.labels(rpc) for rpc in (
             "Stream", "Step", "Predict", "OpenSession", "GetSession", "ResetSession",
             "CloseSession", "GetModel")}
-        self._counted: dict[tuple[str, str], Any] = {}
+        # Every (rpc, code) series exists from the start, so rate() sees the first error too.
+        self._counted = {(rpc, code.name): metrics.requests.labels(rpc, code.name)
+                         for rpc in self._observe for code in _REPORTED_CODES}
 
     def drain(self) -> None:
         """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
@@ -296,3 +298,4 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_REPORTED_CODES = (grpc.StatusCode.OK, *STATUS_CODES.values(), grpc.StatusCode.INTERNAL)
