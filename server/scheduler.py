@@ -212,15 +212,15 @@ class Scheduler:
             frames = np.stack([w.frames for w in group])  # type: ignore[misc]
             jobs.append(("sequence", group, slots, frames, bank.gather(slots)))
         started = time.perf_counter()
-        work = [(j[0], j[3], j[4]) for j in jobs]
+        inputs = [(j[0], j[3], j[4]) for j in jobs]
         try:
-            if sum(frames.size for _, frames, _ in work) <= self.inline_floats:
+            if sum(frames.size for _, frames, _ in inputs) <= self.inline_floats:
                 # A thread hop costs more than a small batch's run (measured: ~0.2 ms vs
                 # ~0.09 ms for one step), so small batches run right here on the loop.
-                outputs = _run_jobs(self.runtime, work)
+                outputs = _run_jobs(self.runtime, inputs)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, _run_jobs, self.runtime, work)
+                    self.executor, _run_jobs, self.runtime, inputs)
         except Exception:
             log.exception("inference failed for %d requests",
                           sum(len(j[1]) for j in jobs))

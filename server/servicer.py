@@ -8,6 +8,7 @@ goes on; a unary call ends with the status code and the trailing metadata ``seqs
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -203,10 +204,13 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 except Exception as exc:
                     queue.put_nowait(self._stream_error(request, started, exc))
                     continue
-                future.add_done_callback(
-                    lambda f, r=request, t=started: queue.put_nowait(self._stream_done(r, t, f)))
+                future.add_done_callback(functools.partial(self._answer, queue, request, started))
         finally:
             queue.put_nowait(_END)
+
+    def _answer(self, queue: asyncio.Queue[Any], request: pb.StepRequest, started: float,
+                future: asyncio.Future[StepResult]) -> None:
+        queue.put_nowait(self._stream_done(request, started, future))
 
     def _stream_done(self, request: pb.StepRequest, started: float,
                      future: asyncio.Future[StepResult]) -> pb.StepResponse:
