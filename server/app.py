@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .model import ModelSpec, load_model_spec
 from .runtime import Runtime
 from .servicer import SeqServeServicer
 from .settings import Settings, parse_settings
-from .snapshot import load_snapshot, save_snapshot
+from .snapshot import capture, load_snapshot, write_snapshot
 
 __all__ = ["App", "create_server", "main", "serve"]
 
@@ -49,6 +50,10 @@ class App:
         self.metrics = metrics
         self.metrics_port: int | None = None
         self._http: Any = None
+        # One writer thread: snapshot writes land in the order they were taken, so the final
+        # drain snapshot is never overwritten by an older periodic one finishing late.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="seqserve-snapshot")
+        self._checkpoints: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.settings.metrics_port >= 0:
@@ -56,6 +61,8 @@ class App:
                                               registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
         self.engine.start()
+        if self.settings.snapshot_path and self.settings.snapshot_interval > 0:
+            self._checkpoints = asyncio.create_task(self._checkpoint_loop())
         await self.grpc.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -72,13 +79,33 @@ class App:
         except TimeoutError:
             log.warning("drain grace (%.1fs) ran out with requests still queued", grace)
         await self.engine.scheduler.stop()  # nothing runs past here, so the snapshot is consistent
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
         if self.settings.snapshot_path:
-            save_snapshot(self.settings.snapshot_path, self.engine.spec, self.engine.table)
+            await asyncio.wrap_future(self._writer.submit(
+                write_snapshot, self.settings.snapshot_path,
+                capture(self.engine.spec, self.engine.table)))
+        self._writer.shutdown(wait=True)
         await self.grpc.stop(min(grace, 5.0))
         await self.engine.stop()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+    async def checkpoint(self) -> None:
+        """Save every session now (captured on the loop, written in the writer thread)."""
+        arrays = capture(self.engine.spec, self.engine.table)
+        await asyncio.wrap_future(self._writer.submit(
+            write_snapshot, self.settings.snapshot_path, arrays))
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval)
+            try:
+                await self.checkpoint()
+            except OSError as exc:
+                log.error("periodic snapshot failed: %s", exc)
 
 
 def create_server(settings: Settings, *, registry: CollectorRegistry | None = None,
@@ -129,7 +156,11 @@ def _restore(settings: Settings, engine: Engine) -> None:
             raise
         log.error("%s; starting with no sessions (--ignore-bad-snapshot)", exc)
         return
-    path.unlink()  # restored state now lives in memory; a stale file must never load twice
+    if settings.snapshot_interval <= 0:
+        # Restored state now lives in memory and nothing rewrites the file until the next drain:
+        # a stale copy must never load twice. With periodic snapshots the file is rewritten
+        # within the interval, and after a crash it is exactly the last durable state.
+        path.unlink()
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

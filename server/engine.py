@@ -17,7 +17,7 @@ import numpy as np
 from .errors import BadRequest, CapacityExceeded, Draining, PositionError
 from .model import ModelSpec
 from .runtime import Runtime
-from .scheduler import BatchObserver, Scheduler, StepResult, Work
+from .scheduler import BatchObserver, Scheduler, StepResult, Work, gap_error
 from .sessions import Session, SessionTable
 from .settings import Settings
 from .states import StateBank
@@ -163,9 +163,7 @@ class Engine:
             self._refuse_if_draining()
             session = self._create(session_id)
         elif position > session.accepted:
-            raise PositionError(f"position {position} leaves a gap: session {session_id!r} "
-                                f"expects {session.accepted}", reason="position_gap",
-                                expected=session.accepted)
+            raise gap_error(session, position)
         self.table.touch(session)
         if position + len(frames) > session.accepted:
             session.accepted = position + len(frames)

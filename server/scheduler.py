@@ -28,7 +28,7 @@ from .errors import PositionError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
 
-__all__ = ["BatchObserver", "Scheduler", "StepResult", "Work"]
+__all__ = ["BatchObserver", "Scheduler", "StepResult", "Work", "gap_error"]
 
 log = logging.getLogger("seqserve.scheduler")
 
@@ -180,9 +180,7 @@ class Scheduler:
         position, applied, count = work.position, session.position, len(work.frames)
         if position > applied:
             session.accepted = applied
-            _fail(future, PositionError(
-                f"position {position} leaves a gap: session {session.id!r} expects {applied}",
-                reason="position_gap", expected=applied))
+            _fail(future, gap_error(session, position))
             return False
         if position < applied:
             done = min(count, applied - position)
@@ -246,6 +244,7 @@ class Scheduler:
 
     def _finish(self, work: Work, probs: np.ndarray) -> None:
         session = work.session
+        session.restored = False
         first = session.position
         session.position += len(probs)
         if session.accepted < session.position:
@@ -270,6 +269,19 @@ class Scheduler:
     def _fail_pending(self, session: Session) -> None:
         while session.pending:
             _fail(session.pending.popleft().future, self._gone(session))
+
+
+def gap_error(session: Session, position: int) -> PositionError:
+    """Frames are missing before ``position``. For a session restored from a snapshot and not
+    advanced since, they were lost in a crash: say so, and name the last durable position."""
+    expected = session.accepted
+    if session.restored:
+        return PositionError(
+            f"session {session.id!r} was restored from a snapshot at position {expected} after "
+            f"an unclean stop; frames from {expected} on were lost: resend from {expected}",
+            reason="rolled_back", expected=expected)
+    return PositionError(f"position {position} leaves a gap: session {session.id!r} expects "
+                         f"{expected}", reason="position_gap", expected=expected)
 
 
 def _run_jobs(runtime: Runtime, jobs: list[tuple[str, np.ndarray, list[np.ndarray]]]

@@ -41,6 +41,7 @@ class Session:
     pending: deque[Any] = field(default_factory=deque)  # scheduler work items, in order
     scheduled: bool = False  # in the scheduler's ready queue or in a running batch
     ended: str = ""  # "closed" / "expired" once gone
+    restored: bool = False  # loaded from a snapshot and not advanced since
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,9 @@ class Settings:
     stream_inflight: int = _opt(1024, "requests one stream may have queued before reads pause")
     snapshot_path: str = _opt("seqserve-sessions.npz", "where sessions are saved on drain and "
                               "restored at start; empty disables")
+    snapshot_interval: float = _opt(30.0, "also save sessions every this many seconds while "
+                                    "serving, bounding what a crash (kill -9) loses; 0: only "
+                                    "on drain")
     ignore_bad_snapshot: bool = _opt(False, "start empty when the snapshot cannot be restored "
                                      "(default: refuse to start)")
     drain_grace: float = _opt(20.0, "seconds to finish in-flight requests on SIGTERM/SIGINT")
@@ -128,6 +131,8 @@ def validate(settings: Settings) -> list[str]:
     for name in ("session_idle_timeout", "drain_grace"):
         if getattr(settings, name) <= 0:
             problems.append(f"{_flag(name)} must be positive")
+    if settings.snapshot_interval < 0:
+        problems.append("--snapshot-interval must not be negative")
     if settings.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
     return problems

@@ -21,7 +21,7 @@ from .errors import SnapshotError
 from .model import ModelSpec
 from .sessions import SessionTable
 
-__all__ = ["load_snapshot", "save_snapshot"]
+__all__ = ["capture", "load_snapshot", "save_snapshot", "write_snapshot"]
 
 log = logging.getLogger("seqserve.snapshot")
 
@@ -29,8 +29,16 @@ FORMAT = "seqserve-snapshot/1"
 
 
 def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int:
-    """Write all live sessions; returns how many. Call only when the scheduler is idle."""
-    path = Path(path)
+    """Write all live sessions; returns how many."""
+    arrays = capture(spec, table)
+    write_snapshot(path, arrays)
+    return len(arrays["ids"])
+
+
+def capture(spec: ModelSpec, table: SessionTable) -> dict[str, np.ndarray]:
+    """Copies of every live session's state, position and replay window. Call on the event loop:
+    states and positions change together there, so the copy is consistent even while a batch
+    runs in the worker thread (its results are not applied yet, so they are not in it)."""
     sessions = list(table)
     slots = np.array([s.slot for s in sessions], np.intp)
     bank = table.bank
@@ -54,6 +62,12 @@ def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     }
     for i, slab in enumerate(bank.slabs):
         arrays[f"state{i}"] = slab[slots]
+    return arrays
+
+
+def write_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write captured arrays atomically (safe to run in a worker thread)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
@@ -61,8 +75,7 @@ def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    log.info("saved %d sessions to %s", len(sessions), path)
-    return len(sessions)
+    log.info("saved %d sessions to %s", len(arrays["ids"]), path)
 
 
 def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
@@ -116,6 +129,7 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     for k in order:
         session = table.create(ids[k], position=int(arrays["positions"][k]),
                                last_used=now - float(arrays["idle"][k]))
+        session.restored = True
         for i, slab in enumerate(bank.slabs):
             slab[session.slot] = arrays[f"state{i}"][k]
         bank.ring[session.slot] = arrays["ring"][k]
