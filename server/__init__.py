@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 try:
+    import onnx  # noqa: F401
     import onnxruntime  # noqa: F401
     import prometheus_client  # noqa: F401
     from grpc_health.v1 import health  # noqa: F401

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo
 
 from .errors import ModelError
 
@@ -73,6 +77,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph stores, subgraphs (If/Loop/Scan bodies) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _check_external_data(path: Path, directory: Path) -> None:
+    """onnxruntime reads external-data files wherever a graph says: allow only files inside the
+    model directory."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ModelError(f"{path.name}: not a readable ONNX graph ({exc})") from None
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (path.parent / location).resolve()
+        if not location or not target.is_relative_to(directory):
+            raise ModelError(f"{path.name}: tensor {tensor.name!r} keeps its data in "
+                             f"{location!r}, outside the model directory {directory}")
+
+
 def _graph_path(directory: Path, graphs: dict[str, Any], key: str) -> Path:
     entry = graphs.get(key)
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
@@ -85,6 +123,7 @@ def _graph_path(directory: Path, graphs: dict[str, Any], key: str) -> Path:
     expected = entry.get("sha256")
     if expected and _sha256(path) != expected:
         raise ModelError(f"{path.name}: checksum does not match model.json (file changed?)")
+    _check_external_data(path, directory)
     return path
 
 
