@@ -3,6 +3,8 @@ and a rejected request leaves the session exactly as it was."""
 
 from __future__ import annotations
 
+import os
+
 import grpc
 import numpy as np
 from helpers import probs, solo_run, step_request
@@ -31,7 +33,9 @@ requests = st.builds(
     start=st.booleans(), end=st.just(False), output=st.sampled_from([0, 1, 7]),
     tag=st.integers(0, 2**64 - 1))
 
-FUZZ = settings(max_examples=60, deadline=None,
+# A short run in the default suite; the dedicated run: SEQSERVE_FUZZ_EXAMPLES=10000.
+EXAMPLES = int(os.environ.get("SEQSERVE_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
