@@ -39,18 +39,20 @@ class AsyncClient:
     ``timeout`` bounds each unary call and each send's wait (None: no bound). ``retry`` is the
     reconnect policy for dropped streams and unavailable servers. ``window`` is the most frames a
     session has in flight; sessions use at most the server's ``--replay-window`` (from
-    ``GetModel``) so every resend can be answered.
+    ``GetModel``) so every resend can be answered. ``token`` is sent as ``authorization: Bearer``
+    with every call; ``cert`` and ``key`` (PEM bytes) are a client certificate for mutual TLS.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
-                 window: int = 64, options: Sequence[tuple[str, Any]] = ()) -> None:
+                 window: int = 64, options: Sequence[tuple[str, Any]] = (),
+                 cert: bytes | None = None, key: bytes | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry or Backoff()
         self.window = window
         self._metadata = call_metadata(token)
-        self._channel = make_channel(target, tls, options)
+        self._channel = make_channel(target, tls, options, cert=cert, key=key)
         self._stub = pb_grpc.SeqServeStub(self._channel)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK, request_serializer=encode_request, response_deserializer=decode_status)

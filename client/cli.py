@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bearer token sent with every call [SEQSERVE_TOKEN]")
     parser.add_argument("--tls", action="store_true", help="use TLS (system root certificates)")
     parser.add_argument("--ca", metavar="PEM", help="use TLS with this root certificate file")
+    parser.add_argument("--cert", metavar="PEM", help="client certificate for mutual TLS "
+                        "(implies TLS; needs --key)")
+    parser.add_argument("--key", metavar="PEM", help="private key of --cert")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds per call and per step answer (default %(default)s)")
     parser.add_argument("--resume-for", type=float, default=60.0, metavar="SECONDS",
@@ -73,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -103,9 +109,11 @@ async def _run(args: argparse.Namespace) -> int:
         tls = Path(args.ca).read_bytes()
     elif args.tls:
         tls = True
+    cert = Path(args.cert).read_bytes() if args.cert else None
+    key = Path(args.key).read_bytes() if args.key else None
     retry = Backoff(max_elapsed=args.resume_for)
     async with AsyncClient(args.target, token=args.token, tls=tls, timeout=args.timeout or None,
-                           retry=retry) as client:
+                           retry=retry, cert=cert, key=key) as client:
         if args.command == "health":
             status = await client.health()
             print(status)

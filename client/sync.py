@@ -53,12 +53,13 @@ class Client:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
-                 window: int = 64, options: Sequence[tuple[str, Any]] = ()) -> None:
+                 window: int = 64, options: Sequence[tuple[str, Any]] = (),
+                 cert: bytes | None = None, key: bytes | None = None) -> None:
         self._loop = _Loop()
 
         async def build() -> AsyncClient:
             return AsyncClient(target, token=token, tls=tls, timeout=timeout, retry=retry,
-                               window=window, options=options)
+                               window=window, options=options, cert=cert, key=key)
 
         try:
             self.aio = self._loop.run(build())

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
+from .auth import AuthInterceptor, ConfigError, load_tokens, server_credentials
 from .engine import Engine
 from .errors import ModelError, SnapshotError
 from .metrics import Metrics
@@ -112,7 +113,12 @@ def create_server(settings: Settings, *, registry: CollectorRegistry | None = No
                   spec: ModelSpec | None = None) -> tuple[App, int]:
     """Build everything and bind the gRPC port (0 picks one); call from a running event loop.
 
-    Raises ModelError / SnapshotError with a message fit for the user."""
+    Raises ModelError / SnapshotError / auth.ConfigError with a message fit for the user."""
+    credentials = server_credentials(settings)  # bad TLS or token files fail before the model
+    tokens = load_tokens(settings)
+    interceptors = []
+    if tokens or settings.tls_client_ca:
+        interceptors.append(AuthInterceptor(tokens, certificates=bool(settings.tls_client_ca)))
     spec = spec or load_model_spec(settings.model_dir or None)
     runtime = Runtime(spec, device=settings.device, threads=settings.ort_threads,
                       spinning=settings.ort_spinning)
@@ -122,7 +128,7 @@ def create_server(settings: Settings, *, registry: CollectorRegistry | None = No
     _restore(settings, engine)
 
     limit = settings.max_message_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 60_000),
@@ -139,7 +145,11 @@ def create_server(settings: Settings, *, registry: CollectorRegistry | None = No
     if settings.reflection:
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     return App(settings, server, engine, servicer, health_servicer, metrics), port
@@ -166,8 +176,12 @@ def _restore(settings: Settings, engine: Engine) -> None:
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     app, port = create_server(settings)
     await app.start()
-    log.info("serving %s v%s on %s:%d (metrics on :%s, %d sessions restored)",
+    log.info("serving %s v%s on %s:%d (%s, %s; metrics on :%s, %d sessions restored)",
              app.engine.spec.name, app.engine.spec.version, settings.host, port,
+             "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
+             else "plaintext",
+             "authentication on" if settings.tokens_file or settings.auth_token
+             or settings.tls_client_ca else "authentication off",
              app.metrics_port, len(app.engine.table))
     stop = stop or asyncio.Event()
     await stop.wait()
@@ -193,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
-    except (ModelError, SnapshotError, OSError) as exc:
+    except (ModelError, SnapshotError, ConfigError, OSError) as exc:
         log.error("%s", exc)
         return 2
     return 0

@@ -2,6 +2,9 @@
 
 Plain Python + numpy: requests come in as ids, positions and ``float32`` arrays, results go out as
 dataclasses, failures as ``errors.SeqServeError`` subclasses.
+
+Every session call takes the caller's ``principal`` (a plain str; "" when authentication is off).
+A session belongs to the principal that opened it: to anyone else it is ``unknown``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadRequest, CapacityExceeded, Draining, PositionError
+from .errors import BadRequest, CapacityExceeded, Draining, PositionError, SessionExists
 from .model import ModelSpec
 from .runtime import Runtime
 from .scheduler import BatchObserver, Scheduler, StepResult, Work, gap_error
@@ -45,7 +48,8 @@ class Engine:
         self.observer = observer or BatchObserver()
         self.bank = StateBank(spec, settings.max_sessions, settings.replay_window)
         self.table = SessionTable(self.bank, max_sessions=settings.max_sessions,
-                                  idle_timeout=settings.session_idle_timeout)
+                                  idle_timeout=settings.session_idle_timeout,
+                                  max_per_owner=settings.max_sessions_per_principal)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
         self.scheduler = Scheduler(runtime, self.table, self.executor,
                                    max_batch=settings.max_batch,
@@ -115,53 +119,57 @@ class Engine:
                              max(0.0, self.table.clock() - session.last_used),
                              self.table.expires_in(session), bool(session.ended))
 
-    def open(self, session_id: str | None = None) -> SessionStatus:
+    def open(self, session_id: str | None = None, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
-        return self.status(self._create(session_id or None))
+        return self.status(self._create(session_id or None, principal))
 
-    def _create(self, session_id: str | None) -> Session:
+    def _create(self, session_id: str | None, principal: str) -> Session:
         try:
-            session = self.table.create(session_id)
+            session = self.table.create(session_id, owner=principal)
         except CapacityExceeded:
             self.observer.session_event("refused")
             raise
         self.observer.session_event("opened")
         return session
 
-    def get(self, session_id: str) -> SessionStatus:
-        return self.status(self.table.get(session_id))
+    def get(self, session_id: str, principal: str = "") -> SessionStatus:
+        return self.status(self.table.get(session_id, principal))
 
-    async def reset(self, session_id: str) -> SessionStatus:
+    async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
-        session = self.table.get(session_id)
+        session = self.table.get(session_id, principal)
         self.table.touch(session)
         await self.scheduler.control(session, "reset")
         return self.status(session)
 
-    async def close(self, session_id: str) -> SessionStatus:
+    async def close(self, session_id: str, principal: str = "") -> SessionStatus:
         # Refused while draining like every other change: the session is in the snapshot, and a
         # close queued behind the stopped scheduler would otherwise hang until the server stops.
         self._refuse_if_draining()
-        session = self.table.get(session_id)
+        session = self.table.get(session_id, principal)
         await self.scheduler.control(session, "close")
         return self.status(session)
 
     # -- steps --------------------------------------------------------------------------------
 
     def submit(self, session_id: str, position: int, frames: np.ndarray, *, start: bool = False,
-               end: bool = False) -> asyncio.Future[StepResult]:
+               end: bool = False, principal: str = "") -> asyncio.Future[StepResult]:
         """Queue frames for a session; the future gives the outputs or a SeqServeError."""
         self._refuse_if_draining()
         self.check_frames(frames)
         session = self.table.find(session_id)
+        if session is not None and session.owner != principal:
+            if start:  # ids are one namespace: say it is taken, nothing more
+                raise SessionExists(f"session {session_id!r} already exists")
+            self.table.get(session_id, principal)  # raises unknown
         if session is None:
             if not start:
-                self.table.get(session_id)  # raises unknown / expired / closed
+                self.table.get(session_id, principal)  # raises unknown / expired / closed
             if position != 0:
                 raise PositionError(f"a new session starts at position 0, not {position}",
                                     reason="position_gap", expected=0)
             self._refuse_if_draining()
-            session = self._create(session_id)
+            session = self._create(session_id, principal)
         elif position > session.accepted:
             raise gap_error(session, position)
         self.table.touch(session)
@@ -172,8 +180,9 @@ class Engine:
         return future
 
     async def step(self, session_id: str, position: int, frames: np.ndarray, *,
-                   start: bool = False, end: bool = False) -> StepResult:
-        return await self.submit(session_id, position, frames, start=start, end=end)
+                   start: bool = False, end: bool = False, principal: str = "") -> StepResult:
+        return await self.submit(session_id, position, frames, start=start, end=end,
+                                 principal=principal)
 
     # -- whole sequences ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.proto.codec import from_matrix, to_matrix
 
+from .auth import current_principal
 from .engine import Engine, SessionStatus, StepResult
 from .errors import (
     BadRequest,
@@ -134,7 +135,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         frames = decode_matrix(request.frames, self.features)
         return self.engine.submit(request.session_id, request.position, frames,
-                                  start=request.start, end=request.end)
+                                  start=request.start, end=request.end,
+                                  principal=current_principal())
 
     @staticmethod
     def _response(request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
@@ -255,7 +257,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                             *args: Any) -> pb.SessionInfo:
         started = time.perf_counter()
         try:
-            status = call(*args)
+            status = call(*args, current_principal())
             if asyncio.iscoroutine(status):
                 status = await status
         except Exception as exc:

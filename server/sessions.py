@@ -42,6 +42,7 @@ class Session:
     scheduled: bool = False  # in the scheduler's ready queue or in a running batch
     ended: str = ""  # "closed" / "expired" once gone
     restored: bool = False  # loaded from a snapshot and not advanced since
+    owner: str = ""  # the principal that opened it ("" when authentication is off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +50,13 @@ class Tombstone:
     reason: str
     position: int
     at: float
+    owner: str = ""
 
 
 class SessionTable:
     def __init__(self, bank: StateBank, *, max_sessions: int, idle_timeout: float,
                  clock: Callable[[], float] = time.monotonic,
-                 max_tombstones: int = 100_000) -> None:
+                 max_tombstones: int = 100_000, max_per_owner: int = 0) -> None:
         self.bank = bank
         self.max_sessions = min(max_sessions, bank.capacity)
         self.idle_timeout = idle_timeout
@@ -62,6 +64,8 @@ class SessionTable:
         self._live: OrderedDict[str, Session] = OrderedDict()
         self._ended: OrderedDict[str, Tombstone] = OrderedDict()
         self._max_tombstones = max_tombstones
+        self.max_per_owner = max_per_owner  # 0: unlimited
+        self._owned: dict[str, int] = {}  # live sessions per owner
 
     def __len__(self) -> int:
         return len(self._live)
@@ -70,7 +74,8 @@ class SessionTable:
         return iter(list(self._live.values()))
 
     def create(self, session_id: str | None = None, *, position: int = 0,
-               last_used: float | None = None) -> Session:
+               last_used: float | None = None, owner: str = "",
+               per_owner_limit: bool = True) -> Session:
         if session_id is None:
             session_id = uuid.uuid4().hex
         check_session_id(session_id)
@@ -78,20 +83,28 @@ class SessionTable:
             raise SessionExists(f"session {session_id!r} already exists")
         if len(self._live) >= self.max_sessions:
             raise CapacityExceeded(f"session limit reached ({self.max_sessions} live sessions)")
+        owned = self._owned.get(owner, 0)
+        if per_owner_limit and self.max_per_owner and owned >= self.max_per_owner:
+            raise CapacityExceeded(f"this principal already has {owned} live sessions (at most "
+                                   f"{self.max_per_owner}); close one first",
+                                   reason="principal_session_limit")
         now = self.clock()
         session = Session(session_id, self.bank.allocate(), position, position,
-                          now if last_used is None else last_used)
+                          now if last_used is None else last_used, owner=owner)
         self._live[session_id] = session
+        self._owned[owner] = owned + 1
         self._ended.pop(session_id, None)
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """The live session, or SessionNotFound. With ``owner`` given, another principal's
+        session (live or ended) is answered exactly like one that never existed."""
         session = self._live.get(session_id)
-        if session is not None:
+        if session is not None and (owner is None or session.owner == owner):
             return session
         check_session_id(session_id)
         tomb = self._ended.get(session_id)
-        if tomb is None:
+        if session is not None or tomb is None or (owner is not None and tomb.owner != owner):
             raise SessionNotFound(f"session {session_id!r} is unknown", reason="unknown")
         raise SessionNotFound(
             f"session {session_id!r} {tomb.reason} at position {tomb.position}; "
@@ -112,8 +125,14 @@ class SessionTable:
             return
         session.ended = reason
         del self._live[session.id]
+        left = self._owned[session.owner] - 1
+        if left:
+            self._owned[session.owner] = left
+        else:
+            del self._owned[session.owner]
         self.bank.release(session.slot)
-        self._ended[session.id] = Tombstone(reason, session.position, self.clock())
+        self._ended[session.id] = Tombstone(reason, session.position, self.clock(),
+                                            session.owner)
         while len(self._ended) > self._max_tombstones:
             self._ended.popitem(last=False)
 

@@ -51,7 +51,18 @@ class Settings:
     drain_grace: float = _opt(20.0, "seconds to finish in-flight requests on SIGTERM/SIGINT")
     ort_threads: int = _opt(1, "onnxruntime intra-op threads per graph")
     ort_spinning: bool = _opt(False, "let onnxruntime threads spin-wait (raises p99 under load)")
-    reflection: bool = _opt(True, "enable gRPC server reflection")
+    reflection: bool = _opt(True, "enable gRPC server reflection (behind authentication when "
+                            "it is on)")
+    tls_cert: str = _opt("", "PEM certificate chain of the server; with --tls-key serves TLS")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates signed by it "
+                              "(mutual TLS; the certificate's CN names the caller when it "
+                              "sends no token)")
+    tokens_file: str = _opt("", "file of 'principal:token' lines ('#' comments): a call must "
+                            "send 'authorization: Bearer <token>' and acts as that principal")
+    auth_token: str = _opt("", "one accepted bearer token, principal 'default' (prefer the "
+                           "environment variable: flags show in ps)")
+    max_sessions_per_principal: int = _opt(0, "cap on one principal's live sessions (0: none)")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def replace(self, **changes: Any) -> Settings:
@@ -135,4 +146,10 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--snapshot-interval must not be negative")
     if settings.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
+    if settings.max_sessions_per_principal < 0:
+        problems.append("--max-sessions-per-principal must not be negative")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        problems.append("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        problems.append("--tls-client-ca needs --tls-cert and --tls-key")
     return problems

@@ -1,9 +1,12 @@
 """Save every live session to one file on drain and restore it at start.
 
 The file is an ``.npz`` (zip: per-member CRCs catch corruption and truncation) holding a JSON
-header, the ids and positions, each state tensor and the replay ring. It is written to a temporary
-name and renamed, so a crash mid-write never leaves a half file under the real name. Loading checks
-everything before touching the session table: a corrupt, truncated or foreign file is refused whole.
+header, the ids, owners (principals) and positions, each state tensor and the replay ring. Format 2
+added the owners; format-1 files still load, every session owned by "" (the principal of a server
+without authentication: with authentication on, nobody can reach them and they expire). It is
+written to a temporary name and renamed, so a crash mid-write never leaves a half file under the
+real name. Loading checks everything before touching the session table: a corrupt, truncated or
+foreign file is refused whole.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ __all__ = ["capture", "load_snapshot", "save_snapshot", "write_snapshot"]
 
 log = logging.getLogger("seqserve.snapshot")
 
-FORMAT = "seqserve-snapshot/1"
+FORMAT = "seqserve-snapshot/2"
+_READABLE = (FORMAT, "seqserve-snapshot/1")  # /1: no owners
 
 
 def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int:
@@ -56,6 +60,7 @@ def capture(spec: ModelSpec, table: SessionTable) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "header": np.frombuffer(json.dumps(header).encode(), np.uint8),
         "ids": np.array([s.id for s in sessions], dtype="U128"),
+        "owners": np.array([s.owner for s in sessions], dtype="U128"),
         "positions": np.array([s.position for s in sessions], np.int64),
         "idle": np.array([now - s.last_used for s in sessions], np.float64),
         "ring": bank.ring[slots],
@@ -88,13 +93,16 @@ def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
         header = json.loads(arrays["header"].tobytes())
     except (KeyError, ValueError) as exc:
         raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
-    if header.get("format") != FORMAT:
+    if header.get("format") not in _READABLE:
         raise SnapshotError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    if header["format"] != FORMAT:
+        ids = arrays.get("ids", np.empty(0))
+        arrays["owners"] = np.full(ids.shape, "", dtype="U128")
     if header.get("fingerprint") != spec.fingerprint:
         raise SnapshotError(f"{path}: saved for model {header.get('model')!r} "
                             f"v{header.get('version')}, not this {spec.name!r} v{spec.version}")
     n = int(header.get("sessions", -1))
-    expected = {"ids": (n,), "positions": (n,), "idle": (n,),
+    expected = {"ids": (n,), "owners": (n,), "positions": (n,), "idle": (n,),
                 "ring": (n, int(header.get("window", -1)), spec.classes)}
     for i, state in enumerate(spec.states):
         expected[f"state{i}"] = (n, state.size)
@@ -119,6 +127,7 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     bank = table.bank
     arrays = _read(path, spec, bank.window)
     ids = [str(i) for i in arrays["ids"]]
+    owners = [str(o) for o in arrays["owners"]]
     if len(set(ids)) != len(ids):
         raise SnapshotError(f"{path}: duplicate session ids")
     if len(ids) > table.max_sessions:
@@ -128,7 +137,8 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     order = np.argsort(-arrays["idle"], kind="stable")  # oldest first keeps LRU order
     for k in order:
         session = table.create(ids[k], position=int(arrays["positions"][k]),
-                               last_used=now - float(arrays["idle"][k]))
+                               last_used=now - float(arrays["idle"][k]), owner=owners[k],
+                               per_owner_limit=False)
         session.restored = True
         for i, slab in enumerate(bank.slabs):
             slab[session.slot] = arrays[f"state{i}"][k]
