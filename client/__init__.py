@@ -16,6 +16,7 @@ from .errors import (
     SessionExists,
     SessionLost,
     SessionNotFound,
+    Unauthenticated,
     Unavailable,
 )
 from .mux import Multiplexer
@@ -46,5 +47,6 @@ __all__ = [
     "SessionInfo",
     "SessionLost",
     "SessionNotFound",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "SessionExists",
     "SessionLost",
     "SessionNotFound",
+    "Unauthenticated",
     "Unavailable",
     "error_from_rpc",
     "error_from_status",
@@ -76,6 +77,10 @@ class Cancelled(SeqServeError):
     """The call was cancelled (usually: the client was closed while it was pending)."""
 
 
+class Unauthenticated(SeqServeError, PermissionError):
+    """No valid token or client certificate (the server answered UNAUTHENTICATED)."""
+
+
 class ServerError(SeqServeError):
     """Anything else (INTERNAL, UNKNOWN, UNIMPLEMENTED...)."""
 
@@ -89,6 +94,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SeqServeError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -136,8 +136,7 @@ async def test_client_library_end_to_end_with_token_and_mutual_tls(start_server,
                                                                    samples):
     import asyncio
 
-    from seqserve.client import AsyncClient, Client, SessionNotFound
-    from seqserve.client.errors import SeqServeError
+    from seqserve.client import AsyncClient, Client, SessionNotFound, Unauthenticated
 
     tokens = tmp_path / "tokens"
     tokens.write_text("# team: token\nann:ann-token-0123456789\nben:ben-token-0123456789\n")
@@ -162,7 +161,7 @@ async def test_client_library_end_to_end_with_token_and_mutual_tls(start_server,
                 with pytest.raises(SessionNotFound):
                     await ben.open_session("ann-s", resume=True)
     async with AsyncClient(target, token="wrong-token-0123456789", timeout=WAIT, **mtls) as bad:
-        with pytest.raises(SeqServeError) as err:
+        with pytest.raises(Unauthenticated) as err:
             await bad.model()
         assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
         assert err.value.reason == "unauthenticated"
