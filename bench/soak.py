@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,15 +56,40 @@ def _proc_stats(pid: int) -> dict[str, int]:
     return {"rss_kb": rss, "threads": threads, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
+def _thread_names(pid: int) -> Counter[str]:
+    names: Counter[str] = Counter()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            names[Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()] += 1
+    return names
+
+
 def _scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith(("seqserve_live_sessions ", "seqserve_session_events_total{")):
+        if line.startswith(("seqserve_live_sessions ", "seqserve_session_events_total{",
+                            'seqserve_request_duration_seconds_bucket{le=')):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+def _server_quantiles(before: dict[str, float], after: dict[str, float],
+                      qs: tuple[float, ...] = (0.5, 0.99)) -> list[float]:
+    """Upper bounds (ms) of the Stream request-duration buckets holding each quantile, over the
+    requests between two scrapes: the server's own share of the round trip."""
+    buckets = []
+    for name, count in after.items():
+        m = re.fullmatch(r'seqserve_request_duration_seconds_bucket\{le="([^"]+)",rpc="Stream"\}',
+                         name)
+        if m:
+            buckets.append((float(m.group(1)), count - before.get(name, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    return [next((le * 1000 for le, n in buckets if n >= q * total), float("nan"))
+            if total else float("nan") for q in qs]
 
 
 @dataclass
@@ -206,6 +233,7 @@ async def soak(args: argparse.Namespace) -> int:
         stdout=subprocess.DEVNULL, stderr=log_fd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     os.close(log_fd)
     stats = Stats()
+    timeline: list[tuple[float, dict[str, int]]] = []
     rows: list[tuple[str, str, str, bool]] = []
     try:
         target = f"127.0.0.1:{port}"
@@ -213,6 +241,10 @@ async def soak(args: argparse.Namespace) -> int:
         channels = [grpc.aio.insecure_channel(target, options=[
             ("grpc.use_local_subchannel_pool", 1)]) for _ in range(args.streams)]
         await asyncio.wait_for(channels[0].channel_ready(), 60)
+        # Warm every path before the start measures: a Predict runs in the inference worker
+        # thread, which the executor creates lazily (small step batches run on the event loop).
+        await pb_grpc.SeqServeStub(channels[0]).Predict(
+            pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(xs[0]))]), timeout=30)
         slots = [Slot(i, sample=i % len(xs)) for i in range(args.sessions)]
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -222,9 +254,20 @@ async def soak(args: argparse.Namespace) -> int:
                                              args, stats, warm_at, stop_at))
                  for k in range(min(args.streams, args.sessions))]
         await asyncio.sleep(max(0.0, warm_at - loop.time()))
-        start = _proc_stats(server.pid)
+        start, start_names = _proc_stats(server.pid), _thread_names(server.pid)
+        warm_metrics = await asyncio.to_thread(_scrape, metrics_port)
+
+        async def sample() -> None:  # a trend tells a leak from a pool that grew once
+            while True:
+                await asyncio.sleep((stop_at - warm_at) / 10)
+                timeline.append((loop.time() - began, _proc_stats(server.pid)))
+
+        sampler = asyncio.create_task(sample())
         await asyncio.gather(*tasks)
-        end = _proc_stats(server.pid)
+        sampler.cancel()
+        end, end_names = _proc_stats(server.pid), _thread_names(server.pid)
+        server_p50, server_p99 = _server_quantiles(warm_metrics,
+                                                   await asyncio.to_thread(_scrape, metrics_port))
         elapsed = loop.time() - began
         for channel in channels:
             await channel.close()
@@ -260,6 +303,8 @@ async def soak(args: argparse.Namespace) -> int:
     rows.append(("step round trip p50 / p99 (ms)",
                  f"{_percentile(stats.latencies, 50):.2f} / "
                  f"{_percentile(stats.latencies, 99):.2f}", "reported", True))
+    rows.append(("server share p50 / p99 (ms, bucket upper bounds)",
+                 f"≤ {server_p50:.2f} / ≤ {server_p99:.2f}", "reported", True))
     for key, label, unit, scale in (("rss_kb", "server VmRSS", "MiB", 1 / 1024),
                                     ("threads", "server threads", "", 1),
                                     ("fds", "server open fds", "", 1)):
@@ -282,6 +327,12 @@ async def soak(args: argparse.Namespace) -> int:
     print("|---|---|---|---|")
     for name, value, goal, met in rows:
         print(f"| {name} | {value} | {goal} | {'yes' if met or not goal else 'NO'} |")
+    print("\nserver over time (s: RSS MiB / threads / fds): " + ", ".join(
+        f"{t:.0f}: {st['rss_kb'] / 1024:.1f} / {st['threads']} / {st['fds']}"
+        for t, st in [(args.warmup, start), *timeline, (elapsed, end)]))
+    if end_names != start_names:
+        print(f"\nserver threads started: {dict(end_names - start_names)}, "
+              f"ended: {dict(start_names - end_names)}")
     ok = all(met for *_, met in rows)
     if not ok:
         print(f"\nserver log: {log_name}")
