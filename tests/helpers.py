@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +29,10 @@ def solo_run(model_dir: Path, frames: np.ndarray) -> np.ndarray:
     runtime = Runtime(load_model_spec(model_dir))
     out, _ = runtime.sequence(frames[None].astype(np.float32), runtime.zero_states(1))
     return out[0]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers that need a fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

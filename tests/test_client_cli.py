@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import solo_run
+from helpers import free_port, solo_run
 
 from seqserve.client import Client, SeqServeError
 from seqserve.client.inputs import bundled_samples
@@ -24,16 +23,10 @@ from seqserve.client.inputs import bundled_samples
 IDLE_TIMEOUT = 1.0  # seconds: short, so one test can watch a session expire
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def cli_server(model_dir: Path) -> Iterator[str]:
     pytest.importorskip("onnxruntime")
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1", "--port",
@@ -156,9 +149,9 @@ def test_predict_csv_file_and_json(cli_server, env, samples, model_dir, tmp_path
 
 
 def test_unreachable_server_is_one_line(env):
-    result = seqserve(env, "--target", f"127.0.0.1:{_free_port()}", "health", timeout=30)
+    result = seqserve(env, "--target", f"127.0.0.1:{free_port()}", "health", timeout=30)
     assert "cannot reach" in _one_line_error(result)
-    debug = seqserve(env, "--target", f"127.0.0.1:{_free_port()}", "--debug", "model")
+    debug = seqserve(env, "--target", f"127.0.0.1:{free_port()}", "--debug", "model")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 

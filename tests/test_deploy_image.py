@@ -9,7 +9,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -93,12 +93,6 @@ def parse_dockerfile(path: Path = DOCKERFILE) -> dict[str, Stage]:
         elif current is not None:
             current.instructions.append((keyword, args))
     return stages
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chain(stages: dict[str, Stage], name: str) -> list[Stage]:
@@ -248,7 +242,7 @@ def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_
     directory mounted elsewhere and named by SEQSERVE_MODEL_DIR."""
     pytest.importorskip("onnxruntime")
     stage = stages["runtime"]
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = _image_environ(stage, SEQSERVE_HOST="127.0.0.1", SEQSERVE_PORT=str(port),
                          SEQSERVE_METRICS_PORT=str(metrics_port),
                          SEQSERVE_SNAPSHOT_PATH=str(tmp_path / "sessions.npz"))

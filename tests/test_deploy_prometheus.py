@@ -8,7 +8,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import step_request
+from helpers import free_port, step_request
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "seqserve.json"
@@ -62,12 +61,6 @@ def _alternatives(matchers: list[tuple[str, str, str]]) -> list[list[tuple[str, 
         options = [(name, "=", v) for v in literals] or [(name, op, value)]
         variants = [[*v, o] for v in variants for o in options]
     return variants
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> Any:
@@ -138,7 +131,7 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "seqserve", "metrics_path": "/metrics",
                                 "static_configs": [{"targets": [target]}]}]}))
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log = tmp / "prometheus.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import probs, solo_run, step_request
+from helpers import free_port, probs, solo_run, step_request
 
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(model_dir: Path, port: int, snapshot: Path, interval: float) -> subprocess.Popen[str]:
@@ -43,7 +36,7 @@ def _serve(model_dir: Path, port: int, snapshot: Path, interval: float) -> subpr
 
 
 def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model_dir, samples):
-    port, snapshot = _free_port(), tmp_path / "sessions.npz"
+    port, snapshot = free_port(), tmp_path / "sessions.npz"
     xs = [samples["x"][i * 10][:60] for i in range(4)]
     proc = _serve(model_dir, port, snapshot, interval=3.0)
     try:
@@ -93,7 +86,7 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, mod
 
     from seqserve.client import AsyncClient, Backoff
 
-    port, snapshot = _free_port(), tmp_path / "sessions.npz"
+    port, snapshot = free_port(), tmp_path / "sessions.npz"
     n_sessions, frames = 16, 100
     xs = [samples["x"][i % len(samples["x"])][:frames] for i in range(n_sessions)]
     procs = [_serve(model_dir, port, snapshot, interval=0.0)]
