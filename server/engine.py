@@ -168,7 +168,6 @@ class Engine:
             if position != 0:
                 raise PositionError(f"a new session starts at position 0, not {position}",
                                     reason="position_gap", expected=0)
-            self._refuse_if_draining()
             session = self._create(session_id, principal)
         elif position > session.accepted:
             raise gap_error(session, position)
