@@ -193,3 +193,41 @@ class ModelInfo(_message.Message):
     session_idle_timeout_seconds: float
     replay_window: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ...) -> None: ...
+
+class StepBatchRequest(_message.Message):
+    __slots__ = ("session_ids", "positions", "frames", "start", "tag")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    frames: Matrix
+    start: bool
+    tag: int
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., frames: _Optional[_Union[Matrix, _Mapping]] = ..., start: _Optional[bool] = ..., tag: _Optional[int] = ...) -> None: ...
+
+class EntryError(_message.Message):
+    __slots__ = ("index", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    error: Error
+    def __init__(self, index: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class StepBatchResponse(_message.Message):
+    __slots__ = ("probabilities", "top_class", "next_positions", "replayed", "errors", "tag")
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_CLASS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    probabilities: Matrix
+    top_class: _containers.RepeatedScalarFieldContainer[int]
+    next_positions: _containers.RepeatedScalarFieldContainer[int]
+    replayed: _containers.RepeatedScalarFieldContainer[bool]
+    errors: _containers.RepeatedCompositeFieldContainer[EntryError]
+    tag: int
+    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., top_class: _Optional[_Iterable[int]] = ..., next_positions: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[_Union[EntryError, _Mapping]]] = ..., tag: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,16 @@ class SeqServeStub:
                 request_serializer=seqserve_dot_proto_dot_seqserve__pb2.StepRequest.SerializeToString,
                 response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepBatch = channel.unary_unary(
+                '/seqserve.v1.SeqServe/StepBatch',
+                request_serializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchRequest.SerializeToString,
+                response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
+        self.StreamBatch = channel.stream_stream(
+                '/seqserve.v1.SeqServe/StreamBatch',
+                request_serializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchRequest.SerializeToString,
+                response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/seqserve.v1.SeqServe/Predict',
                 request_serializer=seqserve_dot_proto_dot_seqserve__pb2.PredictRequest.SerializeToString,
@@ -90,6 +100,20 @@ class SeqServeServicer:
     def Step(self, request, context):
         """One request, same semantics as a stream message; errors are the call's status.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepBatch(self, request, context):
+        """One frame for each of many sessions per message (columnar); entry errors come back in the
+        response and the call (or stream) goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBatch(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -144,6 +168,16 @@ def add_SeqServeServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.StepRequest.FromString,
                     response_serializer=seqserve_dot_proto_dot_seqserve__pb2.StepResponse.SerializeToString,
+            ),
+            'StepBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepBatch,
+                    request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchRequest.FromString,
+                    response_serializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchResponse.SerializeToString,
+            ),
+            'StreamBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBatch,
+                    request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchRequest.FromString,
+                    response_serializer=seqserve_dot_proto_dot_seqserve__pb2.StepBatchResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -230,6 +264,60 @@ class SeqServe:
             '/seqserve.v1.SeqServe/Step',
             seqserve_dot_proto_dot_seqserve__pb2.StepRequest.SerializeToString,
             seqserve_dot_proto_dot_seqserve__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SeqServe/StepBatch',
+            seqserve_dot_proto_dot_seqserve__pb2.StepBatchRequest.SerializeToString,
+            seqserve_dot_proto_dot_seqserve__pb2.StepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/seqserve.v1.SeqServe/StreamBatch',
+            seqserve_dot_proto_dot_seqserve__pb2.StepBatchRequest.SerializeToString,
+            seqserve_dot_proto_dot_seqserve__pb2.StepBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
