@@ -1,0 +1,250 @@
+"""The client side of every network scenario: plain grpc.aio stubs, the same code for the echo
+server and for seqserve, so their figures differ only by the server.
+
+Each driver keeps its load going through a warm-up and then a measuring window; only answers that
+arrive inside the window count (round trips in ms, steps per second), and the CPU used by the
+client (this process) and by the server over the window is recorded too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.proto.codec import to_matrix
+
+from .servers import Server, cpu_seconds
+
+__all__ = ["BenchError", "Frames", "Run", "predict_calls", "stream_batches", "stream_sessions",
+           "window_predicts"]
+
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20)]
+
+
+class BenchError(RuntimeError):
+    """The server answered something other than a result (an error entry, an early end)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    latencies_ms: np.ndarray  # round trip of every message answered in the window
+    steps: int  # frames answered in the window (a multiplexed message holds many)
+    seconds: float
+    client_cpu: float  # cores busy over the window (1.0 = one core)
+    server_cpu: float
+
+    @property
+    def p50(self) -> float:
+        return float(np.percentile(self.latencies_ms, 50))
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies_ms, 99))
+
+    @property
+    def rate(self) -> float:
+        return self.steps / self.seconds
+
+
+class _Window:
+    """Warm-up, then ``seconds`` of measuring; ``add`` keeps answers that land inside."""
+
+    def __init__(self, warmup: float, seconds: float) -> None:
+        self.start = time.perf_counter() + warmup
+        self.stop = self.start + seconds
+        self.latencies: list[float] = []
+        self.steps = 0
+
+    def add(self, sent: float, done: float, steps: int) -> None:
+        if self.start <= done < self.stop:
+            self.latencies.append(done - sent)
+            self.steps += steps
+
+    async def measure(self, server: Server, load: Awaitable[object]) -> Run:
+        task = asyncio.ensure_future(load)
+        await asyncio.sleep(max(0.0, self.start - time.perf_counter()))
+        cpu0 = (time.process_time(), cpu_seconds(server.pid), time.perf_counter())
+        await asyncio.sleep(max(0.0, self.stop - time.perf_counter()))
+        cpu1 = (time.process_time(), cpu_seconds(server.pid), time.perf_counter())
+        await task
+        if not self.latencies:
+            raise BenchError("no answer arrived inside the measuring window")
+        wall = cpu1[2] - cpu0[2]
+        return Run(np.array(self.latencies) * 1e3, self.steps, self.stop - self.start,
+                   (cpu1[0] - cpu0[0]) / wall, (cpu1[1] - cpu0[1]) / wall)
+
+
+class Frames:
+    """Recorded frames to send, ``[recordings, T, features]``: session i replays recording
+    i % recordings in a loop. Messages are encoded once, up front, and reused."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = np.ascontiguousarray(x, np.float32)
+        self.length = self.x.shape[1]
+        self._sessions: dict[int, list[pb.Matrix]] = {}
+        self._blocks: dict[int, list[pb.Matrix]] = {}
+        self._windows: dict[tuple[int, int], list[pb.Matrix]] = {}
+
+    def recording(self, i: int) -> np.ndarray:
+        return self.x[i % len(self.x)]
+
+    def session(self, i: int) -> list[pb.Matrix]:
+        """One frame per message."""
+        key = i % len(self.x)
+        if key not in self._sessions:
+            self._sessions[key] = [to_matrix(frame) for frame in self.x[key]]
+        return self._sessions[key]
+
+    def blocks(self, entries: int) -> list[pb.Matrix]:
+        """Message t holds frame t of sessions 0 .. entries-1 (one row each)."""
+        if entries not in self._blocks:
+            rows = np.arange(entries) % len(self.x)
+            self._blocks[entries] = [to_matrix(self.x[rows, t]) for t in range(self.length)]
+        return self._blocks[entries]
+
+    def windows(self, i: int, width: int) -> list[pb.Matrix]:
+        """Message t holds the ``width`` frames ending at frame t of the looped recording."""
+        key = (i % len(self.x), width)
+        if key not in self._windows:
+            reps = -(-(width + self.length) // self.length)
+            looped = np.concatenate([self.x[key[0]]] * reps)
+            self._windows[key] = [to_matrix(looped[t : t + width]) for t in range(self.length)]
+        return self._windows[key]
+
+
+def _channel(server: Server) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(server.target, options=_OPTIONS)
+
+
+def _check(response: object, what: str) -> None:
+    if response is grpc.aio.EOF:
+        raise BenchError(f"{what}: the server ended the stream early")
+
+
+# -- one frame per message, one stream per session ---------------------------------------------
+
+async def _session(stub: pb_grpc.SeqServeStub, sid: str, messages: list[pb.Matrix],
+                   window: _Window) -> None:
+    call = stub.Stream()
+    position = 0
+    while (sent := time.perf_counter()) < window.stop:
+        await call.write(pb.StepRequest(session_id=sid, position=position,
+                                        frames=messages[position % len(messages)],
+                                        start=position == 0))
+        response = await call.read()
+        _check(response, sid)
+        if response.HasField("error"):
+            raise BenchError(f"{sid}: {response.error.reason}: {response.error.message}")
+        window.add(sent, time.perf_counter(), 1)
+        position += 1
+    await call.done_writing()
+    await call.code()
+
+
+async def stream_sessions(server: Server, frames: Frames, sessions: int, *, warmup: float,
+                          seconds: float, tag: str) -> Run:
+    """``sessions`` sessions, each on its own Stream call, each sending one frame and awaiting
+    its answer before the next."""
+    window = _Window(warmup, seconds)
+    async with _channel(server) as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+        load = asyncio.gather(*(_session(stub, f"{tag}-{i}", frames.session(i), window)
+                                for i in range(sessions)))
+        return await window.measure(server, load)
+
+
+# -- many sessions per message (StreamBatch) ---------------------------------------------------
+
+async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[pb.Matrix],
+                        entries: int, depth: int, window: _Window) -> None:
+    call = stub.StreamBatch()
+    ids = [f"{prefix}-{j}" for j in range(entries)]
+    sent: deque[float] = deque()
+    position = 0
+
+    async def send() -> None:
+        nonlocal position
+        sent.append(time.perf_counter())
+        await call.write(pb.StepBatchRequest(
+            session_ids=ids, positions=[position] * entries,
+            frames=messages[position % len(messages)], start=position == 0, tag=position))
+        position += 1
+
+    for _ in range(depth):
+        await send()
+    while sent:
+        response = await call.read()
+        _check(response, prefix)
+        if response.errors:
+            error = response.errors[0]
+            raise BenchError(f"{prefix}: {len(response.errors)} entries failed, entry "
+                             f"{error.index}: {error.error.reason}: {error.error.message}")
+        done = time.perf_counter()
+        window.add(sent.popleft(), done, entries)
+        if done < window.stop:
+            await send()
+    await call.done_writing()
+    await call.code()
+
+
+async def stream_batches(server: Server, frames: Frames, entries: int, *, streams: int,
+                         depth: int, warmup: float, seconds: float, tag: str) -> Run:
+    """``streams`` StreamBatch calls, each carrying one frame for each of its own ``entries``
+    sessions per message, with ``depth`` messages in flight. Latency is per message."""
+    window = _Window(warmup, seconds)
+    messages = frames.blocks(entries)
+    async with _channel(server) as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+        load = asyncio.gather(*(_batch_stream(stub, f"{tag}-{s}", messages, entries, depth,
+                                              window) for s in range(streams)))
+        return await window.measure(server, load)
+
+
+# -- stateless: the whole window every step (Predict) ------------------------------------------
+
+async def _window_client(stub: pb_grpc.SeqServeStub, messages: list[pb.Matrix],
+                         window: _Window) -> None:
+    t = 0
+    while (sent := time.perf_counter()) < window.stop:
+        request = pb.PredictRequest(sequences=[pb.Sequence(frames=messages[t % len(messages)])])
+        await stub.Predict(request)
+        window.add(sent, time.perf_counter(), 1)
+        t += 1
+
+
+async def window_predicts(server: Server, frames: Frames, clients: int, width: int, *,
+                          warmup: float, seconds: float) -> Run:
+    """``clients`` stateless clients: every new frame, Predict on the last ``width`` frames."""
+    window = _Window(warmup, seconds)
+    async with _channel(server) as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+        load = asyncio.gather(*(_window_client(stub, frames.windows(i, width), window)
+                                for i in range(clients)))
+        return await window.measure(server, load)
+
+
+# -- whole sequences in one call (Predict) -----------------------------------------------------
+
+async def predict_calls(server: Server, sequences: np.ndarray, repeats: int) -> list[float]:
+    """Seconds per Predict call carrying every sequence of ``[N, T, F]`` (after one warm-up)."""
+    request = pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(s)) for s in sequences])
+    times = []
+    async with _channel(server) as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            response = await stub.Predict(request)
+            if len(response.predictions) != len(sequences):
+                raise BenchError(f"Predict answered {len(response.predictions)} sequences")
+            if i:
+                times.append(time.perf_counter() - started)
+    return times
