@@ -9,10 +9,13 @@ client (this process) and by the server over the window is recorded too.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,7 +26,7 @@ from seqserve.proto.codec import to_matrix
 
 from .servers import Server, cpu_seconds
 
-__all__ = ["BenchError", "Frames", "Run", "predict_calls", "stream_batches", "stream_sessions",
+__all__ = ["BenchError", "Frames", "Run", "predict_caller", "stream_batches", "stream_sessions",
            "window_predicts"]
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
@@ -56,13 +59,23 @@ class Run:
 
 
 class _Window:
-    """Warm-up, then ``seconds`` of measuring; ``add`` keeps answers that land inside."""
+    """Once every client has had its first answer (streams open, sessions created), ``warmup``
+    seconds of load, then ``seconds`` of measuring; ``add`` keeps the answers landing inside."""
 
-    def __init__(self, warmup: float, seconds: float) -> None:
-        self.start = time.perf_counter() + warmup
-        self.stop = self.start + seconds
+    def __init__(self, clients: int, warmup: float, seconds: float) -> None:
+        self.warmup = warmup
+        self.seconds = seconds
+        self.start = self.stop = math.inf
         self.latencies: list[float] = []
         self.steps = 0
+        self._waiting = clients
+        self._all_in = asyncio.Event()
+
+    def arrived(self) -> None:
+        """A client's first answer came back."""
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._all_in.set()
 
     def add(self, sent: float, done: float, steps: int) -> None:
         if self.start <= done < self.stop:
@@ -71,7 +84,15 @@ class _Window:
 
     async def measure(self, server: Server, load: Awaitable[object]) -> Run:
         task = asyncio.ensure_future(load)
-        await asyncio.sleep(max(0.0, self.start - time.perf_counter()))
+        arrived = asyncio.ensure_future(self._all_in.wait())
+        await asyncio.wait([task, arrived], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():  # a client failed before every client was in
+            arrived.cancel()
+            await task
+            raise BenchError("the load ended before it started")
+        self.start = time.perf_counter() + self.warmup
+        self.stop = self.start + self.seconds
+        await asyncio.sleep(self.warmup)
         cpu0 = (time.process_time(), cpu_seconds(server.pid), time.perf_counter())
         await asyncio.sleep(max(0.0, self.stop - time.perf_counter()))
         cpu1 = (time.process_time(), cpu_seconds(server.pid), time.perf_counter())
@@ -125,6 +146,20 @@ def _channel(server: Server) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(server.target, options=_OPTIONS)
 
 
+async def _write(call: grpc.aio.StreamStreamCall, request: Any) -> None:
+    """``call.write``, except that a write racing the call's end raises the status the call
+    ended with (say UNIMPLEMENTED), not the transport's error for the failed write."""
+    try:
+        await call.write(request)
+    except grpc.aio.AioRpcError as exc:
+        code = await call.code()
+        if code == grpc.StatusCode.OK or code == exc.code():
+            raise
+        raise grpc.aio.AioRpcError(code, await call.initial_metadata(),
+                                   await call.trailing_metadata(),
+                                   await call.details()) from exc
+
+
 def _check(response: object, what: str) -> None:
     if response is grpc.aio.EOF:
         raise BenchError(f"{what}: the server ended the stream early")
@@ -137,14 +172,16 @@ async def _session(stub: pb_grpc.SeqServeStub, sid: str, messages: list[pb.Matri
     call = stub.Stream()
     position = 0
     while (sent := time.perf_counter()) < window.stop:
-        await call.write(pb.StepRequest(session_id=sid, position=position,
-                                        frames=messages[position % len(messages)],
-                                        start=position == 0))
+        await _write(call, pb.StepRequest(session_id=sid, position=position,
+                                          frames=messages[position % len(messages)],
+                                          start=position == 0))
         response = await call.read()
         _check(response, sid)
         if response.HasField("error"):
             raise BenchError(f"{sid}: {response.error.reason}: {response.error.message}")
         window.add(sent, time.perf_counter(), 1)
+        if position == 0:
+            window.arrived()
         position += 1
     await call.done_writing()
     await call.code()
@@ -154,7 +191,7 @@ async def stream_sessions(server: Server, frames: Frames, sessions: int, *, warm
                           seconds: float, tag: str) -> Run:
     """``sessions`` sessions, each on its own Stream call, each sending one frame and awaiting
     its answer before the next."""
-    window = _Window(warmup, seconds)
+    window = _Window(sessions, warmup, seconds)
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
         load = asyncio.gather(*(_session(stub, f"{tag}-{i}", frames.session(i), window)
@@ -174,7 +211,7 @@ async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[
     async def send() -> None:
         nonlocal position
         sent.append(time.perf_counter())
-        await call.write(pb.StepBatchRequest(
+        await _write(call, pb.StepBatchRequest(
             session_ids=ids, positions=[position] * entries,
             frames=messages[position % len(messages)], start=position == 0, tag=position))
         position += 1
@@ -190,6 +227,8 @@ async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[
                              f"{error.index}: {error.error.reason}: {error.error.message}")
         done = time.perf_counter()
         window.add(sent.popleft(), done, entries)
+        if position == depth:
+            window.arrived()
         if done < window.stop:
             await send()
     await call.done_writing()
@@ -200,7 +239,7 @@ async def stream_batches(server: Server, frames: Frames, entries: int, *, stream
                          depth: int, warmup: float, seconds: float, tag: str) -> Run:
     """``streams`` StreamBatch calls, each carrying one frame for each of its own ``entries``
     sessions per message, with ``depth`` messages in flight. Latency is per message."""
-    window = _Window(warmup, seconds)
+    window = _Window(streams, warmup, seconds)
     messages = frames.blocks(entries)
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
@@ -218,13 +257,15 @@ async def _window_client(stub: pb_grpc.SeqServeStub, messages: list[pb.Matrix],
         request = pb.PredictRequest(sequences=[pb.Sequence(frames=messages[t % len(messages)])])
         await stub.Predict(request)
         window.add(sent, time.perf_counter(), 1)
+        if t == 0:
+            window.arrived()
         t += 1
 
 
 async def window_predicts(server: Server, frames: Frames, clients: int, width: int, *,
                           warmup: float, seconds: float) -> Run:
     """``clients`` stateless clients: every new frame, Predict on the last ``width`` frames."""
-    window = _Window(warmup, seconds)
+    window = _Window(clients, warmup, seconds)
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
         load = asyncio.gather(*(_window_client(stub, frames.windows(i, width), window)
@@ -234,17 +275,21 @@ async def window_predicts(server: Server, frames: Frames, clients: int, width: i
 
 # -- whole sequences in one call (Predict) -----------------------------------------------------
 
-async def predict_calls(server: Server, sequences: np.ndarray, repeats: int) -> list[float]:
-    """Seconds per Predict call carrying every sequence of ``[N, T, F]`` (after one warm-up)."""
+@asynccontextmanager
+async def predict_caller(server: Server, sequences: np.ndarray
+                         ) -> AsyncIterator[Callable[[], Awaitable[float]]]:
+    """A function timing one Predict call carrying every sequence of ``[N, T, F]`` (the request
+    is encoded once, up front)."""
     request = pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(s)) for s in sequences])
-    times = []
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
-        for i in range(repeats + 1):
+
+        async def call() -> float:
             started = time.perf_counter()
             response = await stub.Predict(request)
+            seconds = time.perf_counter() - started
             if len(response.predictions) != len(sequences):
                 raise BenchError(f"Predict answered {len(response.predictions)} sequences")
-            if i:
-                times.append(time.perf_counter() - started)
-    return times
+            return seconds
+
+        yield call

@@ -14,7 +14,7 @@ import numpy as np
 from seqserve.server.model import ModelSpec
 from seqserve.server.runtime import Runtime
 
-__all__ = ["OrtPoint", "ort_curve", "ort_sequences"]
+__all__ = ["OrtPoint", "ort_curve", "sequence_pass"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +60,11 @@ def ort_curve(spec: ModelSpec, x: np.ndarray, batches: list[int], budget: float
     return points
 
 
-def ort_sequences(spec: ModelSpec, sequences: np.ndarray, chunk: int, repeats: int
-                  ) -> list[float]:
+def sequence_pass(runtime: Runtime, sequences: np.ndarray, chunk: int) -> float:
     """Seconds to run every sequence of ``[N, T, F]`` from zero state through the sequence graph,
     ``chunk`` sequences per call (what the server's Predict does with ``--max-batch``)."""
-    runtime = Runtime(spec)
-    times = []
-    for i in range(repeats + 1):
-        started = time.perf_counter()
-        for lo in range(0, len(sequences), chunk):
-            batch = sequences[lo : lo + chunk]
-            runtime.sequence(batch, runtime.zero_states(len(batch)))
-        if i:
-            times.append(time.perf_counter() - started)
-    return times
+    started = time.perf_counter()
+    for lo in range(0, len(sequences), chunk):
+        batch = sequences[lo : lo + chunk]
+        runtime.sequence(batch, runtime.zero_states(len(batch)))
+    return time.perf_counter() - started

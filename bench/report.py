@@ -229,8 +229,9 @@ def _predict_section(r: Results) -> list[str]:
                          _n(r.predict_steps / seconds),
                          f"{inproc / seconds:.2f}" if inproc else "—"))
     return [f"## 4. Batch RPC: {n:,} sequences x {t} steps", "",
-            "Whole sequences from zero state, final probabilities only; median of the repeats "
-            "(after one warm-up).", "",
+            "Whole sequences from zero state, final probabilities only. Each round makes one "
+            "`Predict` call, then the same work in process (this client's process, the "
+            "server's `Runtime` options); after one warm-up round, medians.", "",
             *_table(("how", "repeats", "ms per pass", "steps/s", "÷ in-process (256/call)"),
                     rows)]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +61,7 @@ async def _serving(name: str, command: Sequence[str], port: int) -> AsyncIterato
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=log,
                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        leaf = proc.pid
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 ready = asyncio.ensure_future(channel.channel_ready())
@@ -69,11 +72,14 @@ async def _serving(name: str, command: Sequence[str], port: int) -> AsyncIterato
                         log.seek(0)
                         tail = log.read().decode(errors="replace")[-2000:]
                         raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-            yield Server(name, port, _leaf(proc.pid))
+            leaf = _leaf(proc.pid)
+            yield Server(name, port, leaf)
         finally:
-            proc.terminate()
+            # Stop the server itself: a profiler wrapping it writes its output once it exits.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leaf, signal.SIGTERM)
             try:
-                proc.wait(30)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -38,18 +38,19 @@ import numpy as np
 
 from bench.clients import (
     Frames,
-    predict_calls,
+    predict_caller,
     stream_batches,
     stream_sessions,
     window_predicts,
 )
-from bench.limits import ort_curve, ort_sequences
+from bench.limits import ort_curve, sequence_pass
 from bench.machine import machine_info
 from bench.plots import write_plots
 from bench.report import write_report
 from bench.results import Results, Summary
 from bench.servers import BENCH, ROOT, Server, echo_server, seqserve_server
 from seqserve.server.model import load_model_spec
+from seqserve.server.runtime import Runtime
 
 SCENARIOS = ("limits", "stream", "mux", "predict", "today", "memory")
 
@@ -135,15 +136,6 @@ class Suite:
         c = self.config
         self.results.ort = ort_curve(self.spec, self.x, list(c.ort_batches), c.ort_budget)
 
-    async def predict_inprocess(self) -> None:
-        c = self.config
-        r = self.results
-        chunk = 256  # the server's --max-batch default: Predict runs this many per call
-        r.predict_inprocess_s = ort_sequences(self.spec, self.sequences, chunk,
-                                              c.predict_repeats)
-        r.predict_whole_s = ort_sequences(self.spec, self.sequences, len(self.sequences),
-                                          c.predict_repeats)
-
     async def stream(self, echo: Server, seq: Server) -> None:
         c = self.config
         for sessions in c.concurrency:
@@ -172,8 +164,18 @@ class Suite:
                 rows.append(Summary.of(entries, run))
 
     async def predict(self, seq: Server) -> None:
-        times = await predict_calls(seq, self.sequences, self.config.predict_repeats)
-        self.results.predict_server_s = times
+        """Predict calls alternate with the same work in process, so drift hits both alike."""
+        r, runtime = self.results, Runtime(self.spec)
+        chunk = 256  # the server's --max-batch default: Predict runs this many per call
+        async with predict_caller(seq, self.sequences) as call:
+            for i in range(self.config.predict_repeats + 1):  # the first round warms up
+                server = await call()
+                inproc = sequence_pass(runtime, self.sequences, chunk)
+                whole = sequence_pass(runtime, self.sequences, len(self.sequences))
+                if i:
+                    r.predict_server_s.append(server)
+                    r.predict_inprocess_s.append(inproc)
+                    r.predict_whole_s.append(whole)
 
     async def stateless(self, seq: Server) -> None:
         c = self.config
@@ -201,8 +203,6 @@ class Suite:
         r, only = self.results, self.config.only
         if "limits" in only:
             await _guard(r, "limits", self.limits_inprocess)
-        if "predict" in only:
-            await _guard(r, "predict", self.predict_inprocess)
         if {"limits", "stream", "mux", "predict", "today"} & set(only):
             async with echo_server() as echo, seqserve_server(self.model_dir) as seq:
                 if {"limits", "stream"} & set(only):
