@@ -17,15 +17,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadRequest, CapacityExceeded, Draining, PositionError, SessionExists
+from .batches import BatchResult, PendingBatch
+from .errors import (
+    BadRequest,
+    CapacityExceeded,
+    Draining,
+    PositionError,
+    SeqServeError,
+    SessionExists,
+)
 from .model import ModelSpec
 from .runtime import Runtime
-from .scheduler import BatchObserver, Scheduler, StepResult, Work, gap_error
+from .scheduler import BatchObserver, Group, Scheduler, StepResult, Work, gap_error
 from .sessions import Session, SessionTable
 from .settings import Settings
 from .states import StateBank
 
-__all__ = ["Engine", "SessionStatus", "StepResult"]
+__all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult"]
 
 log = logging.getLogger("seqserve.engine")
 
@@ -92,7 +100,8 @@ class Engine:
 
     # -- validation ---------------------------------------------------------------------------
 
-    def check_frames(self, frames: np.ndarray, what: str = "frames") -> np.ndarray:
+    def check_frames(self, frames: np.ndarray, what: str = "frames", *,
+                     finite: bool = True) -> np.ndarray:
         if frames.ndim != 2 or frames.shape[0] < 1:
             raise BadRequest(f"{what}: need at least one frame", reason="bad_frames")
         if frames.shape[1] != self.spec.features:
@@ -103,7 +112,7 @@ class Engine:
             raise BadRequest(f"{what}: {frames.shape[0]} frames, at most "
                              f"{self.settings.max_frames_per_request} per request",
                              reason="too_many_frames")
-        if not np.isfinite(frames).all():
+        if finite and not np.isfinite(frames).all():
             bad = int(np.argwhere(~np.isfinite(frames))[0][0])
             raise BadRequest(f"{what}: frame {bad} holds NaN or Inf", reason="non_finite")
         return frames
@@ -157,6 +166,88 @@ class Engine:
         """Queue frames for a session; the future gives the outputs or a SeqServeError."""
         self._refuse_if_draining()
         self.check_frames(frames)
+        session = self._admit(session_id, position, len(frames), start, principal)
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.scheduler.submit(Work(session, position, frames, future, end=end))
+        return future
+
+    def submit_batch(self, session_ids: Sequence[str], positions: Sequence[int],
+                     frames: np.ndarray, *, start: bool = False,
+                     principal: str = "") -> asyncio.Future[BatchResult]:
+        """One frame for each of many sessions. A malformed batch raises; otherwise every entry
+        is admitted or failed on its own and the future gives the columnar results."""
+        self._refuse_if_draining()
+        entries = len(session_ids)
+        if len(positions) != entries:
+            raise BadRequest(f"{entries} session ids but {len(positions)} positions",
+                             reason="bad_request")
+        if entries:
+            self.check_frames(frames, finite=False)  # a NaN fails its own entry only
+        if frames.shape[0] != entries:
+            raise BadRequest(f"{frames.shape[0]} frames for {entries} session ids: a batch has "
+                             "one frame per entry", reason="bad_frames")
+        finite = np.isfinite(frames).all(axis=1).tolist() if entries else []
+        ids, wanted = list(session_ids), list(positions)
+        check_dups = len(set(ids)) != entries
+        batch = PendingBatch(entries, self.spec.classes)
+        seen: set[str] = set()
+        # The fast lane: sessions with nothing queued, exactly at their position, run as one
+        # group with no per-entry future. Anything else queues on its own, behind the session's
+        # earlier work.
+        fast: list[Session] = []
+        rows: list[int] = []
+        at: list[int] = []
+        slots: list[int] = []
+        get = self.table.find
+        seq = self.scheduler.next_group()
+        after = 0
+        for i in range(entries):
+            session_id, position = ids[i], wanted[i]
+            session = get(session_id)
+            if session is None and start and position == 0 and finite[i]:
+                try:
+                    session = self._create(session_id, principal)
+                except SeqServeError as exc:  # bad id, session cap
+                    batch.fail(i, exc)
+                    continue
+            if check_dups:
+                if session_id in seen:
+                    batch.fail(i, BadRequest(f"session {session_id!r} appears twice in one "
+                                             "batch", reason="duplicate_session"))
+                    continue
+                seen.add(session_id)
+            if (session is not None and position == session.accepted and not session.pending
+                    and not session.scheduled and session.owner == principal and finite[i]):
+                session.accepted = position + 1
+                session.holds += 1
+                if session.last_group > after:
+                    after = session.last_group
+                session.last_group = seq
+                fast.append(session)
+                rows.append(i)
+                at.append(position)
+                slots.append(session.slot)
+                continue
+            try:
+                if not finite[i]:
+                    raise BadRequest(f"entry {i}: the frame holds NaN or Inf", reason="non_finite")
+                session = self._admit(session_id, position, 1, start, principal)
+            except SeqServeError as exc:
+                batch.fail(i, exc)
+                continue
+            self.scheduler.submit(Work(session, position, frames[i : i + 1], batch.sink(i)))
+        if fast:
+            self.table.touch_many(fast)
+            index = np.array(rows, np.intp)
+            self.scheduler.submit_group(Group(
+                fast, np.array(slots, np.intp), np.array(at, np.int64),
+                frames if len(rows) == entries else frames[index], index, batch, seq, after))
+        return batch.future
+
+    def _admit(self, session_id: str, position: int, count: int, start: bool,
+               principal: str) -> Session:
+        """The session these frames go to (created when ``start``), after the checks that need
+        no queue: ownership, and that ``position`` leaves no gap after what is accepted."""
         session = self.table.find(session_id)
         if session is not None and session.owner != principal:
             if start:  # ids are one namespace: say it is taken, nothing more
@@ -172,11 +263,9 @@ class Engine:
         elif position > session.accepted:
             raise gap_error(session, position)
         self.table.touch(session)
-        if position + len(frames) > session.accepted:
-            session.accepted = position + len(frames)
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self.scheduler.submit(Work(session, position, frames, future, end=end))
-        return future
+        if position + count > session.accepted:
+            session.accepted = position + count
+        return session
 
     async def step(self, session_id: str, position: int, frames: np.ndarray, *,
                    start: bool = False, end: bool = False, principal: str = "") -> StepResult:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from .errors import PositionError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
 
-__all__ = ["BatchObserver", "Scheduler", "StepResult", "Work", "gap_error"]
+__all__ = ["BatchObserver", "Scheduler", "Sink", "StepResult", "Work", "gap_error"]
 
 log = logging.getLogger("seqserve.scheduler")
 
@@ -43,16 +43,41 @@ class StepResult:
     ended: bool = False
 
 
+class Sink(Protocol):
+    """Where a work item's outcome goes: an ``asyncio.Future``, or a batch entry's sink."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class Work:
     session: Session
     position: int
     frames: np.ndarray | None  # [T, F]; None for a control action
-    future: asyncio.Future[Any]
+    future: Sink
     action: str = "step"  # "step", "reset", "close"
     end: bool = False
     queued_at: float = field(default_factory=time.perf_counter)
     prefix: np.ndarray | None = None  # replayed rows of frames applied before this request ran
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    """One frame for each of many idle sessions, each exactly at its position: the fast lane of a
+    StepBatch. Admission marks the sessions scheduled, so nothing else touches them until the
+    group's round finishes; results go straight into the batch's arrays at ``rows``."""
+
+    sessions: list[Session]
+    slots: np.ndarray  # intp: the sessions' state slots
+    positions: np.ndarray  # int64: the position of each frame
+    frames: np.ndarray  # [n, F]
+    rows: np.ndarray  # intp: the entries of ``batch`` these are
+    batch: Any  # batches.PendingBatch
+    seq: int  # groups are numbered in arrival order
+    after: int  # the latest earlier group sharing a session with this one (0: none)
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class BatchObserver:
@@ -78,6 +103,10 @@ class Scheduler:
         self.inline_floats = inline_batch * runtime.spec.features  # frames, counted in floats
         self.observer = observer or BatchObserver()
         self._ready: deque[Session] = deque()
+        self._groups: deque[Group] = deque()
+        self._groups_seq = 0  # the last number given to a group
+        self._groups_done = 0  # every group up to this number has run
+        self._unsure = False  # an inference failure left accepted positions that never came
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,6 +123,16 @@ class Scheduler:
             if not self._wake.is_set():
                 self._wake.set()
                 self._idle.clear()
+
+    def next_group(self) -> int:
+        self._groups_seq += 1
+        return self._groups_seq
+
+    def submit_group(self, group: Group) -> None:
+        self._groups.append(group)
+        if not self._wake.is_set():
+            self._wake.set()
+            self._idle.clear()
 
     def control(self, session: Session, action: str) -> asyncio.Future[Any]:
         future = asyncio.get_running_loop().create_future()
@@ -118,7 +157,7 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
-            if not self._ready:
+            if not self._ready and not self._groups:
                 self._wake.clear()
                 self._idle.set()
                 await self._wake.wait()
@@ -136,11 +175,21 @@ class Scheduler:
 
     async def _round(self) -> None:
         taken: list[Session] = []
+        held: list[Session] = []
         steps: list[Work] = []
         groups: dict[int, list[Work]] = {}
+        fast: list[Group] = []
         try:
+            # Groups run in arrival order; one that shares a session with a group still queued
+            # or running ahead of it waits for a later round.
+            while self._groups and self._groups[0].after <= self._groups_done:
+                fast.append(self._groups.popleft())
+            last_group = fast[-1].seq if fast else 0
             for _ in range(min(len(self._ready), self.max_batch)):
                 session = self._ready.popleft()
+                if session.holds:  # a group has frames of it in flight: those go first
+                    held.append(session)
+                    continue
                 taken.append(session)
                 work = session.pending.popleft()
                 if self._prepare(work):
@@ -149,9 +198,17 @@ class Scheduler:
                         steps.append(work)
                     else:
                         groups.setdefault(len(work.frames), []).append(work)
-            if steps or groups:
-                await self._compute(steps, list(groups.values()))
+            if fast and self._unsure:
+                self._check_groups(fast)
+            if steps or groups or fast:
+                await self._compute(steps, list(groups.values()), fast)
         finally:
+            if last_group:
+                self._groups_done = last_group
+                for lane in fast:
+                    for session in lane.sessions:
+                        session.holds -= 1
+            self._ready.extend(held)
             for session in taken:
                 if session.ended:
                     self._fail_pending(session)
@@ -159,6 +216,27 @@ class Scheduler:
                     self._ready.append(session)
                 else:
                     session.scheduled = False
+
+    def _check_groups(self, fast: list[Group]) -> None:
+        """A group's frames were admitted against positions that work ahead of it would reach;
+        if that work failed (inference error), the entries it would have continued fail too."""
+        for i, lane in enumerate(fast):
+            actual = np.fromiter((s.position for s in lane.sessions), np.int64,
+                                 len(lane.sessions))
+            wrong = np.flatnonzero(actual != lane.positions)
+            if not len(wrong):
+                continue
+            for j in wrong.tolist():
+                session = lane.sessions[j]
+                session.accepted = session.position
+                lane.batch.fail(int(lane.rows[j]), gap_error(session, int(lane.positions[j])))
+            keep = np.flatnonzero(actual == lane.positions)
+            for j in wrong.tolist():
+                lane.sessions[j].holds -= 1
+            fast[i] = Group([lane.sessions[j] for j in keep.tolist()], lane.slots[keep],
+                            lane.positions[keep], lane.frames[keep], lane.rows[keep], lane.batch,
+                            lane.seq, lane.after, lane.queued_at)
+        fast[:] = [lane for lane in fast if lane.sessions]
 
     def _prepare(self, work: Work) -> bool:
         """Settle what needs no model run (controls, replays, errors); True if frames remain."""
@@ -198,12 +276,17 @@ class Scheduler:
             work.frames = work.frames[done:]
         return True
 
-    async def _compute(self, steps: list[Work], groups: list[list[Work]]) -> None:
+    async def _compute(self, steps: list[Work], groups: list[list[Work]],
+                       fast: list[Group]) -> None:
         bank = self.bank
         jobs: list[tuple[str, list[Work], np.ndarray, np.ndarray, list[np.ndarray]]] = []
-        if steps:
+        if steps or fast:
             slots = np.fromiter((w.session.slot for w in steps), np.intp, len(steps))
-            frames = np.stack([w.frames[0] for w in steps])  # type: ignore[index]
+            frames = (np.stack([w.frames[0] for w in steps])  # type: ignore[index]
+                      if steps else np.empty((0, self.runtime.spec.features), np.float32))
+            if fast:
+                slots = np.concatenate([slots, *(g.slots for g in fast)])
+                frames = np.concatenate([frames, *(g.frames for g in fast)])
             jobs.append(("step", steps, slots, frames, bank.gather(slots)))
         for group in groups:
             slots = np.fromiter((w.session.slot for w in group), np.intp, len(group))
@@ -222,21 +305,30 @@ class Scheduler:
         except Exception:
             log.exception("inference failed for %d requests",
                           sum(len(j[1]) for j in jobs))
+            self._unsure = True
             for job in jobs:
                 for work in job[1]:
                     _fail(work.future, RuntimeError("inference failed"))
+            for lane in fast:
+                lane.batch.fail_rows(lane.rows, RuntimeError("inference failed"))
             return
         for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
                 jobs, outputs, strict=True):
-            waited = started - min(w.queued_at for w in works)
-            self.observer.batch(graph, len(works), frames.shape[0] * (
+            waited = started - min([w.queued_at for w in works] + [g.queued_at for g in fast])
+            self.observer.batch(graph, len(slots), frames.shape[0] * (
                 1 if graph == "step" else frames.shape[1]), seconds, waited)
             bank.scatter(slots, states)
             if graph == "step":
                 positions = np.fromiter((w.session.position for w in works), np.int64, len(works))
+                if fast:
+                    positions = np.concatenate([positions, *(g.positions for g in fast)])
                 bank.record_steps(slots, positions, probs)
                 for i, work in enumerate(works):
                     self._finish(work, probs[i : i + 1])
+                at = len(works)
+                for lane in fast:
+                    self._finish_group(lane, probs[at : at + len(lane.sessions)])
+                    at += len(lane.sessions)
             else:
                 for i, work in enumerate(works):
                     bank.record(work.session.slot, work.session.position, probs[i])
@@ -256,6 +348,13 @@ class Scheduler:
             self._end(session, "closed")
         _resolve(work.future, StepResult(session.id, first, probs, session.position,
                                          ended=work.end))
+
+    @staticmethod
+    def _finish_group(group: Group, probs: np.ndarray) -> None:
+        for session in group.sessions:
+            session.restored = False
+            session.position += 1
+        group.batch.fill(group.rows, probs, group.positions + 1)
 
     def _end(self, session: Session, reason: str) -> None:
         self.table.end(session, reason)
@@ -296,11 +395,11 @@ def _run_jobs(runtime: Runtime, jobs: list[tuple[str, np.ndarray, list[np.ndarra
     return out
 
 
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+def _resolve(future: Sink, value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+def _fail(future: Sink, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
