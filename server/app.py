@@ -62,6 +62,9 @@ class App:
                                               registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
         self.engine.start()
+        if self.engine.store is not None and not await self.engine.store.ping():
+            log.warning("session store %s is not reachable; serving from memory until it is",
+                        self.engine.store.url)
         if self.settings.snapshot_path and self.settings.snapshot_interval > 0:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop())
         await self.grpc.start()
@@ -80,6 +83,9 @@ class App:
         except TimeoutError:
             log.warning("drain grace (%.1fs) ran out with requests still queued", grace)
         await self.engine.scheduler.stop()  # nothing runs past here, so the snapshot is consistent
+        if self.engine.store is not None:
+            saved = await self.engine.save_to_store()
+            log.info("drain: %d sessions saved to the session store", saved)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
         if self.settings.snapshot_path:

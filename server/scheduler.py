@@ -24,9 +24,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import PositionError, SessionNotFound
+from .errors import PositionError, SeqServeError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
+from .states import StateBank
+from .store import Commit, RedisStore, SessionMoved
 
 __all__ = ["BatchObserver", "Scheduler", "Sink", "StepResult", "Work", "gap_error"]
 
@@ -93,7 +95,8 @@ class BatchObserver:
 class Scheduler:
     def __init__(self, runtime: Runtime, table: SessionTable, executor: Executor, *,
                  max_batch: int, max_wait: float = 0.0, inline_batch: int = 0,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, store: RedisStore | None = None,
+                 checkpoint_every: int = 1) -> None:
         self.runtime = runtime
         self.table = table
         self.bank = table.bank
@@ -102,6 +105,12 @@ class Scheduler:
         self.max_wait = max_wait
         self.inline_floats = inline_batch * runtime.spec.features  # frames, counted in floats
         self.observer = observer or BatchObserver()
+        self.store = store
+        self.checkpoint_every = max(1, checkpoint_every)
+        # With a store, answers wait for the round's write to it: (sink, value, session).
+        self._answers: list[tuple[Sink, Any, Session]] = []
+        self._filled: list[tuple[Group, np.ndarray]] = []
+        self._touched: dict[Session, None] = {}
         self._ready: deque[Session] = deque()
         self._groups: deque[Group] = deque()
         self._groups_seq = 0  # the last number given to a group
@@ -202,6 +211,8 @@ class Scheduler:
                 self._check_groups(fast)
             if steps or groups or fast:
                 await self._compute(steps, list(groups.values()), fast)
+            if self.store is not None and self._touched:
+                await self._commit()
         finally:
             if last_group:
                 self._groups_done = last_group
@@ -248,11 +259,11 @@ class Scheduler:
         if work.action == "reset":
             self.bank.zero(session.slot)
             session.position = session.accepted = 0
-            _resolve(future, session)
+            self._answer(future, session, session)
             return False
         if work.action == "close":
             self._end(session, "closed")
-            _resolve(future, session)
+            self._answer(future, session, session)
             return False
         assert work.frames is not None
         position, applied, count = work.position, session.position, len(work.frames)
@@ -346,21 +357,78 @@ class Scheduler:
             first -= len(work.prefix)
         if work.end:
             self._end(session, "closed")
-        _resolve(work.future, StepResult(session.id, first, probs, session.position,
-                                         ended=work.end))
+        self._answer(work.future, StepResult(session.id, first, probs, session.position,
+                                             ended=work.end), session)
 
-    @staticmethod
-    def _finish_group(group: Group, probs: np.ndarray) -> None:
+    def _finish_group(self, group: Group, probs: np.ndarray) -> None:
         for session in group.sessions:
             session.restored = False
             session.position += 1
+        if self.store is not None:
+            self._touched.update(dict.fromkeys(group.sessions))
+            self._filled.append((group, probs))
+            return
         group.batch.fill(group.rows, probs, group.positions + 1)
+
+    def _answer(self, sink: Sink, value: Any, session: Session) -> None:
+        if self.store is None:
+            _resolve(sink, value)
+        else:
+            self._touched[session] = None
+            self._answers.append((sink, value, session))
+
+    async def _commit(self) -> None:
+        """Record the round in the shared store, then answer: a session another replica took
+        over meanwhile is dropped here and its requests fail with ``session_moved``."""
+        assert self.store is not None
+        touched, answers, filled = list(self._touched), self._answers, self._filled
+        self._touched, self._answers, self._filled = {}, [], []
+        commits, full = checkpoint_commits(touched, self.bank, self.checkpoint_every)
+        try:
+            written = await self.store.commit(commits)
+        except asyncio.CancelledError:
+            written = None  # stopping: answer from memory
+            raise
+        finally:
+            moved: set[Session] = set()
+            if written is not None:
+                for session, outcome, is_full in zip(touched, written, full, strict=True):
+                    if outcome == 1:
+                        session.synced = session.position
+                        if is_full:
+                            session.saved = session.position
+                    elif outcome == 2:
+                        session.synced = -1  # the store lost it: a full checkpoint next time
+                    elif not session.ended:
+                        moved.add(session)
+                        self._end(session, "moved")
+            for sink, value, session in answers:
+                if session in moved:
+                    _fail(sink, self._gone(session))
+                else:
+                    _resolve(sink, value)
+            for group, probs in filled:
+                self._fill(group, probs, moved)
+
+    def _fill(self, group: Group, probs: np.ndarray, moved: set[Session]) -> None:
+        if not moved or not any(s in moved for s in group.sessions):
+            group.batch.fill(group.rows, probs, group.positions + 1)
+            return
+        for j, session in enumerate(group.sessions):
+            row = group.rows[j : j + 1]
+            if session in moved:
+                group.batch.fail_rows(row, self._gone(session))
+            else:
+                group.batch.fill(row, probs[j : j + 1], group.positions[j : j + 1] + 1)
 
     def _end(self, session: Session, reason: str) -> None:
         self.table.end(session, reason)
         self.observer.session_event(reason)
 
-    def _gone(self, session: Session) -> SessionNotFound:
+    def _gone(self, session: Session) -> SeqServeError:
+        if session.ended == "moved":
+            return SessionMoved(f"session {session.id!r} was taken over by another replica; "
+                                "retry (it resumes where that replica left it)")
         return SessionNotFound(f"session {session.id!r} {session.ended} at position "
                                f"{session.position}", reason=session.ended,
                                position=session.position)
@@ -370,14 +438,39 @@ class Scheduler:
             _fail(session.pending.popleft().future, self._gone(session))
 
 
+def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
+                       ) -> tuple[list[Commit], list[bool]]:
+    """What a store write records for these sessions: the head always; the state and
+    output ring when the session is new there, was reset, or ran ``every`` frames since its
+    last checkpoint. Also says which commits are full checkpoints."""
+    commits: list[Commit] = []
+    full: list[bool] = []
+    rows = [s for s in sessions if not s.ended and (
+        s.synced < 0 or s.position - s.saved >= every or s.position < s.saved)]
+    states: dict[Session, tuple[bytes, bytes]] = {}
+    if rows:
+        slots = np.fromiter((s.slot for s in rows), np.intp, len(rows))
+        flat = np.concatenate([slab[slots] for slab in bank.slabs], axis=1)
+        ring = bank.ring[slots]
+        states = {s: (flat[i].tobytes(), ring[i].tobytes()) for i, s in enumerate(rows)}
+    for s in sessions:
+        saved = states.get(s)
+        commits.append(Commit(s.id, s.synced, s.position, s.owner, s.ended == "closed",
+                              saved[0] if saved else None, saved[1] if saved else b""))
+        full.append(saved is not None)
+    return commits, full
+
+
 def gap_error(session: Session, position: int) -> PositionError:
-    """Frames are missing before ``position``. For a session restored from a snapshot and not
-    advanced since, they were lost in a crash: say so, and name the last durable position."""
+    """Frames are missing before ``position``. For a session restored from a checkpoint (a
+    snapshot, or the shared store) that was behind what had been applied, and not advanced since,
+    they were lost in a crash: say so, and name the last durable position."""
     expected = session.accepted
     if session.restored:
         return PositionError(
-            f"session {session.id!r} was restored from a snapshot at position {expected} after "
-            f"an unclean stop; frames from {expected} on were lost: resend from {expected}",
+            f"session {session.id!r} was restored from its last checkpoint, at position "
+            f"{expected}, after an unclean stop; frames from {expected} on were lost: resend "
+            f"from {expected}",
             reason="rolled_back", expected=expected)
     return PositionError(f"position {position} leaves a gap: session {session.id!r} expects "
                          f"{expected}", reason="position_gap", expected=expected)

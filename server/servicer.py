@@ -33,6 +33,7 @@ from .errors import (
     SessionNotFound,
 )
 from .metrics import Metrics
+from .store import SessionMoved, StoreUnavailable
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
 
@@ -45,6 +46,8 @@ STATUS_CODES: dict[type[SeqServeError], grpc.StatusCode] = {
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SessionExists: grpc.StatusCode.ALREADY_EXISTS,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    SessionMoved: grpc.StatusCode.ABORTED,
 }
 
 _END = object()  # reader finished

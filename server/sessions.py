@@ -45,6 +45,8 @@ class Session:
     owner: str = ""  # the principal that opened it ("" when authentication is off)
     holds: int = 0  # StepBatch groups queued or running with a frame of this session
     last_group: int = 0  # number of the latest such group
+    synced: int = -1  # head last written to the shared store (-1: not there yet)
+    saved: int = 0  # position of its last full checkpoint there
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,13 @@ class SessionTable:
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
         self._live.move_to_end(session.id)
+
+    def bury(self, session_id: str, reason: str, position: int, owner: str) -> None:
+        """Record a session that ended elsewhere (another replica), unless it is live here."""
+        if session_id not in self._live:
+            self._ended[session_id] = Tombstone(reason, position, self.clock(), owner)
+            while len(self._ended) > self._max_tombstones:
+                self._ended.popitem(last=False)
 
     def touch_many(self, sessions: list[Session]) -> None:
         now = self.clock()
