@@ -75,6 +75,9 @@ class Settings:
                               "before trying it again")
     workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT); more than one "
                         "needs --store redis://... so a session can move between them")
+    reuse_port: bool = _opt(False, "bind with SO_REUSEPORT, sharing the port with other "
+                            "processes (what --workers does for its workers; they must share "
+                            "a --store)")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def replace(self, **changes: Any) -> Settings:
@@ -168,9 +171,12 @@ def validate(settings: Settings) -> list[str]:
     if settings.store != "memory" and not settings.store.startswith(("redis://", "rediss://",
                                                                      "unix://")):
         problems.append("--store must be 'memory' or a redis://, rediss:// or unix:// URL")
-    if settings.workers > 1 and settings.store == "memory":
-        problems.append("--workers above 1 needs --store redis://...: a client reconnecting "
-                        "may reach another worker, which must be able to resume its session")
+    if settings.workers > 1 and settings.port == 0:
+        problems.append("--workers above 1 needs a fixed --port for the workers to share")
+    if (settings.workers > 1 or settings.reuse_port) and settings.store == "memory":
+        problems.append("--workers above 1 (and --reuse-port) need --store redis://...: a "
+                        "client reconnecting may reach another process, which must be able to "
+                        "resume its session")
     for name in ("store_timeout", "store_retry"):
         if getattr(settings, name) <= 0:
             problems.append(f"{_flag(name)} must be positive")

@@ -220,3 +220,38 @@ async def test_batches_claim_what_they_do_not_hold(replicas, samples, model_dir)
     for i in range(4):
         assert np.abs(got[i] - solo_run(model_dir, x[i])).max() <= TOL
 
+
+
+def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, model_dir,
+                                                       tmp_path):
+    """``--workers 2``: two processes on one port. Every fresh connection lands on either; a
+    session stepped over twenty fresh connections visits both and its outputs are exact."""
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-P", "-m", "seqserve.server", "--workers", "2", "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "-1", "--store", redis_server.url,
+         "--replica-id", "box", "--model-dir", str(model_dir), "--snapshot-path", "",
+         "--drain-grace", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    x = recording(samples, 20)
+    owners = set()
+
+    async def run() -> list[np.ndarray]:
+        out = []
+        for t in range(len(x)):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.SeqServeStub(channel)
+                await asyncio.wait_for(channel.channel_ready(), 30)
+                out.append(probs(await step(stub, "w", x, t)))
+            owners.add(redis_server.cli("HGET", "seqserve:basicmotions:1:w", "owner"))
+        return out
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        server.send_signal(2)  # SIGINT: the parent stops every worker, each drains
+        log = server.communicate(timeout=60)[0].decode()
+    assert server.returncode == 0, log
+    assert owners == {"box-w0", "box-w1"}, log
+    assert np.abs(np.concatenate(out) - solo_run(model_dir, x)).max() <= TOL
