@@ -30,7 +30,7 @@ from .servicer import SeqServeServicer
 from .settings import Settings, parse_settings
 from .snapshot import capture, load_snapshot, write_snapshot
 
-__all__ = ["App", "create_server", "main", "serve"]
+__all__ = ["App", "configure_logging", "create_server", "main", "run_forever", "serve"]
 
 log = logging.getLogger("seqserve.server")
 
@@ -62,6 +62,9 @@ class App:
                                               registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
         self.engine.start()
+        if self.engine.store is not None and not await self.engine.store.ping():
+            log.warning("session store %s is not reachable; serving from memory until it is",
+                        self.engine.store.url)
         if self.settings.snapshot_path and self.settings.snapshot_interval > 0:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop())
         await self.grpc.start()
@@ -80,6 +83,9 @@ class App:
         except TimeoutError:
             log.warning("drain grace (%.1fs) ran out with requests still queued", grace)
         await self.engine.scheduler.stop()  # nothing runs past here, so the snapshot is consistent
+        if self.engine.store is not None:
+            saved = await self.engine.save_to_store()
+            log.info("drain: %d sessions saved to the session store", saved)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
         if self.settings.snapshot_path:
@@ -135,8 +141,9 @@ def create_server(settings: Settings, *, registry: CollectorRegistry | None = No
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Two servers on one port would split sessions between two tables at random.
-        ("grpc.so_reuseport", 0),
+        # Two servers on one port split connections between them: only workers sharing a
+        # session store (--workers) may do that; anything else fails to bind instead.
+        ("grpc.so_reuseport", int(settings.reuse_port)),
     ])
     servicer = SeqServeServicer(engine, metrics)
     pb_grpc.add_SeqServeServicer_to_server(servicer, server)
@@ -190,10 +197,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     log.info("stopped")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+
+
+def run_forever(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; the exit status (2: could not start)."""
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -211,3 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    configure_logging(settings)
+    if settings.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(settings)
+    return run_forever(settings)

@@ -11,23 +11,64 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadRequest, CapacityExceeded, Draining, PositionError, SessionExists
+from .batches import BatchResult, PendingBatch
+from .errors import (
+    BadRequest,
+    CapacityExceeded,
+    Draining,
+    PositionError,
+    SeqServeError,
+    SessionExists,
+    SessionNotFound,
+)
 from .model import ModelSpec
 from .runtime import Runtime
-from .scheduler import BatchObserver, Scheduler, StepResult, Work, gap_error
+from .scheduler import (
+    BatchObserver,
+    Group,
+    Scheduler,
+    StepResult,
+    Work,
+    checkpoint_commits,
+    gap_error,
+)
 from .sessions import Session, SessionTable
 from .settings import Settings
 from .states import StateBank
+from .store import Checkpoint, RedisStore, StoreUnavailable
 
-__all__ = ["Engine", "SessionStatus", "StepResult"]
+__all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult"]
 
 log = logging.getLogger("seqserve.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    admit: Callable[[], None]
+    fail: Callable[[Exception], None]
+    creating: bool  # a start at position 0: may go ahead in memory when the store is down
+
+
+def _duplicate(session_id: str) -> BadRequest:
+    return BadRequest(f"session {session_id!r} appears twice in one batch",
+                      reason="duplicate_session")
+
+
+def make_store(settings: Settings, spec: ModelSpec) -> RedisStore | None:
+    if settings.store == "memory":
+        return None
+    replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+    return RedisStore(settings.store, namespace=f"seqserve:{spec.name}:{spec.version}",
+                      replica=replica, ttl=settings.session_idle_timeout,
+                      timeout=settings.store_timeout, retry_after=settings.store_retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +92,15 @@ class Engine:
                                   idle_timeout=settings.session_idle_timeout,
                                   max_per_owner=settings.max_sessions_per_principal)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
+        self.store = make_store(settings, spec)
         self.scheduler = Scheduler(runtime, self.table, self.executor,
                                    max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000.0,
-                                   inline_batch=settings.inline_batch, observer=self.observer)
+                                   inline_batch=settings.inline_batch, observer=self.observer,
+                                   store=self.store, checkpoint_every=settings.checkpoint_every)
+        # Sessions being claimed from the store: what to admit, in arrival order, once it is.
+        self._claims: dict[str, list[_Waiter]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -74,6 +120,24 @@ class Engine:
             self._sweeper.cancel()
         await self.scheduler.stop()
         self.executor.shutdown(wait=True)
+        if self.store is not None:
+            await self.store.close()
+
+    async def save_to_store(self) -> int:
+        """Write every session's state to the shared store (on drain, after the scheduler
+        stopped), so another replica resumes them with nothing lost. Returns how many."""
+        if self.store is None:
+            return 0
+        sessions = [s for s in self.table if s.saved != s.position or s.synced != s.position]
+        if not sessions:
+            return 0
+        commits, _ = checkpoint_commits(sessions, self.bank, 1)
+        written = await self.store.commit(commits)
+        if written is None:
+            log.error("drain: the session store is unreachable; %d sessions were not saved "
+                      "there", len(sessions))
+            return 0
+        return sum(1 for w in written if w == 1)
 
     async def _sweep(self) -> None:
         interval = min(1.0, self.settings.session_idle_timeout / 4)
@@ -92,7 +156,8 @@ class Engine:
 
     # -- validation ---------------------------------------------------------------------------
 
-    def check_frames(self, frames: np.ndarray, what: str = "frames") -> np.ndarray:
+    def check_frames(self, frames: np.ndarray, what: str = "frames", *,
+                     finite: bool = True) -> np.ndarray:
         if frames.ndim != 2 or frames.shape[0] < 1:
             raise BadRequest(f"{what}: need at least one frame", reason="bad_frames")
         if frames.shape[1] != self.spec.features:
@@ -103,7 +168,7 @@ class Engine:
             raise BadRequest(f"{what}: {frames.shape[0]} frames, at most "
                              f"{self.settings.max_frames_per_request} per request",
                              reason="too_many_frames")
-        if not np.isfinite(frames).all():
+        if finite and not np.isfinite(frames).all():
             bad = int(np.argwhere(~np.isfinite(frames))[0][0])
             raise BadRequest(f"{what}: frame {bad} holds NaN or Inf", reason="non_finite")
         return frames
@@ -137,6 +202,7 @@ class Engine:
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
+        await self._held(session_id, principal)
         session = self.table.get(session_id, principal)
         self.table.touch(session)
         await self.scheduler.control(session, "reset")
@@ -146,6 +212,7 @@ class Engine:
         # Refused while draining like every other change: the session is in the snapshot, and a
         # close queued behind the stopped scheduler would otherwise hang until the server stops.
         self._refuse_if_draining()
+        await self._held(session_id, principal)
         session = self.table.get(session_id, principal)
         await self.scheduler.control(session, "close")
         return self.status(session)
@@ -157,6 +224,239 @@ class Engine:
         """Queue frames for a session; the future gives the outputs or a SeqServeError."""
         self._refuse_if_draining()
         self.check_frames(frames)
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+
+        def admit() -> None:
+            session = self._admit(session_id, position, len(frames), start, principal)
+            self.scheduler.submit(Work(session, position, frames, future, end=end))
+
+        if self._must_claim(session_id):
+            self._after_claim(session_id, principal, start and position == 0, admit,
+                              future.set_exception)
+        elif self.store is None:
+            admit()
+        else:
+            try:
+                admit()
+            except PositionError as exc:
+                self._recheck(session_id, principal, exc, admit, future.set_exception)
+        return future
+
+    def submit_batch(self, session_ids: Sequence[str], positions: Sequence[int],
+                     frames: np.ndarray, *, start: bool = False,
+                     principal: str = "") -> asyncio.Future[BatchResult]:
+        """One frame for each of many sessions. A malformed batch raises; otherwise every entry
+        is admitted or failed on its own and the future gives the columnar results."""
+        self._refuse_if_draining()
+        entries = len(session_ids)
+        if len(positions) != entries:
+            raise BadRequest(f"{entries} session ids but {len(positions)} positions",
+                             reason="bad_request")
+        if entries:
+            self.check_frames(frames, finite=False)  # a NaN fails its own entry only
+        if frames.shape[0] != entries:
+            raise BadRequest(f"{frames.shape[0]} frames for {entries} session ids: a batch has "
+                             "one frame per entry", reason="bad_frames")
+        finite = np.isfinite(frames).all(axis=1).tolist() if entries else []
+        ids, wanted = list(session_ids), list(positions)
+        check_dups = len(set(ids)) != entries
+        batch = PendingBatch(entries, self.spec.classes)
+        seen: set[str] = set()
+        # The fast lane: sessions with nothing queued, exactly at their position, run as one
+        # group with no per-entry future. Anything else queues on its own, behind the session's
+        # earlier work.
+        fast: list[Session] = []
+        rows: list[int] = []
+        at: list[int] = []
+        slots: list[int] = []
+        get = self.table.find
+        claiming = self.store is not None
+        seq = self.scheduler.next_group()
+        after = 0
+        for i in range(entries):
+            session_id, position = ids[i], wanted[i]
+            session = get(session_id)
+            if claiming and (session is None or session_id in self._claims):
+                if check_dups:
+                    if session_id in seen:
+                        batch.fail(i, _duplicate(session_id))
+                        continue
+                    seen.add(session_id)
+                self._defer_entry(batch, i, session_id, position, frames, start, principal,
+                                  bool(finite[i]))
+                continue
+            if session is None and start and position == 0 and finite[i]:
+                try:
+                    session = self._create(session_id, principal)
+                except SeqServeError as exc:  # bad id, session cap
+                    batch.fail(i, exc)
+                    continue
+            if check_dups:
+                if session_id in seen:
+                    batch.fail(i, _duplicate(session_id))
+                    continue
+                seen.add(session_id)
+            if (session is not None and position == session.accepted and not session.pending
+                    and not session.scheduled and session.owner == principal and finite[i]):
+                session.accepted = position + 1
+                session.holds += 1
+                if session.last_group > after:
+                    after = session.last_group
+                session.last_group = seq
+                fast.append(session)
+                rows.append(i)
+                at.append(position)
+                slots.append(session.slot)
+                continue
+            if claiming:
+                self._defer_entry(batch, i, session_id, position, frames, start, principal,
+                                  bool(finite[i]))
+                continue
+            try:
+                if not finite[i]:
+                    raise BadRequest(f"entry {i}: the frame holds NaN or Inf", reason="non_finite")
+                session = self._admit(session_id, position, 1, start, principal)
+            except SeqServeError as exc:
+                batch.fail(i, exc)
+                continue
+            self.scheduler.submit(Work(session, position, frames[i : i + 1], batch.sink(i)))
+        if fast:
+            self.table.touch_many(fast)
+            index = np.array(rows, np.intp)
+            self.scheduler.submit_group(Group(
+                fast, np.array(slots, np.intp), np.array(at, np.int64),
+                frames if len(rows) == entries else frames[index], index, batch, seq, after))
+        return batch.future
+
+    def _defer_entry(self, batch: PendingBatch, i: int, session_id: str, position: int,
+                     frames: np.ndarray, start: bool, principal: str, finite: bool) -> None:
+        """A batch entry for a session not held here: admitted on its own once claimed."""
+        if not finite:
+            batch.fail(i, BadRequest(f"entry {i}: the frame holds NaN or Inf",
+                                     reason="non_finite"))
+            return
+
+        def admit() -> None:
+            session = self._admit(session_id, position, 1, start, principal)
+            self.scheduler.submit(Work(session, position, frames[i : i + 1], batch.sink(i)))
+
+        def fail(exc: Exception) -> None:
+            batch.fail(i, exc)
+
+        if self._must_claim(session_id):
+            self._after_claim(session_id, principal, start and position == 0, admit, fail)
+            return
+        try:
+            admit()
+        except PositionError as exc:
+            self._recheck(session_id, principal, exc, admit, fail)
+        except SeqServeError as exc:
+            fail(exc)
+
+    # -- the shared store ---------------------------------------------------------------------
+
+    def _must_claim(self, session_id: str) -> bool:
+        return self.store is not None and (session_id in self._claims
+                                           or self.table.find(session_id) is None)
+
+    def _recheck(self, session_id: str, principal: str, error: PositionError,
+                 admit: Callable[[], None], fail: Callable[[Exception], None]) -> None:
+        """A request ahead of this replica's copy may mean another replica took the session
+        over and moved it on. Ask the store (requests for the session queue meanwhile): if it
+        names another owner, the copy is dropped and the session claimed back; otherwise the
+        gap is real and the request fails with it."""
+        session = self.table.find(session_id)
+        if (session is None or error.reason != "position_gap" or session.pending
+                or session.scheduled or session.holds):
+            fail(error)
+            return
+        self._after_claim(session_id, principal, False, admit, fail, probe=session)
+
+    async def _held(self, session_id: str, principal: str) -> None:
+        """With a store: claim the session first if it is not held here."""
+        if self._must_claim(session_id):
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._after_claim(session_id, principal, False, lambda: done.set_result(None),
+                              done.set_exception)
+            await done
+
+    def _after_claim(self, session_id: str, principal: str, creating: bool,
+                     admit: Callable[[], None], fail: Callable[[Exception], None], *,
+                     probe: Session | None = None) -> None:
+        """Run ``admit`` once the store was asked for the session (and it was taken over if
+        there), after every request for it that came earlier; errors go to ``fail``."""
+        waiters = self._claims.get(session_id)
+        if waiters is None:
+            waiters = self._claims[session_id] = []
+            task = asyncio.create_task(self._claim(session_id, principal, probe))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        waiters.append(_Waiter(admit, fail, creating))
+
+    async def _claim(self, session_id: str, principal: str, probe: Session | None) -> None:
+        assert self.store is not None
+        kind, error = "none", None
+        try:
+            if probe is not None:  # held here: claim only if the store names another owner
+                owner = await self.store.owner(session_id)
+                if owner is None or owner in ("", self.store.replica) or probe.ended:
+                    return
+                log.info("session %r moved to replica %r; taking it back", session_id, owner)
+                self.table.end(probe, "moved")
+                self.observer.session_event("moved")
+            kind, found = await self.store.claim(session_id, principal)
+            if kind == "ok":
+                assert isinstance(found, Checkpoint)
+                self._adopt(session_id, principal, found)
+            elif kind == "closed":
+                assert isinstance(found, int)
+                self.table.bury(session_id, "closed", found, principal)
+        except SeqServeError as exc:  # store unreachable, session cap, bad id
+            error = exc
+        except Exception as exc:  # a corrupt checkpoint: say so, never INTERNAL
+            log.exception("claiming session %r from the store failed", session_id)
+            error = StoreUnavailable(f"session {session_id!r} could not be resumed from the "
+                                     f"shared store: {exc}")
+        finally:
+            for waiter in self._claims.pop(session_id, []):
+                problem = error
+                if isinstance(error, StoreUnavailable) and waiter.creating:
+                    problem = None  # a new session starts in memory; the store catches up
+                elif kind == "foreign":
+                    problem = (SessionExists(f"session {session_id!r} already exists")
+                               if waiter.creating else
+                               SessionNotFound(f"session {session_id!r} is unknown"))
+                try:
+                    if problem is not None:
+                        raise problem
+                    waiter.admit()
+                except SeqServeError as exc:
+                    waiter.fail(exc)
+
+    def _adopt(self, session_id: str, principal: str, found: Checkpoint) -> None:
+        """Make a claimed checkpoint a live session here."""
+        flat = np.frombuffer(found.states, np.float32)
+        if flat.size != self.spec.state_floats:
+            raise ValueError(f"checkpoint holds {flat.size} state values, the model has "
+                             f"{self.spec.state_floats}")
+        session = self.table.create(session_id, position=found.position, owner=principal)
+        at = 0
+        for slab in self.bank.slabs:
+            slab[session.slot] = flat[at : at + slab.shape[1]]
+            at += slab.shape[1]
+        ring = np.frombuffer(found.ring, np.float32)
+        if ring.size == self.bank.ring[session.slot].size:  # else another replay window: none
+            self.bank.ring[session.slot] = ring.reshape(self.bank.ring.shape[1:])
+        session.synced = session.saved = found.position
+        session.restored = found.head > found.position
+        self.observer.session_event("claimed")
+        log.debug("claimed session %r at position %d (head was %d)", session_id,
+                  found.position, found.head)
+
+    def _admit(self, session_id: str, position: int, count: int, start: bool,
+               principal: str) -> Session:
+        """The session these frames go to (created when ``start``), after the checks that need
+        no queue: ownership, and that ``position`` leaves no gap after what is accepted."""
         session = self.table.find(session_id)
         if session is not None and session.owner != principal:
             if start:  # ids are one namespace: say it is taken, nothing more
@@ -172,11 +472,9 @@ class Engine:
         elif position > session.accepted:
             raise gap_error(session, position)
         self.table.touch(session)
-        if position + len(frames) > session.accepted:
-            session.accepted = position + len(frames)
-        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self.scheduler.submit(Work(session, position, frames, future, end=end))
-        return future
+        if position + count > session.accepted:
+            session.accepted = position + count
+        return session
 
     async def step(self, session_id: str, position: int, frames: np.ndarray, *,
                    start: bool = False, end: bool = False, principal: str = "") -> StepResult:

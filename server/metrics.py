@@ -39,7 +39,8 @@ class Metrics(BatchObserver):
                                       "Frames run by Predict (whole sequences)", registry=registry)
         self.session_events = Counter(
             "seqserve_session_events",
-            "Session lifecycle events: opened, closed, expired, refused (cap reached)",
+            "Session lifecycle events: opened, closed, expired, refused (cap reached), claimed "
+            "(resumed from the shared store), moved (taken over by another replica)",
             ["event"], registry=registry)
         self.live_sessions = Gauge("seqserve_live_sessions", "Sessions holding state",
                                    registry=registry)
@@ -47,7 +48,7 @@ class Metrics(BatchObserver):
                                  registry=registry)
         self._inference = {g: self.inference_seconds.labels(g) for g in ("step", "sequence")}
         self._batch = {g: self.batch_size.labels(g) for g in ("step", "sequence")}
-        for event in ("opened", "closed", "expired", "refused"):
+        for event in ("opened", "closed", "expired", "refused", "claimed", "moved"):
             self.session_events.labels(event)
 
     def batch(self, graph: str, size: int, frames: int, seconds: float, waited: float) -> None:

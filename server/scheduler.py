@@ -20,15 +20,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import PositionError, SessionNotFound
+from .errors import PositionError, SeqServeError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
+from .states import StateBank
+from .store import Commit, RedisStore, SessionMoved
 
-__all__ = ["BatchObserver", "Scheduler", "StepResult", "Work", "gap_error"]
+__all__ = ["BatchObserver", "Scheduler", "Sink", "StepResult", "Work", "gap_error"]
 
 log = logging.getLogger("seqserve.scheduler")
 
@@ -43,16 +45,41 @@ class StepResult:
     ended: bool = False
 
 
+class Sink(Protocol):
+    """Where a work item's outcome goes: an ``asyncio.Future``, or a batch entry's sink."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class Work:
     session: Session
     position: int
     frames: np.ndarray | None  # [T, F]; None for a control action
-    future: asyncio.Future[Any]
+    future: Sink
     action: str = "step"  # "step", "reset", "close"
     end: bool = False
     queued_at: float = field(default_factory=time.perf_counter)
     prefix: np.ndarray | None = None  # replayed rows of frames applied before this request ran
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    """One frame for each of many idle sessions, each exactly at its position: the fast lane of a
+    StepBatch. Admission marks the sessions scheduled, so nothing else touches them until the
+    group's round finishes; results go straight into the batch's arrays at ``rows``."""
+
+    sessions: list[Session]
+    slots: np.ndarray  # intp: the sessions' state slots
+    positions: np.ndarray  # int64: the position of each frame
+    frames: np.ndarray  # [n, F]
+    rows: np.ndarray  # intp: the entries of ``batch`` these are
+    batch: Any  # batches.PendingBatch
+    seq: int  # groups are numbered in arrival order
+    after: int  # the latest earlier group sharing a session with this one (0: none)
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class BatchObserver:
@@ -68,7 +95,8 @@ class BatchObserver:
 class Scheduler:
     def __init__(self, runtime: Runtime, table: SessionTable, executor: Executor, *,
                  max_batch: int, max_wait: float = 0.0, inline_batch: int = 0,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, store: RedisStore | None = None,
+                 checkpoint_every: int = 1) -> None:
         self.runtime = runtime
         self.table = table
         self.bank = table.bank
@@ -77,7 +105,17 @@ class Scheduler:
         self.max_wait = max_wait
         self.inline_floats = inline_batch * runtime.spec.features  # frames, counted in floats
         self.observer = observer or BatchObserver()
+        self.store = store
+        self.checkpoint_every = max(1, checkpoint_every)
+        # With a store, answers wait for the round's write to it: (sink, value, session).
+        self._answers: list[tuple[Sink, Any, Session]] = []
+        self._filled: list[tuple[Group, np.ndarray]] = []
+        self._touched: dict[Session, None] = {}
         self._ready: deque[Session] = deque()
+        self._groups: deque[Group] = deque()
+        self._groups_seq = 0  # the last number given to a group
+        self._groups_done = 0  # every group up to this number has run
+        self._unsure = False  # an inference failure left accepted positions that never came
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,6 +132,16 @@ class Scheduler:
             if not self._wake.is_set():
                 self._wake.set()
                 self._idle.clear()
+
+    def next_group(self) -> int:
+        self._groups_seq += 1
+        return self._groups_seq
+
+    def submit_group(self, group: Group) -> None:
+        self._groups.append(group)
+        if not self._wake.is_set():
+            self._wake.set()
+            self._idle.clear()
 
     def control(self, session: Session, action: str) -> asyncio.Future[Any]:
         future = asyncio.get_running_loop().create_future()
@@ -118,7 +166,7 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
-            if not self._ready:
+            if not self._ready and not self._groups:
                 self._wake.clear()
                 self._idle.set()
                 await self._wake.wait()
@@ -136,11 +184,21 @@ class Scheduler:
 
     async def _round(self) -> None:
         taken: list[Session] = []
+        held: list[Session] = []
         steps: list[Work] = []
         groups: dict[int, list[Work]] = {}
+        fast: list[Group] = []
         try:
+            # Groups run in arrival order; one that shares a session with a group still queued
+            # or running ahead of it waits for a later round.
+            while self._groups and self._groups[0].after <= self._groups_done:
+                fast.append(self._groups.popleft())
+            last_group = fast[-1].seq if fast else 0
             for _ in range(min(len(self._ready), self.max_batch)):
                 session = self._ready.popleft()
+                if session.holds:  # a group has frames of it in flight: those go first
+                    held.append(session)
+                    continue
                 taken.append(session)
                 work = session.pending.popleft()
                 if self._prepare(work):
@@ -149,9 +207,19 @@ class Scheduler:
                         steps.append(work)
                     else:
                         groups.setdefault(len(work.frames), []).append(work)
-            if steps or groups:
-                await self._compute(steps, list(groups.values()))
+            if fast and self._unsure:
+                self._check_groups(fast)
+            if steps or groups or fast:
+                await self._compute(steps, list(groups.values()), fast)
+            if self.store is not None and self._touched:
+                await self._commit()
         finally:
+            if last_group:
+                self._groups_done = last_group
+                for lane in fast:
+                    for session in lane.sessions:
+                        session.holds -= 1
+            self._ready.extend(held)
             for session in taken:
                 if session.ended:
                     self._fail_pending(session)
@@ -159,6 +227,27 @@ class Scheduler:
                     self._ready.append(session)
                 else:
                     session.scheduled = False
+
+    def _check_groups(self, fast: list[Group]) -> None:
+        """A group's frames were admitted against positions that work ahead of it would reach;
+        if that work failed (inference error), the entries it would have continued fail too."""
+        for i, lane in enumerate(fast):
+            actual = np.fromiter((s.position for s in lane.sessions), np.int64,
+                                 len(lane.sessions))
+            wrong = np.flatnonzero(actual != lane.positions)
+            if not len(wrong):
+                continue
+            for j in wrong.tolist():
+                session = lane.sessions[j]
+                session.accepted = session.position
+                lane.batch.fail(int(lane.rows[j]), gap_error(session, int(lane.positions[j])))
+            keep = np.flatnonzero(actual == lane.positions)
+            for j in wrong.tolist():
+                lane.sessions[j].holds -= 1
+            fast[i] = Group([lane.sessions[j] for j in keep.tolist()], lane.slots[keep],
+                            lane.positions[keep], lane.frames[keep], lane.rows[keep], lane.batch,
+                            lane.seq, lane.after, lane.queued_at)
+        fast[:] = [lane for lane in fast if lane.sessions]
 
     def _prepare(self, work: Work) -> bool:
         """Settle what needs no model run (controls, replays, errors); True if frames remain."""
@@ -170,11 +259,11 @@ class Scheduler:
         if work.action == "reset":
             self.bank.zero(session.slot)
             session.position = session.accepted = 0
-            _resolve(future, session)
+            self._answer(future, session, session)
             return False
         if work.action == "close":
             self._end(session, "closed")
-            _resolve(future, session)
+            self._answer(future, session, session)
             return False
         assert work.frames is not None
         position, applied, count = work.position, session.position, len(work.frames)
@@ -198,12 +287,17 @@ class Scheduler:
             work.frames = work.frames[done:]
         return True
 
-    async def _compute(self, steps: list[Work], groups: list[list[Work]]) -> None:
+    async def _compute(self, steps: list[Work], groups: list[list[Work]],
+                       fast: list[Group]) -> None:
         bank = self.bank
         jobs: list[tuple[str, list[Work], np.ndarray, np.ndarray, list[np.ndarray]]] = []
-        if steps:
+        if steps or fast:
             slots = np.fromiter((w.session.slot for w in steps), np.intp, len(steps))
-            frames = np.stack([w.frames[0] for w in steps])  # type: ignore[index]
+            frames = (np.stack([w.frames[0] for w in steps])  # type: ignore[index]
+                      if steps else np.empty((0, self.runtime.spec.features), np.float32))
+            if fast:
+                slots = np.concatenate([slots, *(g.slots for g in fast)])
+                frames = np.concatenate([frames, *(g.frames for g in fast)])
             jobs.append(("step", steps, slots, frames, bank.gather(slots)))
         for group in groups:
             slots = np.fromiter((w.session.slot for w in group), np.intp, len(group))
@@ -222,21 +316,30 @@ class Scheduler:
         except Exception:
             log.exception("inference failed for %d requests",
                           sum(len(j[1]) for j in jobs))
+            self._unsure = True
             for job in jobs:
                 for work in job[1]:
                     _fail(work.future, RuntimeError("inference failed"))
+            for lane in fast:
+                lane.batch.fail_rows(lane.rows, RuntimeError("inference failed"))
             return
         for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
                 jobs, outputs, strict=True):
-            waited = started - min(w.queued_at for w in works)
-            self.observer.batch(graph, len(works), frames.shape[0] * (
+            waited = started - min([w.queued_at for w in works] + [g.queued_at for g in fast])
+            self.observer.batch(graph, len(slots), frames.shape[0] * (
                 1 if graph == "step" else frames.shape[1]), seconds, waited)
             bank.scatter(slots, states)
             if graph == "step":
                 positions = np.fromiter((w.session.position for w in works), np.int64, len(works))
+                if fast:
+                    positions = np.concatenate([positions, *(g.positions for g in fast)])
                 bank.record_steps(slots, positions, probs)
                 for i, work in enumerate(works):
                     self._finish(work, probs[i : i + 1])
+                at = len(works)
+                for lane in fast:
+                    self._finish_group(lane, probs[at : at + len(lane.sessions)])
+                    at += len(lane.sessions)
             else:
                 for i, work in enumerate(works):
                     bank.record(work.session.slot, work.session.position, probs[i])
@@ -254,14 +357,78 @@ class Scheduler:
             first -= len(work.prefix)
         if work.end:
             self._end(session, "closed")
-        _resolve(work.future, StepResult(session.id, first, probs, session.position,
-                                         ended=work.end))
+        self._answer(work.future, StepResult(session.id, first, probs, session.position,
+                                             ended=work.end), session)
+
+    def _finish_group(self, group: Group, probs: np.ndarray) -> None:
+        for session in group.sessions:
+            session.restored = False
+            session.position += 1
+        if self.store is not None:
+            self._touched.update(dict.fromkeys(group.sessions))
+            self._filled.append((group, probs))
+            return
+        group.batch.fill(group.rows, probs, group.positions + 1)
+
+    def _answer(self, sink: Sink, value: Any, session: Session) -> None:
+        if self.store is None:
+            _resolve(sink, value)
+        else:
+            self._touched[session] = None
+            self._answers.append((sink, value, session))
+
+    async def _commit(self) -> None:
+        """Record the round in the shared store, then answer: a session another replica took
+        over meanwhile is dropped here and its requests fail with ``session_moved``."""
+        assert self.store is not None
+        touched, answers, filled = list(self._touched), self._answers, self._filled
+        self._touched, self._answers, self._filled = {}, [], []
+        commits, full = checkpoint_commits(touched, self.bank, self.checkpoint_every)
+        try:
+            written = await self.store.commit(commits)
+        except asyncio.CancelledError:
+            written = None  # stopping: answer from memory
+            raise
+        finally:
+            moved: set[Session] = set()
+            if written is not None:
+                for session, outcome, is_full in zip(touched, written, full, strict=True):
+                    if outcome == 1:
+                        session.synced = session.position
+                        if is_full:
+                            session.saved = session.position
+                    elif outcome == 2:
+                        session.synced = -1  # the store lost it: a full checkpoint next time
+                    elif not session.ended:
+                        moved.add(session)
+                        self._end(session, "moved")
+            for sink, value, session in answers:
+                if session in moved:
+                    _fail(sink, self._gone(session))
+                else:
+                    _resolve(sink, value)
+            for group, probs in filled:
+                self._fill(group, probs, moved)
+
+    def _fill(self, group: Group, probs: np.ndarray, moved: set[Session]) -> None:
+        if not moved or not any(s in moved for s in group.sessions):
+            group.batch.fill(group.rows, probs, group.positions + 1)
+            return
+        for j, session in enumerate(group.sessions):
+            row = group.rows[j : j + 1]
+            if session in moved:
+                group.batch.fail_rows(row, self._gone(session))
+            else:
+                group.batch.fill(row, probs[j : j + 1], group.positions[j : j + 1] + 1)
 
     def _end(self, session: Session, reason: str) -> None:
         self.table.end(session, reason)
         self.observer.session_event(reason)
 
-    def _gone(self, session: Session) -> SessionNotFound:
+    def _gone(self, session: Session) -> SeqServeError:
+        if session.ended == "moved":
+            return SessionMoved(f"session {session.id!r} was taken over by another replica; "
+                                "retry (it resumes where that replica left it)")
         return SessionNotFound(f"session {session.id!r} {session.ended} at position "
                                f"{session.position}", reason=session.ended,
                                position=session.position)
@@ -271,14 +438,39 @@ class Scheduler:
             _fail(session.pending.popleft().future, self._gone(session))
 
 
+def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
+                       ) -> tuple[list[Commit], list[bool]]:
+    """What a store write records for these sessions: the head always; the state and
+    output ring when the session is new there, was reset, or ran ``every`` frames since its
+    last checkpoint. Also says which commits are full checkpoints."""
+    commits: list[Commit] = []
+    full: list[bool] = []
+    rows = [s for s in sessions if not s.ended and (
+        s.synced < 0 or s.position - s.saved >= every or s.position < s.saved)]
+    states: dict[Session, tuple[bytes, bytes]] = {}
+    if rows:
+        slots = np.fromiter((s.slot for s in rows), np.intp, len(rows))
+        flat = np.concatenate([slab[slots] for slab in bank.slabs], axis=1)
+        ring = bank.ring[slots]
+        states = {s: (flat[i].tobytes(), ring[i].tobytes()) for i, s in enumerate(rows)}
+    for s in sessions:
+        saved = states.get(s)
+        commits.append(Commit(s.id, s.synced, s.position, s.owner, s.ended == "closed",
+                              saved[0] if saved else None, saved[1] if saved else b""))
+        full.append(saved is not None)
+    return commits, full
+
+
 def gap_error(session: Session, position: int) -> PositionError:
-    """Frames are missing before ``position``. For a session restored from a snapshot and not
-    advanced since, they were lost in a crash: say so, and name the last durable position."""
+    """Frames are missing before ``position``. For a session restored from a checkpoint (a
+    snapshot, or the shared store) that was behind what had been applied, and not advanced since,
+    they were lost in a crash: say so, and name the last durable position."""
     expected = session.accepted
     if session.restored:
         return PositionError(
-            f"session {session.id!r} was restored from a snapshot at position {expected} after "
-            f"an unclean stop; frames from {expected} on were lost: resend from {expected}",
+            f"session {session.id!r} was restored from its last checkpoint, at position "
+            f"{expected}, after an unclean stop; frames from {expected} on were lost: resend "
+            f"from {expected}",
             reason="rolled_back", expected=expected)
     return PositionError(f"position {position} leaves a gap: session {session.id!r} expects "
                          f"{expected}", reason="position_gap", expected=expected)
@@ -296,11 +488,11 @@ def _run_jobs(runtime: Runtime, jobs: list[tuple[str, np.ndarray, list[np.ndarra
     return out
 
 
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+def _resolve(future: Sink, value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+def _fail(future: Sink, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)

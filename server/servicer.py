@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.proto.codec import from_matrix, to_matrix
 
 from .auth import current_principal
-from .engine import Engine, SessionStatus, StepResult
+from .engine import BatchResult, Engine, SessionStatus, StepResult
 from .errors import (
     BadRequest,
     CapacityExceeded,
@@ -33,6 +33,7 @@ from .errors import (
     SessionNotFound,
 )
 from .metrics import Metrics
+from .store import SessionMoved, StoreUnavailable
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
 
@@ -45,6 +46,8 @@ STATUS_CODES: dict[type[SeqServeError], grpc.StatusCode] = {
     CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SessionExists: grpc.StatusCode.ALREADY_EXISTS,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    SessionMoved: grpc.StatusCode.ABORTED,
 }
 
 _END = object()  # reader finished
@@ -97,8 +100,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self.features = engine.spec.features
         self._streams: set[asyncio.Queue[Any]] = set()
         self._observe = {rpc: metrics.request_seconds.labels(rpc) for rpc in (
-            "Stream", "Step", "Predict", "OpenSession", "GetSession", "ResetSession",
-            "CloseSession", "GetModel")}
+            "Stream", "Step", "StepBatch", "StreamBatch", "Predict", "OpenSession", "GetSession",
+            "ResetSession", "CloseSession", "GetModel")}
         # Every (rpc, code) series exists from the start, so rate() sees the first error too.
         self._counted = {(rpc, code.name): metrics.requests.labels(rpc, code.name)
                          for rpc in self._observe for code in _REPORTED_CODES}
@@ -161,10 +164,61 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+        async for response in self._stream("Stream", request_iterator, context, self._submit,
+                                           self._response, self._step_error):
+            yield response
+
+    async def StepBatch(self, request: pb.StepBatchRequest,
+                        context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
+        started = time.perf_counter()
+        try:
+            result = await self._submit_batch(request)
+        except Exception as exc:
+            await self._abort(context, "StepBatch", started, exc)
+        self._done("StepBatch", started, grpc.StatusCode.OK)
+        return self._batch_response(request, result)
+
+    async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatchRequest],
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.StepBatchResponse]:
+        async for response in self._stream("StreamBatch", request_iterator, context,
+                                           self._submit_batch, self._batch_response,
+                                           self._batch_error):
+            yield response
+
+    def _submit_batch(self, request: pb.StepBatchRequest) -> asyncio.Future[BatchResult]:
+        entries = len(request.session_ids)
+        frames = (decode_matrix(request.frames, self.features) if entries or request.frames.data
+                  else np.zeros((0, self.features), np.float32))
+        return self.engine.submit_batch(request.session_ids, request.positions, frames,
+                                        start=request.start, principal=current_principal())
+
+    @staticmethod
+    def _batch_response(request: pb.StepBatchRequest,
+                        result: BatchResult) -> pb.StepBatchResponse:
+        probs = result.probabilities
+        response = pb.StepBatchResponse(
+            probabilities=to_matrix(probs), top_class=probs.argmax(axis=1).tolist(),
+            next_positions=result.next_positions.tolist(), replayed=result.replayed.tolist(),
+            tag=request.tag)
+        for index, exc in sorted(result.errors.items()):
+            response.errors.add(index=index, error=_error(exc))
+        return response
+
+    # -- streams ------------------------------------------------------------------------------
+
+    async def _stream(self, rpc: str, requests: AsyncIterator[Any],
+                      context: grpc.aio.ServicerContext, submit: Callable[[Any], Any],
+                      respond: Callable[[Any, Any], Any],
+                      failed: Callable[[str, Any, float, Exception], Any]
+                      ) -> AsyncIterator[Any]:
+        """Read requests, submit each at once (clients pipeline), write answers as they settle.
+        ``failed`` turns an error into that RPC's response message; the stream goes on."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         slots = asyncio.Semaphore(self.engine.settings.stream_inflight)
         self._streams.add(queue)
-        reader = asyncio.create_task(self._read(request_iterator, queue, slots))
+        reader = asyncio.create_task(self._read(rpc, requests, queue, slots, submit, respond,
+                                                failed))
         outstanding = 0
         reading = True
         draining = self.engine.draining
@@ -194,41 +248,56 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         if not reader.cancelled() and reader.done() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
 
-    async def _read(self, requests: AsyncIterator[pb.StepRequest], queue: asyncio.Queue[Any],
-                    slots: asyncio.Semaphore) -> None:
+    async def _read(self, rpc: str, requests: AsyncIterator[Any], queue: asyncio.Queue[Any],
+                    slots: asyncio.Semaphore, submit: Callable[[Any], Any],
+                    respond: Callable[[Any, Any], Any],
+                    failed: Callable[[str, Any, float, Exception], Any]) -> None:
         try:
             async for request in requests:
                 await slots.acquire()
                 queue.put_nowait(1)
                 started = time.perf_counter()
                 try:
-                    future = self._submit(request)
+                    future = submit(request)
                 except Exception as exc:
-                    queue.put_nowait(self._stream_error(request, started, exc))
+                    queue.put_nowait(failed(rpc, request, started, exc))
                     continue
-                future.add_done_callback(functools.partial(self._answer, queue, request, started))
+                future.add_done_callback(functools.partial(
+                    self._answer, rpc, queue, request, started, respond, failed))
         finally:
             queue.put_nowait(_END)
 
-    def _answer(self, queue: asyncio.Queue[Any], request: pb.StepRequest, started: float,
-                future: asyncio.Future[StepResult]) -> None:
-        queue.put_nowait(self._stream_done(request, started, future))
-
-    def _stream_done(self, request: pb.StepRequest, started: float,
-                     future: asyncio.Future[StepResult]) -> pb.StepResponse:
+    def _answer(self, rpc: str, queue: asyncio.Queue[Any], request: Any, started: float,
+                respond: Callable[[Any, Any], Any],
+                failed: Callable[[str, Any, float, Exception], Any],
+                future: asyncio.Future[Any]) -> None:
         exc = future.exception() if not future.cancelled() else Draining("cancelled")
         if exc is not None:
-            return self._stream_error(request, started, exc)  # type: ignore[arg-type]
-        self._done("Stream", started, grpc.StatusCode.OK)
-        return self._response(request, future.result())
+            queue.put_nowait(failed(rpc, request, started, exc))  # type: ignore[arg-type]
+            return
+        self._done(rpc, started, grpc.StatusCode.OK)
+        queue.put_nowait(respond(request, future.result()))
 
-    def _stream_error(self, request: pb.StepRequest, started: float,
-                      exc: Exception) -> pb.StepResponse:
+    def _step_error(self, rpc: str, request: pb.StepRequest, started: float,
+                    exc: Exception) -> pb.StepResponse:
         error = _error(exc)
-        self._done("Stream", started, grpc.StatusCode(_CODES[error.code]))
+        self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
         return pb.StepResponse(session_id=request.session_id, position=request.position,
                                tag=request.tag, error=error,
                                next_position=_expected(exc))
+
+    def _batch_error(self, rpc: str, request: pb.StepBatchRequest, started: float,
+                     exc: Exception) -> pb.StepBatchResponse:
+        """The whole message failed (malformed, draining): every entry carries the error."""
+        error = _error(exc)
+        self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
+        entries = len(request.session_ids)
+        return pb.StepBatchResponse(
+            probabilities=pb.Matrix(rows=entries, cols=self.engine.spec.classes,
+                                    data=bytes(4 * entries * self.engine.spec.classes)),
+            top_class=[0] * entries, next_positions=[_expected(exc)] * entries,
+            replayed=[False] * entries, tag=request.tag,
+            errors=[pb.EntryError(index=i, error=error) for i in range(max(entries, 1))])
 
     # -- whole sequences ----------------------------------------------------------------------
 

@@ -43,6 +43,10 @@ class Session:
     ended: str = ""  # "closed" / "expired" once gone
     restored: bool = False  # loaded from a snapshot and not advanced since
     owner: str = ""  # the principal that opened it ("" when authentication is off)
+    holds: int = 0  # StepBatch groups queued or running with a frame of this session
+    last_group: int = 0  # number of the latest such group
+    synced: int = -1  # head last written to the shared store (-1: not there yet)
+    saved: int = 0  # position of its last full checkpoint there
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class SessionTable:
         self._max_tombstones = max_tombstones
         self.max_per_owner = max_per_owner  # 0: unlimited
         self._owned: dict[str, int] = {}  # live sessions per owner
+        self.find = self._live.get  # type: ignore[assignment,method-assign]
 
     def __len__(self) -> int:
         return len(self._live)
@@ -113,11 +118,26 @@ class SessionTable:
         )
 
     def find(self, session_id: str) -> Session | None:
+        """The live session by that id, or None (hot path: bound to the dict's get)."""
         return self._live.get(session_id)
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()
         self._live.move_to_end(session.id)
+
+    def bury(self, session_id: str, reason: str, position: int, owner: str) -> None:
+        """Record a session that ended elsewhere (another replica), unless it is live here."""
+        if session_id not in self._live:
+            self._ended[session_id] = Tombstone(reason, position, self.clock(), owner)
+            while len(self._ended) > self._max_tombstones:
+                self._ended.popitem(last=False)
+
+    def touch_many(self, sessions: list[Session]) -> None:
+        now = self.clock()
+        move = self._live.move_to_end
+        for session in sessions:
+            session.last_used = now
+            move(session.id)
 
     def end(self, session: Session, reason: str) -> None:
         """Free the session's slot and leave a tombstone. Idempotent."""
@@ -143,7 +163,7 @@ class SessionTable:
         for session in self._live.values():
             if session.last_used > deadline:
                 break
-            if not session.pending and not session.scheduled:
+            if not session.pending and not session.scheduled and not session.holds:
                 found.append(session)
         return found
 

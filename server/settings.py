@@ -63,6 +63,21 @@ class Settings:
     auth_token: str = _opt("", "one accepted bearer token, principal 'default' (prefer the "
                            "environment variable: flags show in ps)")
     max_sessions_per_principal: int = _opt(0, "cap on one principal's live sessions (0: none)")
+    store: str = _opt("memory", "where sessions live: 'memory' (this process only) or "
+                      "redis://HOST:PORT/DB, checkpoints shared by every replica so any of "
+                      "them can resume a session")
+    checkpoint_every: int = _opt(1, "with a shared store: save a session's state every this many "
+                                 "frames (1: every frame, nothing is ever lost; K: a replica "
+                                 "dying loses at most the last K-1 frames, and says so)")
+    replica_id: str = _opt("", "this replica's name in the shared store (default host:pid)")
+    store_timeout: float = _opt(0.25, "seconds to wait for the shared store per call")
+    store_retry: float = _opt(1.0, "after the store failed, serve from memory this many seconds "
+                              "before trying it again")
+    workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT); more than one "
+                        "needs --store redis://... so a session can move between them")
+    reuse_port: bool = _opt(False, "bind with SO_REUSEPORT, sharing the port with other "
+                            "processes (what --workers does for its workers; they must share "
+                            "a --store)")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def replace(self, **changes: Any) -> Settings:
@@ -136,7 +151,8 @@ def parse_settings(argv: Sequence[str] | None = None,
 def validate(settings: Settings) -> list[str]:
     problems = []
     for name in ("max_sessions", "max_batch", "max_frames_per_request", "max_message_bytes",
-                 "replay_window", "stream_inflight", "ort_threads", "max_predict_frames"):
+                 "replay_window", "stream_inflight", "ort_threads", "max_predict_frames",
+                 "checkpoint_every", "workers"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     for name in ("session_idle_timeout", "drain_grace"):
@@ -152,4 +168,16 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--tls-cert and --tls-key go together")
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+    if settings.store != "memory" and not settings.store.startswith(("redis://", "rediss://",
+                                                                     "unix://")):
+        problems.append("--store must be 'memory' or a redis://, rediss:// or unix:// URL")
+    if settings.workers > 1 and settings.port == 0:
+        problems.append("--workers above 1 needs a fixed --port for the workers to share")
+    if (settings.workers > 1 or settings.reuse_port) and settings.store == "memory":
+        problems.append("--workers above 1 (and --reuse-port) need --store redis://...: a "
+                        "client reconnecting may reach another process, which must be able to "
+                        "resume its session")
+    for name in ("store_timeout", "store_retry"):
+        if getattr(settings, name) <= 0:
+            problems.append(f"{_flag(name)} must be positive")
     return problems

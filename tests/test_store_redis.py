@@ -1,0 +1,257 @@
+"""The shared session store, against a real redis-server on loopback: two in-process replicas
+hand sessions to each other through it, exactly once, and keep serving when it is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from helpers import free_port, probs, solo_run, step_request
+
+from seqserve.proto import seqserve_pb2 as pb
+from seqserve.proto import seqserve_pb2_grpc as pb_grpc
+from seqserve.proto.codec import from_matrix, to_matrix
+
+TOL = 1e-5
+
+
+class RedisServer:
+    """redis-server on a fixed loopback port (so it can be stopped and started again)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != "PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
+                              text=True, timeout=10)
+        return done.stdout.strip()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server not installed (scripts/system-deps.sh installs it)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def replicas(start_server: Callable[..., Any], redis_server: RedisServer
+                   ) -> AsyncIterator[Callable[..., Any]]:
+    """``await replica(name, **settings) -> (app, stub)``: in-process replicas sharing Redis."""
+    channels: list[grpc.aio.Channel] = []
+
+    async def replica(name: str, **overrides: Any) -> tuple[Any, pb_grpc.SeqServeStub]:
+        overrides.setdefault("store", redis_server.url)
+        app, port = await start_server(replica_id=name, **overrides)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        return app, pb_grpc.SeqServeStub(channel)
+
+    yield replica
+    for channel in channels:
+        await channel.close()
+
+
+def recording(samples: dict[str, np.ndarray], n: int = 24) -> np.ndarray:
+    return samples["x"][0][:n].astype(np.float32)
+
+
+async def step(stub: pb_grpc.SeqServeStub, sid: str, x: np.ndarray, position: int,
+               count: int = 1) -> pb.StepResponse:
+    return await stub.Step(step_request(sid, position, x[position : position + count],
+                                        start=position == 0))
+
+
+async def test_a_session_moves_between_replicas_with_identical_outputs(replicas, samples,
+                                                                       model_dir):
+    _, a = await replicas("a")
+    _, b = await replicas("b")
+    x = recording(samples)
+    out = [probs(await step(a, "hop", x, t)) for t in range(8)]
+    out += [probs(await step(b, "hop", x, t)) for t in range(8, 16)]  # b claims it
+    # a's copy is stale now: a request there finds the session moved and takes it back.
+    out += [probs(await step(a, "hop", x, t)) for t in range(16, 24)]
+    assert np.abs(np.concatenate(out) - solo_run(model_dir, x)).max() <= TOL
+    info = await a.GetSession(pb.SessionRef(session_id="hop"))
+    assert info.position == 24
+
+
+async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
+        replicas, samples, redis_server):
+    _, a = await replicas("a")
+    _, b = await replicas("b")
+    x = recording(samples)
+    first = await step(a, "once", x, 0, 6)
+    # a applied 0..5; the client never saw the answer and resends it to b.
+    again = await step(b, "once", x, 0, 6)
+    assert again.replayed and again.next_position == 6
+    assert again.probabilities.data == first.probabilities.data
+    assert redis_server.cli("HGET", "seqserve:basicmotions:1:once", "head") == "6"
+
+
+async def test_with_k4_a_dead_replicas_last_frames_are_reported_and_resent(
+        replicas, samples, model_dir):
+    app_a, a = await replicas("a", checkpoint_every=4)
+    _, b = await replicas("b", checkpoint_every=4)
+    x = recording(samples)
+    for t in range(10):  # full checkpoints when created (1), then every 4 frames: 5, 9
+        await step(a, "lossy", x, t)
+    app_a.engine.store._down_until = float("inf")  # a "dies": it never writes again
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await step(b, "lossy", x, 10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    meta = dict(err.value.trailing_metadata())
+    assert meta["seqserve-reason"] == "rolled_back"
+    assert meta["seqserve-expected-position"] == "9"  # frame 9 was lost (at most K-1 can be)
+    resent = await step(b, "lossy", x, 9, 15)
+    assert np.abs(probs(resent) - solo_run(model_dir, x)[9:]).max() <= TOL
+
+
+async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
+    """b claims the session while a still holds it; then each gets the same next frame. Only
+    one of them applies it: the other's write to the store fails and it says session_moved."""
+    _, a = await replicas("a")
+    _, b = await replicas("b")
+    x = recording(samples)
+    await step(a, "race", x, 0, 4)
+    await step(b, "race", x, 0, 4)  # a resend: b claims the session, replays
+    results = await asyncio.gather(step(a, "race", x, 4), step(b, "race", x, 4),
+                                   return_exceptions=True)
+    failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(failed) == 1 and failed[0].code() == grpc.StatusCode.ABORTED
+    assert dict(failed[0].trailing_metadata())["seqserve-reason"] == "session_moved"
+    ok = next(r for r in results if not isinstance(r, BaseException))
+    assert ok.next_position == 5 and not ok.replayed
+
+
+async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples, redis_server,
+                                                               model_dir):
+    _, a = await replicas("a", store_retry=0.2)
+    _, b = await replicas("b", store_retry=0.2)
+    x = recording(samples)
+    await step(a, "held", x, 0, 4)
+    redis_server.stop()
+    out = [probs(await step(a, "held", x, t)) for t in range(4, 12)]  # from memory
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a resume elsewhere needs the store
+        await step(b, "held", x, 12)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(err.value.trailing_metadata())["seqserve-reason"] == "store_unavailable"
+    fresh = await step(b, "fresh", x, 0, 2)  # a new session still starts, in memory
+    assert fresh.next_position == 2
+    redis_server.start()  # back, and empty: the next write re-creates the sessions there
+    await asyncio.sleep(0.3)
+    out += [probs(await step(a, "held", x, t)) for t in range(12, 16)]
+    assert np.abs(np.concatenate(out) - solo_run(model_dir, x)[4:16]).max() <= TOL
+    await step(a, "held", x, 16)  # the first write after the outage found it missing
+    assert redis_server.cli("HGET", "seqserve:basicmotions:1:held", "pos") == "17"
+    moved = await step(b, "held", x, 17)  # b resumes from there, nothing lost
+    assert np.abs(probs(moved) - solo_run(model_dir, x)[17]).max() <= TOL
+
+
+async def test_drain_checkpoints_every_session_and_close_is_shared(replicas, samples, model_dir,
+                                                                    redis_server):
+    app_a, a = await replicas("a", checkpoint_every=16, session_idle_timeout=30.0)
+    _, b = await replicas("b", checkpoint_every=16)
+    x = recording(samples)
+    for t in range(5):
+        await step(a, "drained", x, t)
+    await step(a, "closing", x, 0, 3)
+    ttl = int(redis_server.cli("PTTL", "seqserve:basicmotions:1:drained"))
+    assert 25_000 < ttl <= 30_000  # the store expires it with the server's idle timeout
+    await a.CloseSession(pb.SessionRef(session_id="closing"))
+    await app_a.stop()  # drain: sessions saved with their latest state
+    r = await step(b, "drained", x, 5)
+    assert np.abs(probs(r) - solo_run(model_dir, x[:6])[5]).max() <= TOL
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await step(b, "closing", x, 3)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(err.value.trailing_metadata())["seqserve-reason"] == "closed"
+
+
+async def test_batches_claim_what_they_do_not_hold(replicas, samples, model_dir):
+    _, a = await replicas("a")
+    _, b = await replicas("b")
+    x = np.stack([samples["x"][i][:6] for i in range(4)]).astype(np.float32)
+    ids = [f"mb-{i}" for i in range(4)]
+    def batch(t: int) -> pb.StepBatchRequest:
+        return pb.StepBatchRequest(session_ids=ids, positions=[t] * 4, frames=to_matrix(x[:, t]),
+                                   start=t == 0)
+
+    rows = [from_matrix((await a.StepBatch(batch(t))).probabilities) for t in range(3)]
+    for t in range(3, 6):
+        r = await b.StepBatch(batch(t))
+        assert not r.errors
+        rows.append(from_matrix(r.probabilities))
+    got = np.stack(rows, axis=1)
+    for i in range(4):
+        assert np.abs(got[i] - solo_run(model_dir, x[i])).max() <= TOL
+
+
+
+def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, model_dir,
+                                                       tmp_path):
+    """``--workers 2``: two processes on one port. Every fresh connection lands on either; a
+    session stepped over twenty fresh connections visits both and its outputs are exact."""
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-P", "-m", "seqserve.server", "--workers", "2", "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "-1", "--store", redis_server.url,
+         "--replica-id", "box", "--model-dir", str(model_dir), "--snapshot-path", "",
+         "--drain-grace", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    x = recording(samples, 20)
+    owners = set()
+
+    async def run() -> list[np.ndarray]:
+        out = []
+        for t in range(len(x)):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.SeqServeStub(channel)
+                await asyncio.wait_for(channel.channel_ready(), 30)
+                out.append(probs(await step(stub, "w", x, t)))
+            owners.add(redis_server.cli("HGET", "seqserve:basicmotions:1:w", "owner"))
+        return out
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        server.send_signal(2)  # SIGINT: the parent stops every worker, each drains
+        log = server.communicate(timeout=60)[0].decode()
+    assert server.returncode == 0, log
+    assert owners == {"box-w0", "box-w1"}, log
+    assert np.abs(np.concatenate(out) - solo_run(model_dir, x)).max() <= TOL
