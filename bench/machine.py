@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -10,7 +11,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["machine_info"]
+__all__ = ["cpu_ticks", "load_note", "machine_info"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("grpcio", "protobuf", "onnxruntime", "numpy")
@@ -60,3 +61,26 @@ def machine_info() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             info[package] = "not installed"
     return info
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far, /proc/stat's first line (user nice system idle iowait irq
+    softirq steal ...), in clock ticks."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def load_note(before: list[int]) -> dict[str, str]:
+    """How busy the machine was over a run: the load average now, and the share of CPU time the
+    hypervisor took (steal) since ``before``."""
+    after = cpu_ticks()
+    note = {}
+    with contextlib.suppress(OSError):
+        note["load average (1, 5, 15 min) at the end"] = ", ".join(
+            Path("/proc/loadavg").read_text().split()[:3])
+    if before and len(after) == len(before) and len(after) > 7:
+        delta = [a - b for a, b in zip(after, before, strict=True)]
+        note["CPU stolen by the hypervisor over the run"] = f"{delta[7] / sum(delta):.1%}"
+    return note

@@ -100,15 +100,17 @@ async def main() -> None:
                         "clients")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--native", action="store_true", help="C frames too (grpc, numpy)")
+    parser.add_argument("--gil", action="store_true", help="only threads holding the GIL")
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "profiles")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
-    raw = args.out / f"{args.scenario}-{args.load}{'-native' if args.native else ''}.txt"
+    flags = [f for f in ("native", "gil") if getattr(args, f)]
+    raw = args.out / ("-".join([args.scenario, str(args.load), *flags]) + ".txt")
     wrap = [spy, "record", "--format", "raw", "--threads", "--rate", str(args.rate),
-            "--output", str(raw), *(["--native"] if args.native else []), "--"]
+            "--output", str(raw), *(f"--{f}" for f in flags), "--"]
     async with seqserve_server(ROOT / "models" / "basicmotions", wrap=wrap) as server:
         result = await drive(server, args.scenario, args.load, args.seconds)
     print(f"## seqserve under {args.scenario} {args.load}: {result}\n")

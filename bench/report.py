@@ -323,8 +323,10 @@ def write_report(r: Results, path: Path, plots: list[tuple[str, str]]) -> None:
     lines = ["# seqserve benchmarks", "",
              f"`python -P bench/suite.py{' --quick' if r.config.get('quick') else ''}`: "
              f"{mode}, {r.machine.get('date', '')}, {r.machine.get('cores', '')} cores "
-             f"({r.machine.get('cpu', '')}).", "",
+             f"({r.machine.get('cpu', '')}); seqserve-server with its defaults"
+             + (f" and `{r.config['server_args']}`" if r.config.get("server_args") else "")
+             + ".", "",
              *_targets_section(r), *_limits_section(r), *_stream_section(r), *_mux_section(r),
              *_predict_section(r), *_today_section(r), *_memory_section(r),
              *_machine_section(r, plots)]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")

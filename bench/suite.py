@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ from bench.clients import (
     window_predicts,
 )
 from bench.limits import ort_curve, sequence_pass
-from bench.machine import machine_info
+from bench.machine import cpu_ticks, load_note, machine_info
 from bench.plots import write_plots
 from bench.report import write_report
 from bench.results import Results, Summary
@@ -73,6 +74,7 @@ class Config:
     window: int = 100
     window_clients: tuple[int, ...] = (1, 16)
     memory_sessions: int = 100_000
+    server_args: str = ""
     only: tuple[str, ...] = SCENARIOS
 
 
@@ -92,6 +94,7 @@ HELP = {
     "window": "sliding window in frames (5a, 5b)",
     "window_clients": "stateless Predict clients (5b)",
     "memory_sessions": "idle sessions held for the memory probe (6)",
+    "server_args": "extra seqserve-server flags, one string (--server-args='--ort-threads 2')",
 }
 
 
@@ -204,7 +207,8 @@ class Suite:
         if "limits" in only:
             await _guard(r, "limits", self.limits_inprocess)
         if {"limits", "stream", "mux", "predict", "today"} & set(only):
-            async with echo_server() as echo, seqserve_server(self.model_dir) as seq:
+            extra = shlex.split(self.config.server_args)
+            async with echo_server() as echo, seqserve_server(self.model_dir, *extra) as seq:
                 if {"limits", "stream"} & set(only):
                     await _guard(r, "stream", lambda: self.stream(echo, seq))
                 if "mux" in only:
@@ -260,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = Results(config=dataclasses.asdict(config))
     results.machine = machine_info()
-    started = time.perf_counter()
+    ticks, started = cpu_ticks(), time.perf_counter()
     asyncio.run(Suite(config, model_dir, results).run())
     results.machine["suite seconds"] = f"{time.perf_counter() - started:.0f}"
+    results.machine.update(load_note(ticks))
     for package in ("tensorflow", "keras"):
         if package in results.keras:
             results.machine[package] = str(results.keras[package])
