@@ -59,8 +59,15 @@ class Run:
 
 
 class _Window:
-    """Once every client has had its first answer (streams open, sessions created), ``warmup``
-    seconds of load, then ``seconds`` of measuring; ``add`` keeps the answers landing inside."""
+    """Every client sends its first message and waits until all have their first answer (streams
+    open, sessions created); then ``warmup`` seconds of load, then ``seconds`` of measuring;
+    ``add`` keeps the answers landing inside.
+
+    The start line matters: a stream opened while the server is saturated by the others can
+    wait many seconds for its first answer (seen with 1,024 streams), which would measure
+    stream set-up under overload instead of the steady state."""
+
+    SETUP_TIMEOUT = 120.0
 
     def __init__(self, clients: int, warmup: float, seconds: float) -> None:
         self.warmup = warmup
@@ -71,11 +78,12 @@ class _Window:
         self._waiting = clients
         self._all_in = asyncio.Event()
 
-    def arrived(self) -> None:
-        """A client's first answer came back."""
+    async def arrived(self) -> None:
+        """A client's first answer came back: wait for everyone else's."""
         self._waiting -= 1
         if self._waiting == 0:
             self._all_in.set()
+        await self._all_in.wait()
 
     def add(self, sent: float, done: float, steps: int) -> None:
         if self.start <= done < self.stop:
@@ -85,11 +93,15 @@ class _Window:
     async def measure(self, server: Server, load: Awaitable[object]) -> Run:
         task = asyncio.ensure_future(load)
         arrived = asyncio.ensure_future(self._all_in.wait())
-        await asyncio.wait([task, arrived], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():  # a client failed before every client was in
+        await asyncio.wait([task, arrived], timeout=self.SETUP_TIMEOUT,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not arrived.done():
             arrived.cancel()
-            await task
-            raise BenchError("the load ended before it started")
+            if task.done():  # a client failed before every client was in
+                await task
+            task.cancel()
+            raise BenchError(f"{self._waiting} clients had no first answer after "
+                             f"{self.SETUP_TIMEOUT:.0f} s")
         self.start = time.perf_counter() + self.warmup
         self.stop = self.start + self.seconds
         await asyncio.sleep(self.warmup)
@@ -181,7 +193,7 @@ async def _session(stub: pb_grpc.SeqServeStub, sid: str, messages: list[pb.Matri
             raise BenchError(f"{sid}: {response.error.reason}: {response.error.message}")
         window.add(sent, time.perf_counter(), 1)
         if position == 0:
-            window.arrived()
+            await window.arrived()
         position += 1
     await call.done_writing()
     await call.code()
@@ -228,7 +240,7 @@ async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[
         done = time.perf_counter()
         window.add(sent.popleft(), done, entries)
         if position == depth:
-            window.arrived()
+            await window.arrived()
         if done < window.stop:
             await send()
     await call.done_writing()
@@ -258,7 +270,7 @@ async def _window_client(stub: pb_grpc.SeqServeStub, messages: list[pb.Matrix],
         await stub.Predict(request)
         window.add(sent, time.perf_counter(), 1)
         if t == 0:
-            window.arrived()
+            await window.arrived()
         t += 1
 
 
