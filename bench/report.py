@@ -311,8 +311,9 @@ def _machine_section(r: Results, plots: list[tuple[str, str]]) -> list[str]:
               f"Each network run: {c['warmup']} s warm-up, then a {c['seconds']} s window; only "
               "answers arriving inside it count. Client and servers are separate processes on "
               "the same machine; \"cores\" columns are CPU time over wall time in the window "
-              "(1.00 = one core busy). Echo and seqserve runs alternate at each load. Figures "
-              "are comparable within this run only.", ""]
+              f"(1.00 = one core busy). At each load echo and seqserve runs alternate, "
+              f"{c.get('rounds', 1)} of each; the tables show medians over them. Figures are "
+              "comparable within this run only.", ""]
     if r.failures:
         lines += ["## Failures", "", *(f"- {k}: {v}" for k, v in r.failures.items()), ""]
     return lines

@@ -29,9 +29,15 @@ class Summary:
     server_cpu: float
 
     @classmethod
-    def of(cls, load: int, run: Run) -> Summary:
-        return cls(load, run.p50, run.p99, run.rate, run.steps, run.seconds, run.client_cpu,
-                   run.server_cpu)
+    def of(cls, load: int, runs: list[Run]) -> Summary:
+        """Medians over repeated runs at one load (steps and seconds add up)."""
+        def median(values: list[float]) -> float:
+            return statistics.median(values)
+
+        return cls(load, median([r.p50 for r in runs]), median([r.p99 for r in runs]),
+                   median([r.rate for r in runs]), sum(r.steps for r in runs),
+                   sum(r.seconds for r in runs), median([r.client_cpu for r in runs]),
+                   median([r.server_cpu for r in runs]))
 
 
 @dataclass

@@ -39,6 +39,7 @@ import numpy as np
 
 from bench.clients import (
     Frames,
+    Run,
     predict_caller,
     stream_batches,
     stream_sessions,
@@ -61,6 +62,7 @@ class Config:
     quick: bool = False
     seconds: float = 3.0
     warmup: float = 1.0
+    rounds: int = 3
     concurrency: tuple[int, ...] = (1, 16, 128, 1024)
     mux_entries: tuple[int, ...] = (64, 256)
     mux_streams: int = 4
@@ -81,6 +83,7 @@ class Config:
 HELP = {
     "seconds": "measuring window of each network run, after --warmup",
     "warmup": "seconds of load before each measuring window",
+    "rounds": "runs of each network measurement (echo and seqserve alternating); medians",
     "concurrency": "sessions for the one-frame-per-message runs (2), one stream each",
     "mux_entries": "sessions per StreamBatch message (3)",
     "mux_streams": "StreamBatch streams, each with its own sessions (3)",
@@ -98,7 +101,7 @@ HELP = {
 }
 
 
-QUICK = Config(quick=True, seconds=0.5, warmup=0.3, concurrency=(1, 16, 128),
+QUICK = Config(quick=True, seconds=0.5, warmup=0.3, rounds=1, concurrency=(1, 16, 128),
                ort_batches=(1, 16, 256), ort_budget=0.1, predict_sequences=256,
                predict_repeats=1, keras_steps=5, window_clients=(1,), memory_sessions=10_000)
 
@@ -139,32 +142,44 @@ class Suite:
         c = self.config
         self.results.ort = ort_curve(self.spec, self.x, list(c.ort_batches), c.ort_budget)
 
+    async def _rounds(self, load: int, pairs: list[tuple[Server, list[Summary]]],
+                      measure: Callable[[Server, int], Awaitable[Run]]) -> None:
+        """``rounds`` runs of each server at one load, the servers alternating; each server's
+        row gets the medians."""
+        runs: list[list[Run]] = [[] for _ in pairs]
+        for i in range(self.config.rounds):
+            for (server, _), done in zip(pairs, runs, strict=True):
+                done.append(await measure(server, i))
+        for (_, rows), done in zip(pairs, runs, strict=True):
+            rows.append(Summary.of(load, done))
+
     async def stream(self, echo: Server, seq: Server) -> None:
-        c = self.config
+        c, r = self.config, self.results
         for sessions in c.concurrency:
-            for server, rows in ((echo, self.results.echo_stream), (seq, self.results.stream)):
-                run = await stream_sessions(server, self.frames, sessions, warmup=c.warmup,
-                                            seconds=c.seconds, tag=f"s{sessions}")
-                rows.append(Summary.of(sessions, run))
+            async def measure(server: Server, i: int, sessions: int = sessions) -> Run:
+                return await stream_sessions(server, self.frames, sessions, warmup=c.warmup,
+                                             seconds=c.seconds, tag=f"s{sessions}r{i}")
+
+            await self._rounds(sessions, [(echo, r.echo_stream), (seq, r.stream)], measure)
 
     async def mux(self, echo: Server, seq: Server) -> None:
-        c = self.config
-        self.results.mux_status = "ok"
+        c, r = self.config, self.results
+        r.mux_status = "ok"
+        pairs = [(echo, r.echo_mux), (seq, r.mux)]
         for entries in c.mux_entries:
-            for server, rows in ((echo, self.results.echo_mux), (seq, self.results.mux)):
-                if server is seq and self.results.mux_status != "ok":
-                    continue
-                try:
-                    run = await stream_batches(server, self.frames, entries,
-                                               streams=c.mux_streams, depth=c.mux_depth,
-                                               warmup=c.warmup, seconds=c.seconds,
-                                               tag=f"m{entries}")
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or server is echo:
-                        raise
-                    self.results.mux_status = "not implemented (UNIMPLEMENTED)"
-                    continue
-                rows.append(Summary.of(entries, run))
+            async def measure(server: Server, i: int, entries: int = entries) -> Run:
+                return await stream_batches(server, self.frames, entries, streams=c.mux_streams,
+                                            depth=c.mux_depth, warmup=c.warmup,
+                                            seconds=c.seconds, tag=f"m{entries}r{i}")
+
+            try:
+                await self._rounds(entries, pairs, measure)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED or len(pairs) == 1:
+                    raise
+                r.mux_status = "not implemented (UNIMPLEMENTED)"
+                pairs = pairs[:1]  # the echo ceiling is still worth having
+                await self._rounds(entries, pairs, measure)
 
     async def predict(self, seq: Server) -> None:
         """Predict calls alternate with the same work in process, so drift hits both alike."""
@@ -183,9 +198,11 @@ class Suite:
     async def stateless(self, seq: Server) -> None:
         c = self.config
         for clients in c.window_clients:
-            run = await window_predicts(seq, self.frames, clients, c.window, warmup=c.warmup,
-                                        seconds=c.seconds)
-            self.results.window.append(Summary.of(clients, run))
+            async def measure(server: Server, i: int, clients: int = clients) -> Run:
+                return await window_predicts(server, self.frames, clients, c.window,
+                                             warmup=c.warmup, seconds=c.seconds)
+
+            await self._rounds(clients, [(seq, self.results.window)], measure)
 
     async def keras(self) -> None:
         c = self.config
