@@ -28,7 +28,7 @@ from .errors import PositionError, SeqServeError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
 from .states import StateBank
-from .store import Commit, RedisStore, SessionMoved
+from .store import Commits, RedisStore, SessionMoved
 
 __all__ = ["BatchObserver", "Scheduler", "Sink", "StepResult", "Work", "gap_error"]
 
@@ -393,11 +393,11 @@ class Scheduler:
             moved: set[Session] = set()
             if written is not None:
                 for session, outcome, is_full in zip(touched, written, full, strict=True):
-                    if outcome == 1:
+                    if outcome == "1":
                         session.synced = session.position
                         if is_full:
                             session.saved = session.position
-                    elif outcome == 2:
+                    elif outcome == "2":
                         session.synced = -1  # the store lost it: a full checkpoint next time
                     elif not session.ended:
                         moved.add(session)
@@ -439,26 +439,22 @@ class Scheduler:
 
 
 def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
-                       ) -> tuple[list[Commit], list[bool]]:
-    """What a store write records for these sessions: the head always; the state and
-    output ring when the session is new there, was reset, or ran ``every`` frames since its
-    last checkpoint. Also says which commits are full checkpoints."""
-    commits: list[Commit] = []
-    full: list[bool] = []
-    rows = [s for s in sessions if not s.ended and (
-        s.synced < 0 or s.position - s.saved >= every or s.position < s.saved)]
-    states: dict[Session, tuple[bytes, bytes]] = {}
-    if rows:
-        slots = np.fromiter((s.slot for s in rows), np.intp, len(rows))
-        flat = np.concatenate([slab[slots] for slab in bank.slabs], axis=1)
-        ring = bank.ring[slots]
-        states = {s: (flat[i].tobytes(), ring[i].tobytes()) for i, s in enumerate(rows)}
-    for s in sessions:
-        saved = states.get(s)
-        commits.append(Commit(s.id, s.synced, s.position, s.owner, s.ended == "closed",
-                              saved[0] if saved else None, saved[1] if saved else b""))
-        full.append(saved is not None)
-    return commits, full
+                       ) -> tuple[Commits, list[bool]]:
+    """What a store write records for these sessions: the head always; the state and output
+    ring when the session is new there, was reset, or ran ``every`` frames since its last full
+    checkpoint. Also says which are full checkpoints."""
+    full = [not s.ended and (s.synced < 0 or s.position - s.saved >= every
+                             or s.position < s.saved) for s in sessions]
+    record = 4 * (bank.slabs_floats + bank.ring.shape[1] * bank.ring.shape[2])
+    data = b""
+    if any(full):
+        slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
+        data = np.concatenate([*(slab[slots] for slab in bank.slabs),
+                               bank.ring[slots].reshape(len(slots), -1)], axis=1).tobytes()
+    lines = "".join([
+        f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
+        for s, f in zip(sessions, full, strict=True)])
+    return Commits(lines, data, record, len(sessions)), full
 
 
 def gap_error(session: Session, position: int) -> PositionError:

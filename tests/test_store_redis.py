@@ -120,7 +120,7 @@ async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
     again = await step(b, "once", x, 0, 6)
     assert again.replayed and again.next_position == 6
     assert again.probabilities.data == first.probabilities.data
-    assert redis_server.cli("HGET", "seqserve:basicmotions:1:once", "head") == "6"
+    assert redis_server.cli("HGET", "seqserve:basicmotions:1:once", "h") == "b|6"  # owner|head
 
 
 async def test_with_k4_a_dead_replicas_last_frames_are_reported_and_resent(
@@ -244,7 +244,7 @@ def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, mo
                 stub = pb_grpc.SeqServeStub(channel)
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 out.append(probs(await step(stub, "w", x, t)))
-            owners.add(redis_server.cli("HGET", "seqserve:basicmotions:1:w", "owner"))
+            owners.add(redis_server.cli("HGET", "seqserve:basicmotions:1:w", "h").split("|")[0])
         return out
 
     try:
