@@ -4,7 +4,6 @@ config with only its addresses changed."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from cluster import NGINX_SITE, _serving, nginx_site
 
@@ -33,9 +32,7 @@ async def test_a_replica_is_killed_paused_and_restarted_on_its_ports(cluster):
     async with AsyncClient(target, timeout=5) as client:
         await client.open_session("before")
     replica.pause()
-    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.FutureTimeoutError):
-        grpc.channel_ready_future(channel).result(timeout=0.2)  # connects, nobody answers
-    assert not _serving(target)
+    assert not _serving(target)  # the health check times out: nobody answers
     replica.resume()
     assert _serving(target)
     replica.kill()
