@@ -431,6 +431,9 @@ def start_cluster(workdir: Path, model_dir: Path, *, replicas: int = 2, redis: b
     to have what starts recorded in it as it starts (so a failure half-way still gets cleaned).
     """
     c = cluster or Cluster(workdir)
+    for wanted, binary in ((redis, "redis-server"), (nginx, "nginx"), (haproxy, "haproxy")):
+        if wanted:
+            need(binary, binary)  # skip before starting anything
     if redis:
         c.redis = Redis("redis", workdir / "redis.log")
         c.redis.start(workdir / "redis")
