@@ -83,21 +83,26 @@ class _Process:
         assert self.process is not None
         return self.process.pid
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process and everything it started (nginx's workers: a SIGKILLed
+        nginx master leaves them serving otherwise)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, sig)  # its own session, so its own process group
+
     def kill(self) -> None:
         """SIGKILL, as a crash would: nothing is drained or saved."""
-        if self.alive:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGKILL)
-        if self.process is not None:
-            self.process.wait(10)
+        if self.process is None:
+            return
+        self.signal(signal.SIGKILL)
+        self.process.wait(10)
 
     def pause(self) -> None:
         """SIGSTOP: the process hangs (its sockets still accept connections)."""
-        os.kill(self.pid, signal.SIGSTOP)
+        self.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         """SIGCONT after ``pause``."""
-        os.kill(self.pid, signal.SIGCONT)
+        self.signal(signal.SIGCONT)
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait (SIGKILL after ``timeout``); the exit status."""

@@ -4,6 +4,8 @@ config with only its addresses changed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cluster import NGINX_SITE, _serving, nginx_site
 
@@ -56,3 +58,28 @@ def test_nginx_site_changes_only_the_addresses():
     assert [line.strip() for line in added] == [
         "server 127.0.0.1:2" + params + ";", "server 127.0.0.1:3" + params + ";",
         "server 127.0.0.1:4" + params + ";", "listen 127.0.0.1:1 http2;"]
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_killing_nginx_takes_its_workers_along(cluster):
+    c = cluster(replicas=1)
+    assert c.nginx is not None
+    group = c.nginx.pid
+    assert len(_group(group)) >= 2  # master and worker
+    c.nginx.kill()
+    assert _group(group) == []
