@@ -23,6 +23,7 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
 from .errors import SeqServeError, Unavailable, error_from_rpc, error_from_status
 from .retry import Backoff, Contact
+from .routing import check_route, new_route, route_metadata
 
 __all__ = ["Multiplexer"]
 
@@ -36,13 +37,18 @@ _Key = tuple[str, int]
 
 
 class Multiplexer:
-    """Owns one ``Stream`` call (opened on first use) and routes responses to futures."""
+    """Owns one ``Stream`` call (opened on first use) and routes responses to futures.
+
+    Every call it opens carries ``seqserve-route: <route>``: one key for the multiplexer's life
+    (random unless given), so a front proxy that hashes on it sends the resumed stream, and with
+    it every session on it, to the same replica."""
 
     def __init__(self, stub: pb_grpc.SeqServeStub, *, metadata: tuple[tuple[str, str], ...] = (),
                  retry: Backoff | None = None, contact: Contact | None = None,
-                 target: str = "") -> None:
+                 target: str = "", route: str | None = None) -> None:
         self._stub = stub
-        self._metadata = metadata
+        self.route = new_route() if route is None else check_route(route)
+        self._metadata = (*metadata, *route_metadata(self.route))
         self._retry = retry or Backoff()
         self._contact = contact or Contact()
         self._target = target
