@@ -212,7 +212,14 @@ class Engine:
         return session
 
     def get(self, session_id: str, principal: str = "") -> SessionStatus:
+        """A session held here (no store lookup)."""
         return self.status(self.table.get(session_id, principal))
+
+    async def lookup(self, session_id: str, principal: str = "") -> SessionStatus:
+        """Like ``get``, but with a shared store a session held elsewhere is claimed first, so
+        a client resuming on this replica finds it where it left off."""
+        await self._held(session_id, principal)
+        return self.get(session_id, principal)
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()

@@ -144,15 +144,17 @@ class Redis(_Process):
             sock.sendall(payload.encode())
             return _read_reply(sock.makefile("rb"))
 
-    def start(self, workdir: Path) -> None:
+    def start(self, workdir: Path, port: int = 0) -> None:
+        """Start on a free port, or on ``port`` (a restart where clients expect it)."""
         binary = need("redis-server", "redis-server")
         workdir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
-            self.port = free_port()
+            self.port = port or free_port()
             self._spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1",
                          "--save", "", "--appendonly", "no", "--dir", str(workdir),
-                         "--logfile", "", "--daemonize", "no", "--protected-mode", "yes"])
-            if _wait(lambda: self._ping(), self, "starting", attempt < 2):
+                         "--logfile", "", "--daemonize", "no", "--protected-mode", "yes",
+                         "--enable-debug-command", "local"])  # DEBUG SLEEP: a slow Redis
+            if _wait(lambda: self._ping(), self, "starting", attempt < 2 and not port):
                 return
 
     def _ping(self) -> bool:

@@ -22,9 +22,6 @@ DEPLOY = ROOT / "deploy"
 LONG_RUNNING = ("seqserve", "prometheus", "grafana")
 REPLICAS = ("replica-1", "replica-2")
 CLUSTER = ("redis", *REPLICAS, "nginx")  # profile `cluster`
-# Server flags of issue 8 (Redis session store) that server/ is gaining; until they are there the
-# replicas' commands may use them unchecked.
-STORE_FLAGS = {"--store", "--checkpoint-every", "--replica-id"}
 
 
 def _load(path: Path) -> Any:
@@ -172,7 +169,7 @@ def _options(command: list[str]) -> dict[str, str]:
 
 
 def test_cluster_replicas_run_the_server_image_on_one_redis(compose, stages):
-    from seqserve.server.settings import build_parser, parse_settings
+    from seqserve.server.settings import parse_settings
 
     services = compose["services"]
     redis = services["redis"]
@@ -189,12 +186,9 @@ def test_cluster_replicas_run_the_server_image_on_one_redis(compose, stages):
         assert "redis" in replica["depends_on"]
         env = _environment(replica)
         assert env["SEQSERVE_SNAPSHOT_PATH"] == "", "sessions live in Redis, not in one replica"
-        _, unknown = build_parser().parse_known_args(replica["command"])
-        assert {a for a in unknown if a.startswith("--")} <= STORE_FLAGS, unknown
-        if not unknown:  # the store flags have landed: the whole command must parse
-            image_env = {k: v for k, v in stages["runtime"].env.items()
-                         if k.startswith("SEQSERVE_")}
-            parse_settings(replica["command"], environ={**image_env, **env})
+        image_env = {k: v for k, v in stages["runtime"].env.items() if k.startswith("SEQSERVE_")}
+        settings = parse_settings(replica["command"], environ={**image_env, **env})
+        assert settings.store.startswith("redis://redis:") and settings.replica_id
 
 
 def test_cluster_nginx_runs_the_deployed_config_on_the_replicas(compose, server_settings):

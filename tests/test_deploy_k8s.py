@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy_compose import STORE_FLAGS
 
 from seqserve.client import ROUTE_HEADER
-from seqserve.server.settings import Settings, build_parser
+from seqserve.server.settings import Settings, parse_settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install pyyaml)")
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 DEFAULTS = Settings()
-STORE_VARIABLES = {"SEQSERVE_" + f[2:].replace("-", "_").upper() for f in STORE_FLAGS}
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +154,13 @@ def test_replicas_share_one_redis_and_name_themselves(objects):
     redis = objects[("Deployment", "redis")]
     assert _selects(redis_service, redis)
     assert int(match[2]) == _service_port(redis_service, redis, "redis")
-    _, unknown = build_parser().parse_known_args(args)
-    assert {a for a in unknown if a.startswith("--")} <= STORE_FLAGS, unknown
     env = {e["name"]: e for e in container["env"]}
     assert env["SEQSERVE_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     fields = {"SEQSERVE_" + f.upper() for f in Settings.__dataclass_fields__}
-    assert set(env) <= fields | STORE_VARIABLES, set(env) - fields
+    assert set(env) <= fields, set(env) - fields
+    values = {k: e["value"] for k, e in env.items() if "value" in e}
+    settings = parse_settings(args, environ={**values, "SEQSERVE_REPLICA_ID": "seqserve-0"})
+    assert settings.store == store and settings.replica_id == "seqserve-0"
     assert env["SEQSERVE_SNAPSHOT_PATH"]["value"] == ""
 
 
