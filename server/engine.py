@@ -43,7 +43,7 @@ from .scheduler import (
     checkpoint_commits,
     gap_error,
 )
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, check_session_id
 from .settings import Settings
 from .states import StateBank
 from .store import Checkpoint, RedisStore, StoreUnavailable
@@ -216,10 +216,20 @@ class Engine:
         return self.status(self.table.get(session_id, principal))
 
     async def lookup(self, session_id: str, principal: str = "") -> SessionStatus:
-        """Like ``get``, but with a shared store a session held elsewhere is claimed first, so
-        a client resuming on this replica finds it where it left off."""
-        await self._held(session_id, principal)
-        return self.get(session_id, principal)
+        """Like ``get``, but with a shared store a session held elsewhere is read from there
+        (not taken over: its next step does that), so a client can resume on any replica."""
+        if self.store is None or self.table.find(session_id) is not None:
+            return self.get(session_id, principal)
+        check_session_id(session_id)
+        found = await self.store.peek(session_id, principal)
+        if found is None:
+            return self.get(session_id, principal)  # unknown, or a tombstone here
+        head, closed, expires_in = found
+        if closed:
+            raise SessionNotFound(f"session {session_id!r} closed at position {head}",
+                                  reason="closed", position=head)
+        return SessionStatus(session_id, head, max(0.0, self.settings.session_idle_timeout
+                                                   - expires_in), expires_in)
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()

@@ -122,6 +122,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'ok', head, h[2], h[3]}
 """
 
+# KEYS[1]: the session. Returns {h, c, p, pttl} (h false: none).
+_PEEK = """
+local h = redis.call('HMGET', KEYS[1], 'h', 'c', 'p')
+return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1])}
+"""
+
 _OWNER = """
 local h = redis.call('HGET', KEYS[1], 'h')
 if not h then return '' end
@@ -149,6 +155,7 @@ class RedisStore:
         self._commit = self._redis.register_script(_COMMIT)
         self._claim = self._redis.register_script(_CLAIM)
         self._owner = self._redis.register_script(_OWNER)
+        self._peek = self._redis.register_script(_PEEK)
         self._down_until = 0.0
         self.failures = 0  # calls that failed (for metrics)
 
@@ -198,6 +205,21 @@ class RedisStore:
             else:
                 out.append((kind, None))
         return out
+
+    async def peek(self, session_id: str, principal: str) -> tuple[int, bool, float] | None:
+        """(head, closed, seconds to expiry) of a session in the store, without taking it
+        over; None if it is not there (or is another principal's). StoreUnavailable when
+        Redis cannot answer."""
+        reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]))
+        if reply is None:
+            raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to look "
+                                   f"up session {session_id!r}, which this replica does not "
+                                   "hold; retry shortly")
+        h, closed, owner, ttl = reply
+        if h is None or (owner or b"").decode() != principal:
+            return None
+        head = int(h.decode().rpartition("|")[2])
+        return head, closed == b"1", max(0.0, int(ttl) / 1000)
 
     async def owner(self, session_id: str) -> str | None:
         """The replica that owns the session in the store ("" if none; None if unreachable)."""

@@ -84,6 +84,9 @@ async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
     _, b = await replicas("b")
     x = recording(samples)
     first = await step(a, "once", x, 0, 6)
+    # b reads it from the store without taking it over
+    assert (await b.GetSession(pb.SessionRef(session_id="once"))).position == 6
+    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:once", "h")) == "a|6"
     # a applied 0..5; the client never saw the answer and resends it to b.
     again = await step(b, "once", x, 0, 6)
     assert again.replayed and again.next_position == 6
