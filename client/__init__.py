@@ -22,11 +22,13 @@ from .errors import (
 from .mux import Multiplexer
 from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
 from .retry import Backoff
+from .routing import ROUTE_HEADER
 from .session import AsyncSession
 from .sync import Client, Session
 
 __all__ = [
     "DEFAULT_TARGET",
+    "ROUTE_HEADER",
     "AsyncClient",
     "AsyncSession",
     "Backoff",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -17,11 +19,12 @@ from seqserve.proto.codec import from_matrix, to_matrix
 
 from .channel import TLS, call_metadata, make_channel
 from .errors import Unavailable, error_from_rpc
-from .frames import as_sequences
+from .frames import as_frames, as_sequences
 from .health import HEALTH_CHECK, decode_status, encode_request
 from .mux import Multiplexer
-from .results import ModelInfo, SequencePrediction, SessionInfo
+from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
 from .retry import Backoff, Contact
+from .routing import check_route, route_metadata
 from .session import AsyncSession
 
 __all__ = ["DEFAULT_TARGET", "AsyncClient"]
@@ -41,13 +44,20 @@ class AsyncClient:
     session has in flight; sessions use at most the server's ``--replay-window`` (from
     ``GetModel``) so every resend can be answered. ``token`` is sent as ``authorization: Bearer``
     with every call; ``cert`` and ``key`` (PEM bytes) are a client certificate for mutual TLS.
+
+    Behind a front proxy that hashes on the ``seqserve-route`` header (see ``routing``), a
+    session's calls all reach one replica: unary calls route by session id, a stream by its own
+    key, which the sessions opened on it share. ``route`` fixes the key of the shared stream
+    (default: random per client).
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
                  window: int = 64, options: Sequence[tuple[str, Any]] = (),
-                 cert: bytes | None = None, key: bytes | None = None) -> None:
+                 cert: bytes | None = None, key: bytes | None = None,
+                 route: str | None = None) -> None:
         self.target = target
+        self.route = None if route is None else check_route(route)
         self.timeout = timeout
         self.retry = retry or Backoff()
         self.window = window
@@ -59,6 +69,9 @@ class AsyncClient:
         self._contact = Contact()
         self._mux: Multiplexer | None = None
         self._streams: list[Multiplexer] = []
+        # the stream each live session of this client was opened on: its calls route with it
+        self._sessions: weakref.WeakValueDictionary[str, AsyncSession] = (
+            weakref.WeakValueDictionary())
         self._model: ModelInfo | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -102,20 +115,52 @@ class AsyncClient:
                     per_step=from_matrix(p.per_step).copy() if per_step else None))
         return results
 
-    async def get_session(self, session_id: str) -> SessionInfo:
-        return SessionInfo.from_pb(await self._call(self._stub.GetSession,
-                                                    pb.SessionRef(session_id=session_id)))
+    async def step(self, session_id: str, frames: Any, *, position: int,
+                   start: bool | None = None, end: bool = False,
+                   route: str | None = None) -> Prediction:
+        """One unary ``Step``: apply ``frames`` (``[F]`` or ``[T, F]``) at ``position`` of the
+        session, for callers that keep no stream. ``start`` (default: at position 0) creates the
+        session if it does not exist. Positions make a retried step harmless (answered from the
+        server's replay window), so UNAVAILABLE is retried like any unary call."""
+        model = await self._model_info()
+        array = as_frames(frames, model.features)
+        request = pb.StepRequest(session_id=session_id, position=position,
+                                 frames=to_matrix(array),
+                                 start=position == 0 if start is None else start, end=end)
+        started = time.perf_counter()
+        response = await self._call(self._stub.Step, request,
+                                    route=self._route_of(session_id, route))
+        return Prediction(session_id=session_id, position=position,
+                          probabilities=from_matrix(response.probabilities).copy(),
+                          labels=model.labels, latency=time.perf_counter() - started,
+                          replayed=response.replayed)
 
-    async def close_session(self, session_id: str) -> SessionInfo:
-        return SessionInfo.from_pb(await self._call(self._stub.CloseSession,
-                                                    pb.SessionRef(session_id=session_id)))
+    async def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
+        """A session's position and expiry. Routed like the session's other calls: by the
+        stream it was opened on in this client, else by its id (or ``route``)."""
+        return SessionInfo.from_pb(await self._call(
+            self._stub.GetSession, pb.SessionRef(session_id=session_id),
+            route=self._route_of(session_id, route)))
+
+    async def reset_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
+        """Back to the zero state at position 0 (routed like ``get_session``)."""
+        return SessionInfo.from_pb(await self._call(
+            self._stub.ResetSession, pb.SessionRef(session_id=session_id),
+            route=self._route_of(session_id, route)))
+
+    async def close_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
+        """Close the session on the server (routed like ``get_session``)."""
+        return SessionInfo.from_pb(await self._call(
+            self._stub.CloseSession, pb.SessionRef(session_id=session_id),
+            route=self._route_of(session_id, route)))
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def stream(self) -> Multiplexer:
-        """A further ``Stream`` call of its own (sessions use one shared call by default)."""
+    def stream(self, *, route: str | None = None) -> Multiplexer:
+        """A further ``Stream`` call of its own (sessions use one shared call by default), with
+        route key ``route`` (default: a random one; the proxy then picks its replica)."""
         mux = Multiplexer(self._stub, metadata=self._metadata, retry=self.retry,
-                          contact=self._contact, target=self.target)
+                          contact=self._contact, target=self.target, route=route)
         self._streams.append(mux)
         return mux
 
@@ -123,25 +168,33 @@ class AsyncClient:
     def multiplexer(self) -> Multiplexer:
         """The shared stream every session of this client uses unless told otherwise."""
         if self._mux is None:
-            self._mux = self.stream()
+            self._mux = self.stream(route=self.route)
         return self._mux
 
     async def open_session(self, session_id: str | None = None, *, resume: bool = False,
                            stream: Multiplexer | None = None) -> AsyncSession:
         """Open a new session (server-assigned id when None; SessionExists if taken), or with
-        ``resume=True`` continue an existing one from its current position."""
+        ``resume=True`` continue an existing one from its current position.
+
+        The session is opened, and later closed, with the route key of the stream it will use
+        (``stream``, else the shared one), so behind a hashing proxy it lives on the replica
+        that stream reaches."""
         model = await self._model_info()
+        mux = stream or self.multiplexer
         if resume:
             if not session_id:
                 raise ValueError("resume needs the session id")
-            info = await self.get_session(session_id)
+            info = await self.get_session(session_id, route=mux.route)
         else:
             info = SessionInfo.from_pb(await self._call(
-                self._stub.OpenSession, pb.OpenSessionRequest(session_id=session_id or "")))
-        return AsyncSession(stream or self.multiplexer, info.session_id, position=info.position,
-                            labels=model.labels, features=model.features,
-                            window=min(self.window, model.replay_window or self.window),
-                            closer=self.close_session)
+                self._stub.OpenSession, pb.OpenSessionRequest(session_id=session_id or ""),
+                route=mux.route))
+        session = AsyncSession(mux, info.session_id, position=info.position,
+                               labels=model.labels, features=model.features,
+                               window=min(self.window, model.replay_window or self.window),
+                               closer=functools.partial(self.close_session, route=mux.route))
+        self._sessions[session.id] = session
+        return session
 
     @contextlib.asynccontextmanager
     async def session(self, session_id: str | None = None, *, resume: bool = False,
@@ -158,14 +211,24 @@ class AsyncClient:
     async def _model_info(self) -> ModelInfo:
         return self._model or await self.model()
 
+    def _route_of(self, session_id: str, route: str | None) -> str:
+        """The route key of a call about ``session_id``: ``route`` if given, else the key of
+        the stream this client opened the session on, else the id itself."""
+        if route is not None:
+            return check_route(route)
+        session = self._sessions.get(session_id)
+        return session.stream.route if session is not None else session_id
+
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *,
-                    retry: bool = True) -> T:
+                    retry: bool = True, route: str | None = None) -> T:
         """One unary call; UNAVAILABLE is retried under the backoff once the server has been
-        reached (an address that never answered fails at once)."""
+        reached (an address that never answered fails at once). ``route`` goes as the
+        ``seqserve-route`` header (none: any replica may answer)."""
+        metadata = (*self._metadata, *route_metadata(route))
         attempt, first_failure = 0, 0.0
         while True:
             try:
-                response = await method(request, metadata=self._metadata, timeout=self.timeout)
+                response = await method(request, metadata=metadata, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 error = error_from_rpc(exc, target=self.target)
             else:

@@ -23,6 +23,7 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
 from .errors import SeqServeError, Unavailable, error_from_rpc, error_from_status
 from .retry import Backoff, Contact
+from .routing import check_route, new_route, route_metadata
 
 __all__ = ["Multiplexer"]
 
@@ -33,20 +34,28 @@ _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED
 _TRANSPORT = ("internal error from core", "rst_stream", "stream removed", "socket closed",
               "connection reset", "goaway", "broken pipe", "end of tcp stream")
 _Key = tuple[str, int]
+# In-stream errors that say "not now": the request is written again after a pause.
+_TRY_AGAIN = frozenset({"store_unavailable", "session_moved"})
 
 
 class Multiplexer:
-    """Owns one ``Stream`` call (opened on first use) and routes responses to futures."""
+    """Owns one ``Stream`` call (opened on first use) and routes responses to futures.
+
+    Every call it opens carries ``seqserve-route: <route>``: one key for the multiplexer's life
+    (random unless given), so a front proxy that hashes on it sends the resumed stream, and with
+    it every session on it, to the same replica."""
 
     def __init__(self, stub: pb_grpc.SeqServeStub, *, metadata: tuple[tuple[str, str], ...] = (),
                  retry: Backoff | None = None, contact: Contact | None = None,
-                 target: str = "") -> None:
+                 target: str = "", route: str | None = None) -> None:
         self._stub = stub
-        self._metadata = metadata
+        self.route = new_route() if route is None else check_route(route)
+        self._metadata = (*metadata, *route_metadata(self.route))
         self._retry = retry or Backoff()
         self._contact = contact or Contact()
         self._target = target
         self._unacked: dict[_Key, tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
+        self._tries: dict[_Key, tuple[int, float]] = {}  # retries of in-stream errors: n, since
         self._outbox: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -176,9 +185,12 @@ class Multiplexer:
         if entry is None:
             return  # answer to a duplicate write; the first answer already settled it
         error = response.error if response.HasField("error") else None
-        if error is not None and error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
-            return  # draining: not applied; written again on the next call
+        if error is not None and error.reason in _TRY_AGAIN and self._again(key, error):
+            return  # not applied; written again on this call after a pause
+        if error is not None and error.reason == "draining":
+            return  # not applied; written again on the next call
         del self._unacked[key]
+        self._tries.pop(key, None)
         future = entry[1]
         if not future.done():
             if error is None:
@@ -191,9 +203,28 @@ class Multiplexer:
         if not self._unacked:
             self._idle.set()
 
+    def _again(self, key: _Key, error: pb.Error) -> bool:
+        """Write a request again after a backoff pause, within the retry budget: the replica
+        could not reach the session store (``store_unavailable``), or found that another replica
+        had taken the session over (``session_moved``; the new attempt reloads it)."""
+        now = time.monotonic()
+        attempt, first = self._tries.get(key, (0, now))
+        if not self._retry.allows(attempt, now - first):
+            return False
+        self._tries[key] = (attempt + 1, first)
+        log.info("session %r position %d: %s; trying again", key[0], key[1], error.reason)
+        asyncio.get_running_loop().call_later(self._retry.delay(attempt), self._write_again, key)
+        return True
+
+    def _write_again(self, key: _Key) -> None:
+        entry = self._unacked.get(key)
+        if entry is not None and not self._closing:
+            self._outbox.put_nowait(entry[0])
+
     def _fail_all(self, error: SeqServeError) -> None:
         entries = list(self._unacked.items())
         self._unacked.clear()
+        self._tries.clear()
         for (session_id, position), (_, future) in entries:
             if not future.done():
                 future.set_exception(type(error)(

@@ -95,6 +95,11 @@ class AsyncSession:
         return f"<AsyncSession {self.id!r} position={self._next}>"
 
     @property
+    def stream(self) -> Multiplexer:
+        """The stream this session's requests travel on (its ``route`` is the session's)."""
+        return self._mux
+
+    @property
     def position(self) -> int:
         """Frames sent so far (the position the next ``send`` starts at)."""
         return self._next

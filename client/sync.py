@@ -49,17 +49,19 @@ class _Loop:
 
 
 class Client:
-    """Blocking client with the shape of ``AsyncClient``; use ``with Client(...) as c``."""
+    """Blocking client with the shape of ``AsyncClient``; use ``with Client(...) as c``.
+    ``route`` fixes the route key of the stream its sessions share (default: random)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
                  window: int = 64, options: Sequence[tuple[str, Any]] = (),
-                 cert: bytes | None = None, key: bytes | None = None) -> None:
+                 cert: bytes | None = None, key: bytes | None = None,
+                 route: str | None = None) -> None:
         self._loop = _Loop()
 
         async def build() -> AsyncClient:
             return AsyncClient(target, token=token, tls=tls, timeout=timeout, retry=retry,
-                               window=window, options=options, cert=cert, key=key)
+                               window=window, options=options, cert=cert, key=key, route=route)
 
         try:
             self.aio = self._loop.run(build())
@@ -92,8 +94,20 @@ class Client:
                 per_step: bool = False) -> list[SequencePrediction]:
         return self._loop.run(self.aio.predict(sequences, lengths, per_step=per_step))
 
-    def get_session(self, session_id: str) -> SessionInfo:
-        return self._loop.run(self.aio.get_session(session_id))
+    def step(self, session_id: str, frames: Any, *, position: int, start: bool | None = None,
+             end: bool = False, route: str | None = None) -> Prediction:
+        """One unary ``Step`` (see ``AsyncClient.step``)."""
+        return self._loop.run(self.aio.step(session_id, frames, position=position, start=start,
+                                            end=end, route=route))
+
+    def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
+        return self._loop.run(self.aio.get_session(session_id, route=route))
+
+    def reset_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
+        return self._loop.run(self.aio.reset_session(session_id, route=route))
+
+    def close_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
+        return self._loop.run(self.aio.close_session(session_id, route=route))
 
     def open_session(self, session_id: str | None = None, *, resume: bool = False) -> Session:
         return Session(self._loop, self._loop.run(self.aio.open_session(session_id,

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # System (Debian) packages some tests need: prometheus (the server and promtool), docker-compose
-# (validates docker-compose.yml; no Docker engine needed) and openssl (certificates for the client
-# TLS tests). Installs only what is missing, only
+# (validates docker-compose.yml; no Docker engine needed), openssl (certificates for the client
+# TLS tests), and redis-server, nginx and haproxy (the scale-out tests run them on loopback:
+# tests/cluster.py). Installs only what is missing, only
 # as root with apt-get; otherwise says what is missing and exits 0 (those tests then skip).
 # Quiet and fast when everything is there. Called by .ci/run and scripts/test.sh.
 set -euo pipefail
 
 # command -> Debian package that ships it
 declare -A PACKAGE_OF=([prometheus]=prometheus [promtool]=prometheus [openssl]=openssl
-                       [docker-compose]=docker-compose)
+                       [docker-compose]=docker-compose [redis-server]=redis-server
+                       [nginx]=nginx [haproxy]=haproxy)
 
+# nginx and haproxy live in /usr/sbin, which a non-root PATH may lack.
 missing=()
 for cmd in "${!PACKAGE_OF[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 && continue
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 && continue
   pkg=${PACKAGE_OF[$cmd]}
   [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
 done

@@ -10,12 +10,15 @@ A session belongs to the principal that opened it: to anyone else it is ``unknow
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +43,7 @@ from .scheduler import (
     checkpoint_commits,
     gap_error,
 )
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, check_session_id
 from .settings import Settings
 from .states import StateBank
 from .store import Checkpoint, RedisStore, StoreUnavailable
@@ -48,6 +51,15 @@ from .store import Checkpoint, RedisStore, StoreUnavailable
 __all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult"]
 
 log = logging.getLogger("seqserve.engine")
+
+
+@dataclass(slots=True, eq=False)
+class _Backlogged:
+    """A batch waiting for claims (or for batches ahead of it) before its admission."""
+
+    left: int  # claims still outstanding
+    errors: dict[str, Exception]  # what a claim failed with, by session id
+    admit: Callable[[dict[str, Exception]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +112,8 @@ class Engine:
                                    store=self.store, checkpoint_every=settings.checkpoint_every)
         # Sessions being claimed from the store: what to admit, in arrival order, once it is.
         self._claims: dict[str, list[_Waiter]] = {}
+        self._to_claim: list[tuple[str, str]] = []  # (id, principal) for the next store call
+        self._backlog: deque[_Backlogged] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -137,7 +151,7 @@ class Engine:
             log.error("drain: the session store is unreachable; %d sessions were not saved "
                       "there", len(sessions))
             return 0
-        return sum(1 for w in written if w == 1)
+        return written.count("1")
 
     async def _sweep(self) -> None:
         interval = min(1.0, self.settings.session_idle_timeout / 4)
@@ -198,7 +212,24 @@ class Engine:
         return session
 
     def get(self, session_id: str, principal: str = "") -> SessionStatus:
+        """A session held here (no store lookup)."""
         return self.status(self.table.get(session_id, principal))
+
+    async def lookup(self, session_id: str, principal: str = "") -> SessionStatus:
+        """Like ``get``, but with a shared store a session held elsewhere is read from there
+        (not taken over: its next step does that), so a client can resume on any replica."""
+        if self.store is None or self.table.find(session_id) is not None:
+            return self.get(session_id, principal)
+        check_session_id(session_id)
+        found = await self.store.peek(session_id, principal)
+        if found is None:
+            return self.get(session_id, principal)  # unknown, or a tombstone here
+        head, closed, expires_in = found
+        if closed:
+            raise SessionNotFound(f"session {session_id!r} closed at position {head}",
+                                  reason="closed", position=head)
+        return SessionStatus(session_id, head, max(0.0, self.settings.session_idle_timeout
+                                                   - expires_in), expires_in)
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
@@ -259,8 +290,39 @@ class Engine:
                              "one frame per entry", reason="bad_frames")
         finite = np.isfinite(frames).all(axis=1).tolist() if entries else []
         ids, wanted = list(session_ids), list(positions)
-        check_dups = len(set(ids)) != entries
         batch = PendingBatch(entries, self.spec.classes)
+        if self.store is not None:
+            missing = {i for i in ids if i in self._claims or self.table.find(i) is None}
+            if missing or self._backlog:
+                # Claim what is not held here first; batches are admitted in arrival order.
+                waiting = _Backlogged(len(missing), {}, lambda errors: self._admit_batch(
+                    batch, ids, wanted, frames, finite, start, principal, errors))
+                self._backlog.append(waiting)
+                for session_id in missing:
+                    self._after_claim(session_id, principal, False,
+                                      functools.partial(self._unblock, waiting, session_id, None),
+                                      functools.partial(self._unblock, waiting, session_id))
+                self._pump()
+                return batch.future
+        self._admit_batch(batch, ids, wanted, frames, finite, start, principal, {})
+        return batch.future
+
+    def _unblock(self, waiting: _Backlogged, session_id: str, error: Exception | None) -> None:
+        if error is not None:
+            waiting.errors[session_id] = error
+        waiting.left -= 1
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._backlog and not self._backlog[0].left:
+            waiting = self._backlog.popleft()
+            waiting.admit(waiting.errors)
+
+    def _admit_batch(self, batch: PendingBatch, ids: list[str], wanted: list[int],
+                     frames: np.ndarray, finite: list[bool], start: bool, principal: str,
+                     errors: dict[str, Exception]) -> None:
+        entries = len(ids)
+        check_dups = len(set(ids)) != entries
         seen: set[str] = set()
         # The fast lane: sessions with nothing queued, exactly at their position, run as one
         # group with no per-entry future. Anything else queues on its own, behind the session's
@@ -276,15 +338,11 @@ class Engine:
         for i in range(entries):
             session_id, position = ids[i], wanted[i]
             session = get(session_id)
-            if claiming and (session is None or session_id in self._claims):
-                if check_dups:
-                    if session_id in seen:
-                        batch.fail(i, _duplicate(session_id))
-                        continue
-                    seen.add(session_id)
-                self._defer_entry(batch, i, session_id, position, frames, start, principal,
-                                  bool(finite[i]))
-                continue
+            if errors and session_id in errors:
+                error = errors[session_id]
+                if not (isinstance(error, StoreUnavailable) and start and position == 0):
+                    batch.fail(i, error)  # a new session may start in memory; nothing else
+                    continue
             if session is None and start and position == 0 and finite[i]:
                 try:
                     session = self._create(session_id, principal)
@@ -326,7 +384,6 @@ class Engine:
             self.scheduler.submit_group(Group(
                 fast, np.array(slots, np.intp), np.array(at, np.int64),
                 frames if len(rows) == entries else frames[index], index, batch, seq, after))
-        return batch.future
 
     def _defer_entry(self, batch: PendingBatch, i: int, session_id: str, position: int,
                      frames: np.ndarray, start: bool, principal: str, finite: bool) -> None:
@@ -384,69 +441,97 @@ class Engine:
                      admit: Callable[[], None], fail: Callable[[Exception], None], *,
                      probe: Session | None = None) -> None:
         """Run ``admit`` once the store was asked for the session (and it was taken over if
-        there), after every request for it that came earlier; errors go to ``fail``."""
+        there), after every request for it that came earlier; errors go to ``fail``. Claims
+        asked for in one loop turn go to the store in one round trip."""
         waiters = self._claims.get(session_id)
         if waiters is None:
             waiters = self._claims[session_id] = []
-            task = asyncio.create_task(self._claim(session_id, principal, probe))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if probe is not None:
+                self._spawn(self._probe(session_id, principal, probe))
+            else:
+                if not self._to_claim:
+                    asyncio.get_running_loop().call_soon(self._flush_claims)
+                self._to_claim.append((session_id, principal))
         waiters.append(_Waiter(admit, fail, creating))
 
-    async def _claim(self, session_id: str, principal: str, probe: Session | None) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _flush_claims(self) -> None:
+        items, self._to_claim = self._to_claim, []
+        self._spawn(self._claim(items))
+
+    async def _claim(self, items: list[tuple[str, str]]) -> None:
         assert self.store is not None
-        kind, error = "none", None
         try:
-            if probe is not None:  # held here: claim only if the store names another owner
-                owner = await self.store.owner(session_id)
-                if owner is None or owner in ("", self.store.replica) or probe.ended:
-                    return
-                log.info("session %r moved to replica %r; taking it back", session_id, owner)
-                self.table.end(probe, "moved")
-                self.observer.session_event("moved")
-            kind, found = await self.store.claim(session_id, principal)
+            replies = await self.store.claim(items)
+        except StoreUnavailable as exc:
+            for session_id, principal in items:
+                self._claimed(session_id, principal, "none", None, exc)
+            return
+        for (session_id, principal), (kind, found) in zip(items, replies, strict=True):
+            self._claimed(session_id, principal, kind, found, None)
+
+    async def _probe(self, session_id: str, principal: str, probe: Session) -> None:
+        """The session is held here, but a request was ahead of it: claim it only if the store
+        names another owner."""
+        assert self.store is not None
+        owner = await self.store.owner(session_id)
+        if owner is None or owner in ("", self.store.replica) or probe.ended:
+            self._claimed(session_id, principal, "held", None, None)
+            return
+        log.info("session %r moved to replica %r; taking it back", session_id, owner)
+        self.table.end(probe, "moved")
+        self.observer.session_event("moved")
+        await self._claim([(session_id, principal)])
+
+    def _claimed(self, session_id: str, principal: str, kind: str,
+                 found: Checkpoint | int | None, error: Exception | None) -> None:
+        """Take on what the store said, then admit every waiting request in arrival order."""
+        try:
             if kind == "ok":
                 assert isinstance(found, Checkpoint)
                 self._adopt(session_id, principal, found)
             elif kind == "closed":
                 assert isinstance(found, int)
                 self.table.bury(session_id, "closed", found, principal)
-        except SeqServeError as exc:  # store unreachable, session cap, bad id
+        except SeqServeError as exc:  # the session cap, a bad id
             error = exc
         except Exception as exc:  # a corrupt checkpoint: say so, never INTERNAL
-            log.exception("claiming session %r from the store failed", session_id)
+            log.exception("resuming session %r from the store failed", session_id)
             error = StoreUnavailable(f"session {session_id!r} could not be resumed from the "
                                      f"shared store: {exc}")
-        finally:
-            for waiter in self._claims.pop(session_id, []):
-                problem = error
-                if isinstance(error, StoreUnavailable) and waiter.creating:
-                    problem = None  # a new session starts in memory; the store catches up
-                elif kind == "foreign":
-                    problem = (SessionExists(f"session {session_id!r} already exists")
-                               if waiter.creating else
-                               SessionNotFound(f"session {session_id!r} is unknown"))
-                try:
-                    if problem is not None:
-                        raise problem
-                    waiter.admit()
-                except SeqServeError as exc:
-                    waiter.fail(exc)
+        for waiter in self._claims.pop(session_id, []):
+            problem = error
+            if isinstance(error, StoreUnavailable) and (
+                    waiter.creating or self.table.find(session_id) is not None):
+                problem = None  # a new session starts in memory; the store catches up
+            elif kind == "foreign":
+                problem = (SessionExists(f"session {session_id!r} already exists")
+                           if waiter.creating else
+                           SessionNotFound(f"session {session_id!r} is unknown"))
+            try:
+                if problem is not None:
+                    raise problem
+                waiter.admit()
+            except SeqServeError as exc:
+                waiter.fail(exc)
 
     def _adopt(self, session_id: str, principal: str, found: Checkpoint) -> None:
         """Make a claimed checkpoint a live session here."""
-        flat = np.frombuffer(found.states, np.float32)
-        if flat.size != self.spec.state_floats:
-            raise ValueError(f"checkpoint holds {flat.size} state values, the model has "
-                             f"{self.spec.state_floats}")
+        data = np.frombuffer(found.data, np.float32)
+        ring = self.bank.ring.shape[1] * self.bank.ring.shape[2]
+        if data.size != self.spec.state_floats + ring:
+            raise ValueError(f"checkpoint holds {data.size} values; this model and replay "
+                             f"window need {self.spec.state_floats} + {ring}")
         session = self.table.create(session_id, position=found.position, owner=principal)
         at = 0
         for slab in self.bank.slabs:
-            slab[session.slot] = flat[at : at + slab.shape[1]]
+            slab[session.slot] = data[at : at + slab.shape[1]]
             at += slab.shape[1]
-        ring = np.frombuffer(found.ring, np.float32)
-        if ring.size == self.bank.ring[session.slot].size:  # else another replay window: none
-            self.bank.ring[session.slot] = ring.reshape(self.bank.ring.shape[1:])
+        self.bank.ring[session.slot] = data[at:].reshape(self.bank.ring.shape[1:])
         session.synced = session.saved = found.position
         session.restored = found.head > found.position
         self.observer.session_event("claimed")

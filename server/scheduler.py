@@ -28,7 +28,7 @@ from .errors import PositionError, SeqServeError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
 from .states import StateBank
-from .store import Commit, RedisStore, SessionMoved
+from .store import Commits, RedisStore, SessionMoved
 
 __all__ = ["BatchObserver", "Scheduler", "Sink", "StepResult", "Work", "gap_error"]
 
@@ -111,6 +111,7 @@ class Scheduler:
         self._answers: list[tuple[Sink, Any, Session]] = []
         self._filled: list[tuple[Group, np.ndarray]] = []
         self._touched: dict[Session, None] = {}
+        self._writing: asyncio.Task[None] | None = None  # the latest round's store write
         self._ready: deque[Session] = deque()
         self._groups: deque[Group] = deque()
         self._groups_seq = 0  # the last number given to a group
@@ -163,10 +164,19 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._writing is not None:  # the last round's answers wait for its write
+            with contextlib.suppress(Exception):
+                await self._writing
+            self._writing = None
 
     async def _run(self) -> None:
         while True:
             if not self._ready and not self._groups:
+                if self._writing is not None:  # idle means answered, so written too
+                    writing, self._writing = self._writing, None
+                    with contextlib.suppress(Exception):
+                        await writing
+                    continue
                 self._wake.clear()
                 self._idle.set()
                 await self._wake.wait()
@@ -212,7 +222,7 @@ class Scheduler:
             if steps or groups or fast:
                 await self._compute(steps, list(groups.values()), fast)
             if self.store is not None and self._touched:
-                await self._commit()
+                self._commit()
         finally:
             if last_group:
                 self._groups_done = last_group
@@ -323,8 +333,12 @@ class Scheduler:
             for lane in fast:
                 lane.batch.fail_rows(lane.rows, RuntimeError("inference failed"))
             return
+        if self.store is not None:
+            jobs, outputs = self._drop_moved(jobs, outputs, fast)
         for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
                 jobs, outputs, strict=True):
+            if not len(slots):
+                continue
             waited = started - min([w.queued_at for w in works] + [g.queued_at for g in fast])
             self.observer.batch(graph, len(slots), frames.shape[0] * (
                 1 if graph == "step" else frames.shape[1]), seconds, waited)
@@ -344,6 +358,44 @@ class Scheduler:
                 for i, work in enumerate(works):
                     bank.record(work.session.slot, work.session.position, probs[i])
                     self._finish(work, probs[i])
+
+    def _drop_moved(self, jobs: list[Any], outputs: list[Any], fast: list[Group]
+                    ) -> tuple[list[Any], list[Any]]:
+        """Sessions the previous round's store write found taken over (ended while this round
+        ran): their slots may be reused already, so none of their results is written back."""
+        out_jobs, out_outputs = [], []
+        for job, output in zip(jobs, outputs, strict=True):
+            graph, works, slots, frames, inputs = job
+            sessions = [w.session for w in works]
+            if graph == "step":
+                sessions += [s for lane in fast for s in lane.sessions]
+            keep = np.fromiter((not s.ended for s in sessions), np.bool_, len(sessions))
+            if keep.all():
+                out_jobs.append(job)
+                out_outputs.append(output)
+                continue
+            for work in works:
+                if work.session.ended:
+                    _fail(work.future, self._gone(work.session))
+            if graph == "step":
+                for i, lane in enumerate(fast):
+                    alive = np.fromiter((not s.ended for s in lane.sessions), np.bool_,
+                                        len(lane.sessions))
+                    if alive.all():
+                        continue
+                    for j in np.flatnonzero(~alive).tolist():
+                        lane.sessions[j].holds -= 1
+                        lane.batch.fail_rows(lane.rows[j : j + 1],
+                                             self._gone(lane.sessions[j]))
+                    fast[i] = Group([s for s in lane.sessions if not s.ended],
+                                    lane.slots[alive], lane.positions[alive], lane.frames[alive],
+                                    lane.rows[alive], lane.batch, lane.seq, lane.after,
+                                    lane.queued_at)
+            probs, states, seconds = output
+            out_jobs.append((graph, [w for w in works if not w.session.ended], slots[keep],
+                             frames[keep], inputs))
+            out_outputs.append((probs[keep], [st[keep] for st in states], seconds))
+        return out_jobs, out_outputs
 
     def _finish(self, work: Work, probs: np.ndarray) -> None:
         session = work.session
@@ -377,38 +429,49 @@ class Scheduler:
             self._touched[session] = None
             self._answers.append((sink, value, session))
 
-    async def _commit(self) -> None:
-        """Record the round in the shared store, then answer: a session another replica took
-        over meanwhile is dropped here and its requests fail with ``session_moved``."""
+    def _commit(self) -> None:
+        """Record what rounds did in the shared store, then answer them. One write is in flight
+        at a time; rounds that finish meanwhile join the next one, so the store sees fewer,
+        larger writes the busier it gets, and rounds never wait for it."""
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
         assert self.store is not None
-        touched, answers, filled = list(self._touched), self._answers, self._filled
-        self._touched, self._answers, self._filled = {}, [], []
-        commits, full = checkpoint_commits(touched, self.bank, self.checkpoint_every)
-        try:
-            written = await self.store.commit(commits)
-        except asyncio.CancelledError:
-            written = None  # stopping: answer from memory
-            raise
-        finally:
-            moved: set[Session] = set()
-            if written is not None:
-                for session, outcome, is_full in zip(touched, written, full, strict=True):
-                    if outcome == 1:
-                        session.synced = session.position
-                        if is_full:
-                            session.saved = session.position
-                    elif outcome == 2:
-                        session.synced = -1  # the store lost it: a full checkpoint next time
-                    elif not session.ended:
-                        moved.add(session)
-                        self._end(session, "moved")
-            for sink, value, session in answers:
-                if session in moved:
-                    _fail(sink, self._gone(session))
-                else:
-                    _resolve(sink, value)
-            for group, probs in filled:
-                self._fill(group, probs, moved)
+        while self._touched:
+            touched, answers, filled = list(self._touched), self._answers, self._filled
+            self._touched, self._answers, self._filled = {}, [], []
+            commits, full = checkpoint_commits(touched, self.bank, self.checkpoint_every)
+            heads = [session.position for session in touched]
+            written = None
+            try:
+                written = await self.store.commit(commits)
+            finally:  # cancelled (stopping): answer from memory
+                self._written(touched, heads, full, written, answers, filled)
+
+    def _written(self, touched: list[Session], heads: list[int], full: list[bool],
+                 written: str | None, answers: list[tuple[Sink, Any, Session]],
+                 filled: list[tuple[Group, np.ndarray]]) -> None:
+        moved: set[Session] = set()
+        for session, outcome, head, is_full in zip(touched, written or "", heads, full,
+                                                   strict=False):
+            if outcome == "1":
+                session.synced = head
+                if is_full:
+                    session.saved = head
+            elif outcome == "2":
+                session.synced = -1  # the store lost it: a full checkpoint next time
+            elif not session.ended or session.ended == "moved":
+                moved.add(session)
+                if not session.ended:
+                    self._end(session, "moved")
+        for sink, value, session in answers:
+            if session in moved:
+                _fail(sink, self._gone(session))
+            else:
+                _resolve(sink, value)
+        for group, probs in filled:
+            self._fill(group, probs, moved)
 
     def _fill(self, group: Group, probs: np.ndarray, moved: set[Session]) -> None:
         if not moved or not any(s in moved for s in group.sessions):
@@ -439,26 +502,22 @@ class Scheduler:
 
 
 def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
-                       ) -> tuple[list[Commit], list[bool]]:
-    """What a store write records for these sessions: the head always; the state and
-    output ring when the session is new there, was reset, or ran ``every`` frames since its
-    last checkpoint. Also says which commits are full checkpoints."""
-    commits: list[Commit] = []
-    full: list[bool] = []
-    rows = [s for s in sessions if not s.ended and (
-        s.synced < 0 or s.position - s.saved >= every or s.position < s.saved)]
-    states: dict[Session, tuple[bytes, bytes]] = {}
-    if rows:
-        slots = np.fromiter((s.slot for s in rows), np.intp, len(rows))
-        flat = np.concatenate([slab[slots] for slab in bank.slabs], axis=1)
-        ring = bank.ring[slots]
-        states = {s: (flat[i].tobytes(), ring[i].tobytes()) for i, s in enumerate(rows)}
-    for s in sessions:
-        saved = states.get(s)
-        commits.append(Commit(s.id, s.synced, s.position, s.owner, s.ended == "closed",
-                              saved[0] if saved else None, saved[1] if saved else b""))
-        full.append(saved is not None)
-    return commits, full
+                       ) -> tuple[Commits, list[bool]]:
+    """What a store write records for these sessions: the head always; the state and output
+    ring when the session is new there, was reset, or ran ``every`` frames since its last full
+    checkpoint. Also says which are full checkpoints."""
+    full = [not s.ended and (s.synced < 0 or s.position - s.saved >= every
+                             or s.position < s.saved) for s in sessions]
+    record = 4 * (bank.slabs_floats + bank.ring.shape[1] * bank.ring.shape[2])
+    data = b""
+    if any(full):
+        slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
+        data = np.concatenate([*(slab[slots] for slab in bank.slabs),
+                               bank.ring[slots].reshape(len(slots), -1)], axis=1).tobytes()
+    lines = "".join([
+        f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
+        for s, f in zip(sessions, full, strict=True)])
+    return Commits(lines, data, record, len(sessions)), full
 
 
 def gap_error(session: Session, position: int) -> PositionError:

@@ -341,7 +341,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def GetSession(self, request: pb.SessionRef,
                          context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self._session_call("GetSession", self.engine.get, context,
+        return await self._session_call("GetSession", self.engine.lookup, context,
                                         request.session_id)
 
     async def ResetSession(self, request: pb.SessionRef,

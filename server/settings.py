@@ -70,7 +70,7 @@ class Settings:
                                  "frames (1: every frame, nothing is ever lost; K: a replica "
                                  "dying loses at most the last K-1 frames, and says so)")
     replica_id: str = _opt("", "this replica's name in the shared store (default host:pid)")
-    store_timeout: float = _opt(0.25, "seconds to wait for the shared store per call")
+    store_timeout: float = _opt(0.5, "seconds to wait for the shared store per call")
     store_retry: float = _opt(1.0, "after the store failed, serve from memory this many seconds "
                               "before trying it again")
     workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT); more than one "

@@ -24,6 +24,7 @@ class StateBank:
         self.slabs = [np.zeros((capacity, s.size), np.float32) for s in spec.states]
         self.ring = np.zeros((capacity, window, spec.classes), np.float32)
         self.bytes_per_slot = 4 * spec.state_floats
+        self.slabs_floats = spec.state_floats
         self._free: list[int] = []
         self._high_water = 0
 

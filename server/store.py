@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from .errors import SeqServeError
 
-__all__ = ["Checkpoint", "Commit", "RedisStore", "SessionMoved", "StoreUnavailable"]
+__all__ = ["Checkpoint", "Commits", "RedisStore", "SessionMoved", "StoreUnavailable"]
 
 log = logging.getLogger("seqserve.store")
 
@@ -54,64 +54,84 @@ class SessionMoved(SeqServeError):
 class Checkpoint:
     position: int  # frames the saved state has applied
     head: int  # frames applied by the previous owner; > position: the difference was lost
-    states: bytes  # float32 rows of every state tensor, concatenated
-    ring: bytes  # the raw ring of recent outputs [window, classes]
-    principal: str
+    data: bytes  # float32: every state tensor's row, then the ring of recent outputs
 
 
 @dataclass(frozen=True, slots=True)
-class Commit:
-    session_id: str
-    expected: int  # head this replica last wrote; -1: the session must not exist yet
-    head: int
-    principal: str
-    closed: bool = False
-    states: bytes | None = None  # with ``ring``: a full checkpoint at ``head``
-    ring: bytes = b""
+class Commits:
+    """One round's writes, columnar: a line per session (``id, expected head (-1: must not
+    exist), new head, closed 0/1, full 0/1, principal``, tab-separated) and the full
+    checkpoints' data rows, ``record_bytes`` each, in line order."""
+
+    lines: str
+    data: bytes
+    record_bytes: int
+    count: int
 
 
-# KEYS: one per session. ARGV: ttl_ms, owner, then 6 per session:
-# expected, head, principal, closed, states ("" = head only), ring. Returns per session: 1
-# written, 0 owned by another replica (or closed), 2 missing and this was not a full checkpoint.
-_COMMIT = """
-local ttl, owner = ARGV[1], ARGV[2]
-local out = {}
-for i = 1, #KEYS do
-  local a = 2 + (i - 1) * 6
-  local cur = redis.call('HMGET', KEYS[i], 'head', 'owner', 'closed')
+# A session's hash: h = "owner|head", c = closed ("1") or not ("0"), and from its last full
+# checkpoint pos (its position), d (state rows then output ring) and p (its principal).
+# A write is accepted only from the session's owner: the replica that created it or claimed it
+# last (a claim is the only way ownership changes, atomically in its script). The owner's copy
+# is therefore the one true state, and a write whose reply was lost (a timeout) can be repeated.
+# ARGV: ttl_ms, owner, record_bytes, key prefix, lines, data. Returns one character per line:
+# 1 written, 0 another replica owns it (or it was closed), 2 missing and this was no full
+# checkpoint (nothing written).
+_COMMIT = r"""
+local ttl, owner, size, prefix, data = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[6]
+local out, at = {}, 1
+for id, expected, head, closed, full, principal in string.gmatch(
+    ARGV[5], '([^\t\n]+)\t(%-?%d+)\t(%d+)\t(%d)\t(%d)\t([^\n]*)\n') do
+  local key = prefix .. id
+  local cur = redis.call('HMGET', key, 'h', 'c')
   local ok
-  if ARGV[a + 1] == '-1' or not cur[1] then
-    -- new here, or gone from the store (flushed, restarted empty): only a full checkpoint
-    ok = ((not cur[1]) or cur[3] == '1') and ARGV[a + 5] ~= ''
+  if not cur[1] then
+    -- new, or gone from the store (flushed, restarted empty): only a full checkpoint
+    ok = full == '1'
+  elseif cur[2] == '1' then
+    ok = expected == '-1' and full == '1'  -- a closed id used again by a new session
   else
-    ok = cur[1] == ARGV[a + 1] and cur[2] == owner and cur[3] ~= '1'
+    ok = string.sub(cur[1], 1, #owner + 1) == owner .. '|'
   end
-  if not ok and not cur[1] then
-    out[i] = 2
-  elseif ok then
-    redis.call('HSET', KEYS[i], 'head', ARGV[a + 2], 'owner', owner,
-               'principal', ARGV[a + 3], 'closed', ARGV[a + 4])
-    if ARGV[a + 5] ~= '' then
-      redis.call('HSET', KEYS[i], 'pos', ARGV[a + 2], 'state', ARGV[a + 5], 'ring', ARGV[a + 6])
+  if ok then
+    redis.call('HSET', key, 'h', owner .. '|' .. head, 'c', closed)
+    if full == '1' then
+      redis.call('HSET', key, 'pos', head, 'p', principal, 'd', string.sub(data, at, at + size - 1))
     end
-    redis.call('PEXPIRE', KEYS[i], ttl)
-    out[i] = 1
+    redis.call('PEXPIRE', key, ttl)
+    out[#out + 1] = '1'
+  elseif not cur[1] then
+    out[#out + 1] = '2'
   else
-    out[i] = 0
+    out[#out + 1] = '0'
   end
+  if full == '1' then at = at + size end
 end
-return out
+return table.concat(out)
 """
 
 # KEYS[1]: the session. ARGV: owner, principal, ttl_ms.
 _CLAIM = """
-local h = redis.call('HMGET', KEYS[1], 'head', 'pos', 'state', 'ring', 'principal', 'closed')
-if not h[1] then return {'none'} end
-if h[5] ~= ARGV[2] then return {'foreign'} end
-if h[6] == '1' then return {'closed', h[1]} end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'head', h[2])
+local h = redis.call('HMGET', KEYS[1], 'h', 'pos', 'd', 'p', 'c')
+if not h[1] or not h[2] then return {'none'} end
+if h[4] ~= ARGV[2] then return {'foreign'} end
+local head = string.match(h[1], '|(%d+)$')
+if h[5] == '1' then return {'closed', head} end
+redis.call('HSET', KEYS[1], 'h', ARGV[1] .. '|' .. h[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {'ok', h[1], h[2], h[3], h[4]}
+return {'ok', head, h[2], h[3]}
+"""
+
+# KEYS[1]: the session. Returns {h, c, p, pttl} (h false: none).
+_PEEK = """
+local h = redis.call('HMGET', KEYS[1], 'h', 'c', 'p')
+return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1])}
+"""
+
+_OWNER = """
+local h = redis.call('HGET', KEYS[1], 'h')
+if not h then return '' end
+return string.match(h, '^(.*)|')
 """
 
 
@@ -125,17 +145,26 @@ class RedisStore:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.retry_after = retry_after
         self.clock = clock
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry_on_timeout=False, health_check_interval=0)
+        # A bounded pool that makes callers wait for a connection (within the timeout): a burst
+        # of claims (a replica taking over many sessions at once) must not open one each.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=32, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry_on_timeout=False, health_check_interval=0)
+        self._pool = pool
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._commit = self._redis.register_script(_COMMIT)
         self._claim = self._redis.register_script(_CLAIM)
-        self._owner = self._redis.register_script("return redis.call('HGET', KEYS[1], 'owner')")
+        self._owner = self._redis.register_script(_OWNER)
+        self._peek = self._redis.register_script(_PEEK)
         self._down_until = 0.0
         self.failures = 0  # calls that failed (for metrics)
 
     def key(self, session_id: str) -> str:
         return f"{self.namespace}:{session_id}"
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:"
 
     @property
     def available(self) -> bool:
@@ -148,50 +177,73 @@ class RedisStore:
         except (RedisError, OSError):
             return False
 
-    async def claim(self, session_id: str, principal: str) -> tuple[str, Checkpoint | int | None]:
-        """Take the session over: ("ok", Checkpoint), ("none", None), ("foreign", None) for
-        another principal's session, or ("closed", final position). StoreUnavailable when
+    async def claim(self, items: Sequence[tuple[str, str]]
+                    ) -> list[tuple[str, Checkpoint | int | None]]:
+        """Take sessions over, one pipelined round trip for all of ``items`` (id, principal).
+        Per item: ("ok", Checkpoint), ("none", None), ("foreign", None) for another principal's
+        session, or ("closed", final position). StoreUnavailable when Redis cannot answer."""
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id, principal in items:
+                    await self._claim(keys=[self.key(session_id)],
+                                      args=[self.replica, principal, self.ttl_ms], client=pipe)
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        replies = await self._guard(run)
+        if replies is None:
+            raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to resume "
+                                   "a session not held by this replica; retry shortly")
+        out: list[tuple[str, Checkpoint | int | None]] = []
+        for reply in replies:
+            kind = reply[0].decode()
+            if kind == "ok":
+                out.append((kind, Checkpoint(position=int(reply[2]), head=int(reply[1]),
+                                             data=bytes(reply[3]))))
+            elif kind == "closed":
+                out.append((kind, int(reply[1])))
+            else:
+                out.append((kind, None))
+        return out
+
+    async def peek(self, session_id: str, principal: str) -> tuple[int, bool, float] | None:
+        """(head, closed, seconds to expiry) of a session in the store, without taking it
+        over; None if it is not there (or is another principal's). StoreUnavailable when
         Redis cannot answer."""
-        reply = await self._call(self._claim, [self.key(session_id)],
-                                 [self.replica, principal, self.ttl_ms])
+        reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]))
         if reply is None:
-            raise StoreUnavailable(f"session {session_id!r} is not held by this replica and the "
-                                   f"session store ({self.url}) cannot be reached to resume it; "
-                                   "retry shortly")
-        kind = reply[0].decode()
-        if kind == "ok":
-            return kind, Checkpoint(position=int(reply[2]), head=int(reply[1]),
-                                    states=bytes(reply[3]), ring=bytes(reply[4]),
-                                    principal=principal)
-        if kind == "closed":
-            return kind, int(reply[1])
-        return kind, None
+            raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to look "
+                                   f"up session {session_id!r}, which this replica does not "
+                                   "hold; retry shortly")
+        h, closed, owner, ttl = reply
+        if h is None or (owner or b"").decode() != principal:
+            return None
+        head = int(h.decode().rpartition("|")[2])
+        return head, closed == b"1", max(0.0, int(ttl) / 1000)
 
     async def owner(self, session_id: str) -> str | None:
         """The replica that owns the session in the store ("" if none; None if unreachable)."""
-        reply = await self._call(self._owner, [self.key(session_id)], [])
+        reply = await self._guard(lambda: self._owner(keys=[self.key(session_id)]))
         return None if reply is None else (reply or b"").decode()
 
-    async def commit(self, commits: Sequence[Commit]) -> list[int] | None:
-        """One compare-and-set per session, in one script call. Per commit: 1 written, 0 another
-        replica owns the session now, 2 the store lost it and needs a full checkpoint (nothing
-        written). None: Redis was not reached (or is being backed off from); nothing written."""
-        if not commits:
-            return []
-        keys: list[str] = []
-        args: list[Any] = [self.ttl_ms, self.replica]
-        for c in commits:
-            keys.append(self.key(c.session_id))
-            args += [c.expected, c.head, c.principal, "1" if c.closed else "",
-                     c.states if c.states is not None else b"", c.ring]
-        reply = await self._call(self._commit, keys, args)
-        return None if reply is None else [int(r) for r in reply]
+    async def commit(self, commits: Commits) -> str | None:
+        """One compare-and-set per session, in one script call. Per session one character:
+        "1" written, "0" another replica owns the session now, "2" the store lost it and needs
+        a full checkpoint (nothing written). None: Redis was not reached (or is being backed
+        off from); nothing was written."""
+        if not commits.count:
+            return ""
+        reply = await self._guard(lambda: self._commit(args=[
+            self.ttl_ms, self.replica, commits.record_bytes, self.prefix, commits.lines,
+            commits.data]))
+        return None if reply is None else reply.decode()
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _guard(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``await call()``, or None if Redis failed (then skip it for ``retry_after``)."""
         if not self.available:
             return None
         try:
-            reply = await script(keys=keys, args=args)
+            reply = await call()
         except (RedisError, OSError) as exc:
             self.failures += 1
             if self._down_until == 0.0 or self.clock() >= self._down_until:
@@ -206,3 +258,4 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.disconnect()  # a pool passed in is not closed with the client

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +80,25 @@ async def stub(server: tuple[Any, int]) -> AsyncIterator[Any]:
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
         yield pb_grpc.SeqServeStub(channel)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Any]]:
+    """``cluster(replicas=2, redis=False, nginx=True, args=()) -> cluster.Cluster``: real
+    seqserve replicas as subprocesses on loopback, optionally Redis and nginx in front
+    (deploy/nginx/seqserve.conf), all SIGKILLed when the test ends. ``args`` go to every
+    replica, with ``{name}`` and ``{redis}`` filled in. Skips without redis-server / nginx."""
+    pytest.importorskip("onnxruntime")
+    from cluster import Cluster, start_cluster
+
+    made: list[Cluster] = []
+
+    def start(**options: Any) -> Cluster:
+        workdir = tmp_path / f"cluster-{len(made)}"
+        workdir.mkdir()
+        made.append(Cluster(workdir))
+        return start_cluster(workdir, model_dir, cluster=made[-1], **options)
+
+    yield start
+    for c in made:
+        c.stop()

@@ -20,6 +20,8 @@ yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install pyy
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 LONG_RUNNING = ("seqserve", "prometheus", "grafana")
+REPLICAS = ("replica-1", "replica-2")
+CLUSTER = ("redis", *REPLICAS, "nginx")  # profile `cluster`
 
 
 def _load(path: Path) -> Any:
@@ -131,14 +133,79 @@ def test_seqserve_volumes_hold_its_snapshot_and_models(compose, server_settings)
 
 def test_restart_policies_and_stop_grace_outlast_the_drain(compose, server_settings):
     services = compose["services"]
-    for name in LONG_RUNNING:
+    for name in (*LONG_RUNNING, *CLUSTER):
         assert services[name].get("restart") in ("unless-stopped", "always"), name
     assert str(services["export"].get("restart")) == "no", "a finished job must not restart"
     # On SIGTERM: up to drain_grace for accepted requests, then streams end (<= 5 s), then the
     # snapshot is written; leave at least 10 s more for that and the interpreter's exit.
     grace = server_settings.drain_grace
-    stop = _seconds(services["seqserve"]["stop_grace_period"])
-    assert stop >= grace + min(grace, 5.0) + 10, (stop, grace)
+    for name in ("seqserve", *REPLICAS):
+        stop = _seconds(services[name]["stop_grace_period"])
+        assert stop >= grace + min(grace, 5.0) + 10, (name, stop, grace)
+
+
+def test_plain_up_starts_what_it_did_and_the_cluster_needs_its_profile(compose):
+    services = compose["services"]
+    assert {n for n, s in services.items() if not s.get("profiles")} == set(LONG_RUNNING)
+    for name in CLUSTER:
+        assert services[name]["profiles"] == ["cluster"], name
+    # both can run at once: no host port twice
+    published = [str(p).split(":")[0] for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), published
+
+
+def _options(command: list[str]) -> dict[str, str]:
+    """``--flag value`` / ``--flag=value`` pairs of a command."""
+    options, i = {}, 0
+    while i < len(command):
+        arg = command[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            options[key] = value
+        elif arg.startswith("--") and i + 1 < len(command):
+            options[arg], i = command[i + 1], i + 1
+        i += 1
+    return options
+
+
+def test_cluster_replicas_run_the_server_image_on_one_redis(compose, stages):
+    from seqserve.server.settings import parse_settings
+
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:")
+    assert _mounted_from(_mounts(redis), "/data") in compose["volumes"]
+    for name in REPLICAS:
+        replica = services[name]
+        assert replica["build"] == services["seqserve"]["build"]
+        assert replica["image"] == services["seqserve"]["image"]
+        assert "ports" not in replica, "reached through nginx only"
+        options = _options(replica["command"])
+        assert options["--store"] == "redis://redis:6379/0"
+        assert options["--replica-id"] == name
+        assert "redis" in replica["depends_on"]
+        env = _environment(replica)
+        assert env["SEQSERVE_SNAPSHOT_PATH"] == "", "sessions live in Redis, not in one replica"
+        image_env = {k: v for k, v in stages["runtime"].env.items() if k.startswith("SEQSERVE_")}
+        settings = parse_settings(replica["command"], environ={**image_env, **env})
+        assert settings.store.startswith("redis://redis:") and settings.replica_id
+
+
+def test_cluster_nginx_runs_the_deployed_config_on_the_replicas(compose, server_settings):
+    from test_deploy_proxy import _find, _one, parse_nginx
+
+    nginx = compose["services"]["nginx"]
+    (conf_target,) = [t for t, src in _mounts(nginx).items()
+                      if (ROOT / src).resolve() == DEPLOY / "nginx" / "seqserve.conf"]
+    assert PurePosixPath(conf_target).parent == PurePosixPath("/etc/nginx/conf.d")
+    assert conf_target.endswith(".conf")
+    site = parse_nginx((DEPLOY / "nginx" / "seqserve.conf").read_text())
+    servers = {d[0][1] for d in _find(site, "upstream", "server")}
+    assert servers == {f"{name}:{server_settings.port}" for name in REPLICAS}
+    listen = _one(site, "server", "listen")[0]
+    assert _container_ports(nginx) == {int(listen.rsplit(":", 1)[-1])}
+    for name in REPLICAS:
+        assert nginx["depends_on"][name]["condition"] == "service_healthy"
 
 
 def test_export_job_writes_into_the_models_volume_the_server_reads(compose):
@@ -196,7 +263,8 @@ def test_grafana_provisions_the_datasource_and_dashboard(compose):
 
 
 def test_docker_compose_validates_the_file_with_every_profile():
-    """docker-compose's own schema and interpolation check (``config`` needs no engine)."""
+    """docker-compose's own schema and interpolation check (``config`` needs no engine; 1.29
+    lists every service whatever the profiles)."""
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose not installed (Debian package docker-compose; "
@@ -204,7 +272,7 @@ def test_docker_compose_validates_the_file_with_every_profile():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQSERVE_", "COMPOSE_"))}
     run = subprocess.run(
         [binary, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
-         "--profile", "export", "config", "--services"],
+         "--profile", "export", "--profile", "cluster", "config", "--services"],
         capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
-    assert set(run.stdout.split()) == {*LONG_RUNNING, "export"}
+    assert set(run.stdout.split()) == {*LONG_RUNNING, "export", *CLUSTER}

@@ -4,9 +4,7 @@ hand sessions to each other through it, exactly once, and keep serving when it i
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from cluster import Redis
 from helpers import free_port, probs, solo_run, step_request
 
 from seqserve.proto import seqserve_pb2 as pb
@@ -23,53 +22,21 @@ from seqserve.proto.codec import from_matrix, to_matrix
 TOL = 1e-5
 
 
-class RedisServer:
-    """redis-server on a fixed loopback port (so it can be stopped and started again)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while self.cli("PING") != "PONG":
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
-                              text=True, timeout=10)
-        return done.stdout.strip()
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("redis-server not installed (scripts/system-deps.sh installs it)")
-    server = RedisServer(tmp_path)
-    server.start()
+def redis_server(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis("redis", tmp_path / "redis.log")
+    server.start(tmp_path / "redis")
     yield server
-    server.stop()
+    server.kill()
+
+
+def text(reply: object) -> str:
+    assert isinstance(reply, bytes), reply
+    return reply.decode()
 
 
 @pytest.fixture
-async def replicas(start_server: Callable[..., Any], redis_server: RedisServer
+async def replicas(start_server: Callable[..., Any], redis_server: Redis
                    ) -> AsyncIterator[Callable[..., Any]]:
     """``await replica(name, **settings) -> (app, stub)``: in-process replicas sharing Redis."""
     channels: list[grpc.aio.Channel] = []
@@ -77,6 +44,7 @@ async def replicas(start_server: Callable[..., Any], redis_server: RedisServer
     async def replica(name: str, **overrides: Any) -> tuple[Any, pb_grpc.SeqServeStub]:
         overrides.setdefault("store", redis_server.url)
         app, port = await start_server(replica_id=name, **overrides)
+        app.target = f"127.0.0.1:{port}"
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         channels.append(channel)
         return app, pb_grpc.SeqServeStub(channel)
@@ -116,11 +84,14 @@ async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
     _, b = await replicas("b")
     x = recording(samples)
     first = await step(a, "once", x, 0, 6)
+    # b reads it from the store without taking it over
+    assert (await b.GetSession(pb.SessionRef(session_id="once"))).position == 6
+    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:once", "h")) == "a|6"
     # a applied 0..5; the client never saw the answer and resends it to b.
     again = await step(b, "once", x, 0, 6)
     assert again.replayed and again.next_position == 6
     assert again.probabilities.data == first.probabilities.data
-    assert redis_server.cli("HGET", "seqserve:basicmotions:1:once", "head") == "6"
+    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:once", "h")) == "b|6"
 
 
 async def test_with_k4_a_dead_replicas_last_frames_are_reported_and_resent(
@@ -159,12 +130,13 @@ async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
 
 
 async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples, redis_server,
-                                                               model_dir):
+                                                               model_dir, tmp_path):
     _, a = await replicas("a", store_retry=0.2)
     _, b = await replicas("b", store_retry=0.2)
     x = recording(samples)
     await step(a, "held", x, 0, 4)
-    redis_server.stop()
+    port = redis_server.port
+    redis_server.kill()
     out = [probs(await step(a, "held", x, t)) for t in range(4, 12)]  # from memory
     with pytest.raises(grpc.aio.AioRpcError) as err:  # a resume elsewhere needs the store
         await step(b, "held", x, 12)
@@ -172,14 +144,68 @@ async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples
     assert dict(err.value.trailing_metadata())["seqserve-reason"] == "store_unavailable"
     fresh = await step(b, "fresh", x, 0, 2)  # a new session still starts, in memory
     assert fresh.next_position == 2
-    redis_server.start()  # back, and empty: the next write re-creates the sessions there
+    redis_server.start(tmp_path / "redis", port)  # back, empty: the next write re-creates them
     await asyncio.sleep(0.3)
     out += [probs(await step(a, "held", x, t)) for t in range(12, 16)]
     assert np.abs(np.concatenate(out) - solo_run(model_dir, x)[4:16]).max() <= TOL
     await step(a, "held", x, 16)  # the first write after the outage found it missing
-    assert redis_server.cli("HGET", "seqserve:basicmotions:1:held", "pos") == "17"
+    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:held", "pos")) == "17"
     moved = await step(b, "held", x, 17)  # b resumes from there, nothing lost
     assert np.abs(probs(moved) - solo_run(model_dir, x)[17]).max() <= TOL
+
+
+async def test_a_stalled_redis_does_not_stall_serving(replicas, samples, redis_server,
+                                                      model_dir):
+    """Redis hangs for 3 s (DEBUG SLEEP): a replica waits for it at most --store-timeout, then
+    serves from memory; every step completes while Redis is still asleep, with exact outputs,
+    and once it wakes the session's next write brings the store up to date."""
+    _, a = await replicas("a", store_timeout=0.2, store_retry=0.5)
+    x = recording(samples)
+    await step(a, "stall", x, 0, 4)
+    sleeper = asyncio.create_task(asyncio.to_thread(redis_server.command, "DEBUG", "SLEEP", "3"))
+    await asyncio.sleep(0.1)
+    out = [probs(await step(a, "stall", x, t)) for t in range(4, 12)]
+    assert not sleeper.done(), "the steps waited for Redis"
+    assert np.abs(np.concatenate(out) - solo_run(model_dir, x[:12])[4:]).max() <= TOL
+    await sleeper
+    await asyncio.sleep(0.6)  # past --store-retry: the store is tried again
+    await step(a, "stall", x, 12)
+    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:stall", "h")) == "a|13"
+
+
+async def test_the_client_waits_out_a_store_outage_to_resume(replicas, samples, redis_server,
+                                                             model_dir):
+    """Sessions held by a, resumed through the client library on b while Redis hangs (SIGSTOP):
+    b answers store_unavailable, not "unknown"; the client keeps trying under its backoff (a
+    unary GetSession, and a step in a stream) and once Redis wakes, b claims the sessions and
+    the outputs go on exactly."""
+    from seqserve.client import AsyncClient, Backoff
+
+    _, a = await replicas("a")
+    b, _ = await replicas("b", store_timeout=0.2, store_retry=0.2)
+    x = recording(samples)
+    for sid in ("outage-1", "outage-2"):
+        await step(a, sid, x, 0, 8)
+    redis_server.pause()
+
+    async def wake() -> None:
+        await asyncio.sleep(1.5)
+        redis_server.resume()
+
+    waker = asyncio.create_task(wake())
+    retry = Backoff(initial=0.1, maximum=0.3, max_elapsed=30)
+    async with AsyncClient(b.target, retry=retry, timeout=10) as client:
+        streamed = client.multiplexer.submit(step_request("outage-2", 8, x[8:12]))
+        session = await client.open_session("outage-1", resume=True)  # GetSession, retried
+        assert session.position == 8
+        resumed = await session.send(x[8:12])
+        response = await streamed
+    assert waker.done()
+    expected = solo_run(model_dir, x[:12])[8:]
+    assert np.abs(resumed.probabilities - expected).max() <= TOL
+    assert response.next_position == 12 and np.abs(probs(response) - expected).max() <= TOL
+    claimed = b.metrics.session_events.labels("claimed")._value.get()
+    assert claimed == 2
 
 
 async def test_drain_checkpoints_every_session_and_close_is_shared(replicas, samples, model_dir,
@@ -190,7 +216,8 @@ async def test_drain_checkpoints_every_session_and_close_is_shared(replicas, sam
     for t in range(5):
         await step(a, "drained", x, t)
     await step(a, "closing", x, 0, 3)
-    ttl = int(redis_server.cli("PTTL", "seqserve:basicmotions:1:drained"))
+    ttl = redis_server.command("PTTL", "seqserve:basicmotions:1:drained")
+    assert isinstance(ttl, int)
     assert 25_000 < ttl <= 30_000  # the store expires it with the server's idle timeout
     await a.CloseSession(pb.SessionRef(session_id="closing"))
     await app_a.stop()  # drain: sessions saved with their latest state
@@ -244,7 +271,8 @@ def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, mo
                 stub = pb_grpc.SeqServeStub(channel)
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 out.append(probs(await step(stub, "w", x, t)))
-            owners.add(redis_server.cli("HGET", "seqserve:basicmotions:1:w", "owner"))
+            owners.add(text(redis_server.command("HGET", "seqserve:basicmotions:1:w", "h"))
+                       .split("|")[0])
         return out
 
     try:
