@@ -8,10 +8,11 @@ import platform
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["cpu_ticks", "load_note", "machine_info"]
+__all__ = ["CpuMark", "load_note", "machine_info"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("grpcio", "protobuf", "onnxruntime", "numpy")
@@ -63,24 +64,42 @@ def machine_info() -> dict[str, str]:
     return info
 
 
-def cpu_ticks() -> list[int]:
-    """The machine's CPU time so far, /proc/stat's first line (user nice system idle iowait irq
-    softirq steal ...), in clock ticks."""
-    try:
-        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return []
+@dataclass(frozen=True, slots=True)
+class CpuMark:
+    """The machine's CPU time so far (/proc/stat's first line, in clock ticks: user nice system
+    idle iowait irq softirq steal ...), this process's and its waited-for children's (seconds),
+    and the wall clock."""
+
+    machine: tuple[int, ...]
+    own: float
+    wall: float
+
+    @classmethod
+    def now(cls) -> CpuMark:
+        try:
+            line = Path("/proc/stat").read_text().split("\n", 1)[0]
+            machine = tuple(int(v) for v in line.split()[1:])
+        except (OSError, ValueError):
+            machine = ()
+        t = os.times()
+        return cls(machine, t.user + t.system + t.children_user + t.children_system,
+                   time.monotonic())
 
 
-def load_note(before: list[int]) -> dict[str, str]:
-    """How busy the machine was over a run: the load average now, and the share of CPU time the
-    hypervisor took (steal) since ``before``."""
-    after = cpu_ticks()
+def load_note(before: CpuMark) -> dict[str, str]:
+    """How busy the machine was over a run (``before`` to now): the CPU that processes outside
+    the suite used (the box is shared: other people's builds and tests show up here), the share
+    the hypervisor stole, and the load average. Call it once every server has been waited for,
+    so their CPU counts as the suite's."""
+    after = CpuMark.now()
     note = {}
+    if before.machine and len(after.machine) == len(before.machine) > 7:
+        delta = [a - b for a, b in zip(after.machine, before.machine, strict=True)]
+        busy = (sum(delta[:3]) + sum(delta[5:7])) / os.sysconf("SC_CLK_TCK")
+        others = max(0.0, busy - (after.own - before.own)) / (after.wall - before.wall)
+        note["CPU used by other processes over the run"] = f"{others:.2f} cores on average"
+        note["CPU stolen by the hypervisor over the run"] = f"{delta[7] / sum(delta):.1%}"
     with contextlib.suppress(OSError):
         note["load average (1, 5, 15 min) at the end"] = ", ".join(
             Path("/proc/loadavg").read_text().split()[:3])
-    if before and len(after) == len(before) and len(after) > 7:
-        delta = [a - b for a, b in zip(after, before, strict=True)]
-        note["CPU stolen by the hypervisor over the run"] = f"{delta[7] / sum(delta):.1%}"
     return note

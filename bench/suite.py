@@ -46,7 +46,7 @@ from bench.clients import (
     window_predicts,
 )
 from bench.limits import ort_curve, sequence_pass
-from bench.machine import cpu_ticks, load_note, machine_info
+from bench.machine import CpuMark, load_note, machine_info
 from bench.plots import write_plots
 from bench.report import write_report
 from bench.results import Results, Summary
@@ -281,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = Results(config=dataclasses.asdict(config))
     results.machine = machine_info()
-    ticks, started = cpu_ticks(), time.perf_counter()
+    mark, started = CpuMark.now(), time.perf_counter()
     asyncio.run(Suite(config, model_dir, results).run())
     results.machine["suite seconds"] = f"{time.perf_counter() - started:.0f}"
-    results.machine.update(load_note(ticks))
+    results.machine.update(load_note(mark))
     for package in ("tensorflow", "keras"):
         if package in results.keras:
             results.machine[package] = str(results.keras[package])
