@@ -154,13 +154,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def Step(self, request: pb.StepRequest,
                    context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        started = time.perf_counter()
-        try:
-            result = await self._submit(request)
-        except Exception as exc:
-            await self._abort(context, "Step", started, exc)
-        self._done("Step", started, grpc.StatusCode.OK)
-        return self._response(request, result)
+        return await self._unary("Step", request, context, self._submit, self._response)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
@@ -170,13 +164,18 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def StepBatch(self, request: pb.StepBatchRequest,
                         context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
+        return await self._unary("StepBatch", request, context, self._submit_batch,
+                                 self._batch_response)
+
+    async def _unary(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
+                     submit: Callable[[Any], Any], respond: Callable[[Any, Any], Any]) -> Any:
         started = time.perf_counter()
         try:
-            result = await self._submit_batch(request)
+            result = await submit(request)
         except Exception as exc:
-            await self._abort(context, "StepBatch", started, exc)
-        self._done("StepBatch", started, grpc.StatusCode.OK)
-        return self._batch_response(request, result)
+            await self._abort(context, rpc, started, exc)
+        self._done(rpc, started, grpc.StatusCode.OK)
+        return respond(request, result)
 
     async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatchRequest],
                           context: grpc.aio.ServicerContext
