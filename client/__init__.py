@@ -20,7 +20,7 @@ from .errors import (
     Unavailable,
 )
 from .mux import Multiplexer
-from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .results import BatchPrediction, ModelInfo, Prediction, SequencePrediction, SessionInfo
 from .retry import Backoff
 from .routing import ROUTE_HEADER
 from .session import AsyncSession
@@ -32,6 +32,7 @@ __all__ = [
     "AsyncClient",
     "AsyncSession",
     "Backoff",
+    "BatchPrediction",
     "Cancelled",
     "Client",
     "DeadlineExceeded",

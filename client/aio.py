@@ -12,17 +12,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.proto.codec import from_matrix, to_matrix
 
 from .channel import TLS, call_metadata, make_channel
-from .errors import Unavailable, error_from_rpc
+from .errors import Unavailable, error_from_rpc, error_from_status
 from .frames import as_frames, as_sequences
 from .health import HEALTH_CHECK, decode_status, encode_request
 from .mux import Multiplexer
-from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .results import BatchPrediction, ModelInfo, Prediction, SequencePrediction, SessionInfo
 from .retry import Backoff, Contact
 from .routing import check_route, route_metadata
 from .session import AsyncSession
@@ -134,6 +135,34 @@ class AsyncClient:
                           probabilities=from_matrix(response.probabilities).copy(),
                           labels=model.labels, latency=time.perf_counter() - started,
                           replayed=response.replayed)
+
+    async def step_batch(self, session_ids: Sequence[str], frames: Any,
+                         positions: Sequence[int] | np.ndarray, *, start: bool = False,
+                         route: str | None = None) -> BatchPrediction:
+        """One frame for each of many sessions in one ``StepBatch`` call: ``frames[i]`` at
+        ``positions[i]`` of ``session_ids[i]``. Entries succeed or fail on their own (see
+        ``BatchPrediction.errors``); a malformed batch raises. ``start`` creates the sessions
+        that do not exist (at position 0). Behind a hashing proxy the call goes by ``route``
+        (default: this client's shared stream key), so all these sessions share a replica."""
+        model = await self._model_info()
+        array = as_frames(frames, model.features)
+        ids = tuple(session_ids)
+        if array.shape[0] != len(ids) or len(positions) != len(ids):
+            raise ValueError(f"{len(ids)} session ids, {array.shape[0]} frames and "
+                             f"{len(positions)} positions: a batch has one of each per entry")
+        request = pb.StepBatchRequest(session_ids=ids, positions=[int(p) for p in positions],
+                                      frames=to_matrix(array), start=start)
+        response = await self._call(self._stub.StepBatch, request,
+                                    route=route or self.multiplexer.route)
+        errors: dict[int, Exception] = {
+            e.index: error_from_status(e.error.code, e.error.message, reason=e.error.reason,
+                                       session_id=ids[e.index] if e.index < len(ids) else "",
+                                       position=e.error.expected_position, in_session=True)
+            for e in response.errors}
+        return BatchPrediction(
+            session_ids=ids, probabilities=from_matrix(response.probabilities).copy(),
+            next_positions=np.array(response.next_positions, np.int64),
+            replayed=np.array(response.replayed, np.bool_), errors=errors, labels=model.labels)
 
     async def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
         """A session's position and expiry. Routed like the session's other calls: by the

@@ -8,7 +8,7 @@ import numpy as np
 
 from seqserve.proto import seqserve_pb2 as pb
 
-__all__ = ["ModelInfo", "Prediction", "SequencePrediction", "SessionInfo"]
+__all__ = ["BatchPrediction", "ModelInfo", "Prediction", "SequencePrediction", "SessionInfo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,32 @@ class Prediction:
     @property
     def confidence(self) -> float:
         return float(self.probabilities[-1].max())
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPrediction:
+    """The answer to one ``step_batch``: one frame for each of many sessions, entry by entry.
+    A failed entry has a zero row, and its error (a ``SeqServeError``) in ``errors``."""
+
+    session_ids: tuple[str, ...]
+    probabilities: np.ndarray  # [entries, classes]
+    next_positions: np.ndarray  # [entries]: each session's position after its entry
+    replayed: np.ndarray  # [entries] bool
+    errors: dict[int, Exception] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+
+    @property
+    def top_classes(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_for_errors(self) -> None:
+        """Raise the first entry's error, if any entry failed."""
+        if self.errors:
+            raise self.errors[min(self.errors)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,12 @@ import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
 from .aio import DEFAULT_TARGET, AsyncClient
 from .channel import TLS
 from .errors import DeadlineExceeded
-from .results import ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .results import BatchPrediction, ModelInfo, Prediction, SequencePrediction, SessionInfo
 from .retry import Backoff
 from .session import AsyncSession
 
@@ -99,6 +101,13 @@ class Client:
         """One unary ``Step`` (see ``AsyncClient.step``)."""
         return self._loop.run(self.aio.step(session_id, frames, position=position, start=start,
                                             end=end, route=route))
+
+    def step_batch(self, session_ids: Sequence[str], frames: Any,
+                   positions: Sequence[int] | np.ndarray, *, start: bool = False,
+                   route: str | None = None) -> BatchPrediction:
+        """One frame for each of many sessions (see ``AsyncClient.step_batch``)."""
+        return self._loop.run(self.aio.step_batch(session_ids, frames, positions, start=start,
+                                                  route=route))
 
     def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
         return self._loop.run(self.aio.get_session(session_id, route=route))

@@ -154,13 +154,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def Step(self, request: pb.StepRequest,
                    context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        started = time.perf_counter()
-        try:
-            result = await self._submit(request)
-        except Exception as exc:
-            await self._abort(context, "Step", started, exc)
-        self._done("Step", started, grpc.StatusCode.OK)
-        return self._response(request, result)
+        return await self._unary("Step", request, context, self._submit, self._response)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
@@ -170,13 +164,18 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def StepBatch(self, request: pb.StepBatchRequest,
                         context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
+        return await self._unary("StepBatch", request, context, self._submit_batch,
+                                 self._batch_response)
+
+    async def _unary(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
+                     submit: Callable[[Any], Any], respond: Callable[[Any, Any], Any]) -> Any:
         started = time.perf_counter()
         try:
-            result = await self._submit_batch(request)
+            result = await submit(request)
         except Exception as exc:
-            await self._abort(context, "StepBatch", started, exc)
-        self._done("StepBatch", started, grpc.StatusCode.OK)
-        return self._batch_response(request, result)
+            await self._abort(context, rpc, started, exc)
+        self._done(rpc, started, grpc.StatusCode.OK)
+        return respond(request, result)
 
     async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatchRequest],
                           context: grpc.aio.ServicerContext
@@ -217,24 +216,24 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         queue: asyncio.Queue[Any] = asyncio.Queue()
         slots = asyncio.Semaphore(self.engine.settings.stream_inflight)
         self._streams.add(queue)
-        reader = asyncio.create_task(self._read(rpc, requests, queue, slots, submit, respond,
-                                                failed))
-        outstanding = 0
+        # Requests read and not yet answered; the reader counts them here rather than through
+        # the queue, so a request wakes this writer once (its answer), not twice.
+        outstanding = [0]
+        reader = asyncio.create_task(self._read(rpc, requests, queue, slots, outstanding,
+                                                submit, respond, failed))
         reading = True
         draining = self.engine.draining
         try:
-            while reading or outstanding:
-                if draining and not outstanding:
+            while reading or outstanding[0]:
+                if draining and not outstanding[0]:
                     break
                 item = await queue.get()
                 if item is _END:
                     reading = False
                 elif item is _DRAIN:
                     draining = True
-                elif isinstance(item, int):
-                    outstanding += item
                 else:
-                    outstanding -= 1
+                    outstanding[0] -= 1
                     slots.release()
                     yield item
             if draining:
@@ -249,13 +248,13 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             raise reader.exception()  # type: ignore[misc]
 
     async def _read(self, rpc: str, requests: AsyncIterator[Any], queue: asyncio.Queue[Any],
-                    slots: asyncio.Semaphore, submit: Callable[[Any], Any],
-                    respond: Callable[[Any, Any], Any],
+                    slots: asyncio.Semaphore, outstanding: list[int],
+                    submit: Callable[[Any], Any], respond: Callable[[Any, Any], Any],
                     failed: Callable[[str, Any, float, Exception], Any]) -> None:
         try:
             async for request in requests:
                 await slots.acquire()
-                queue.put_nowait(1)
+                outstanding[0] += 1
                 started = time.perf_counter()
                 try:
                     future = submit(request)

@@ -155,3 +155,25 @@ async def test_pipelined_groups_single_steps_and_controls_keep_each_session_in_o
         assert all(s.holds == 0 and not s.scheduled for s in engine.table)
     finally:
         await engine.stop()
+
+
+async def test_the_client_steps_many_sessions_in_one_call(server, samples, model_dir):
+    """``step_batch``: columnar in, columnar out; a bad entry is reported, not raised."""
+    from seqserve.client import AsyncClient, PositionConflict
+
+    x = recordings(samples, 5, 3)
+    ids = [f"cb-{i}" for i in range(5)]
+    async with AsyncClient(f"127.0.0.1:{server[1]}") as client:
+        first = await client.step_batch(ids, x[:, 0], [0] * 5, start=True)
+        assert first.ok and list(first.next_positions) == [1] * 5
+        second = await client.step_batch(ids, x[:, 1], [1, 1, 1, 1, 7])
+        assert list(second.errors) == [4] and isinstance(second.errors[4], PositionConflict)
+        assert second.errors[4].position == 1
+        with pytest.raises(PositionConflict):
+            second.raise_for_errors()
+        with pytest.raises(ValueError, match="one of each per entry"):
+            await client.step_batch(ids, x[:, 2], [2] * 4)
+    got = np.stack([first.probabilities, second.probabilities], axis=1)
+    for i in range(4):
+        assert np.abs(got[i] - solo_run(model_dir, x[i, :2])).max() <= TOL
+    assert not second.probabilities[4].any()
