@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -204,6 +205,10 @@ def configure_logging(settings: Settings) -> None:
 
 def run_forever(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, then drain; the exit status (2: could not start)."""
+
+    # The inference thread releases the GIL while onnxruntime runs and needs it back to hand
+    # over results; with the loop busy it would wait up to the 5 ms default switch interval.
+    sys.setswitchinterval(0.0005)
 
     async def run() -> None:
         stop = asyncio.Event()

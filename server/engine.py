@@ -527,10 +527,8 @@ class Engine:
             raise ValueError(f"checkpoint holds {data.size} values; this model and replay "
                              f"window need {self.spec.state_floats} + {ring}")
         session = self.table.create(session_id, position=found.position, owner=principal)
-        at = 0
-        for slab in self.bank.slabs:
-            slab[session.slot] = data[at : at + slab.shape[1]]
-            at += slab.shape[1]
+        at = self.spec.state_floats
+        self.bank.states[session.slot] = data[:at]
         self.bank.ring[session.slot] = data[at:].reshape(self.bank.ring.shape[1:])
         session.synced = session.saved = found.position
         session.restored = found.head > found.position

@@ -512,8 +512,8 @@ def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
     data = b""
     if any(full):
         slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
-        data = np.concatenate([*(slab[slots] for slab in bank.slabs),
-                               bank.ring[slots].reshape(len(slots), -1)], axis=1).tobytes()
+        data = np.concatenate([bank.states[slots], bank.ring[slots].reshape(len(slots), -1)],
+                              axis=1).tobytes()
     lines = "".join([
         f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
         for s, f in zip(sessions, full, strict=True)])

@@ -1,14 +1,17 @@
 """Recurrent state and recent outputs of every session, in slot-indexed slabs.
 
-Each state tensor is one ``[capacity, size]`` array; a session owns one row (its slot). A batch
-gathers rows with fancy indexing and scatters the new states back. The slabs are allocated with
-``np.zeros``, which the OS backs lazily, so memory grows with the slots actually used.
+Every state tensor of a session sits in one row (its slot) of one ``[capacity, state floats]``
+array; a batch gathers its rows with one fancy index and scatters the new states back with one.
+The arrays are allocated with ``np.zeros``, which the OS backs lazily, so memory grows with the
+slots actually used.
 
 The replay ring keeps the last ``window`` output rows per slot: frame ``f`` lives at
 ``ring[slot, f % window]``, which is what answers a retried request without recomputing it.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -21,7 +24,12 @@ class StateBank:
     def __init__(self, spec: ModelSpec, capacity: int, window: int) -> None:
         self.capacity = capacity
         self.window = window
-        self.slabs = [np.zeros((capacity, s.size), np.float32) for s in spec.states]
+        # One [capacity, all state floats] array; ``slabs`` are its column views, one per state
+        # tensor, so a batch gathers and scatters every tensor with one fancy index.
+        self.states = np.zeros((capacity, spec.state_floats), np.float32)
+        bounds = itertools.accumulate((s.size for s in spec.states), initial=0)
+        self._columns = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        self.slabs = [self.states[:, columns] for columns in self._columns]
         self.ring = np.zeros((capacity, window, spec.classes), np.float32)
         self.bytes_per_slot = 4 * spec.state_floats
         self.slabs_floats = spec.state_floats
@@ -48,15 +56,14 @@ class StateBank:
         self._free.append(slot)
 
     def zero(self, slot: int) -> None:
-        for slab in self.slabs:
-            slab[slot] = 0.0
+        self.states[slot] = 0.0
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
-        return [slab[slots] for slab in self.slabs]
+        rows = self.states[slots]
+        return [np.ascontiguousarray(rows[:, slab_columns]) for slab_columns in self._columns]
 
     def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
-        for slab, values in zip(self.slabs, states, strict=True):
-            slab[slots] = values
+        self.states[slots] = np.concatenate(states, axis=1) if len(states) > 1 else states[0]
 
     def record_steps(self, slots: np.ndarray, positions: np.ndarray, probs: np.ndarray) -> None:
         """One output row per slot: ``probs[i]`` is frame ``positions[i]`` of ``slots[i]``."""
