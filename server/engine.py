@@ -105,6 +105,8 @@ class Engine:
                                   max_per_owner=settings.max_sessions_per_principal)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
         self.store = make_store(settings, spec)
+        if self.store is not None:
+            self.store.observe = self.observer.store_call
         self.scheduler = Scheduler(runtime, self.table, self.executor,
                                    max_batch=settings.max_batch,
                                    max_wait=settings.max_wait_ms / 1000.0,

@@ -46,6 +46,14 @@ class Metrics(BatchObserver):
                                    registry=registry)
         self.state_bytes = Gauge("seqserve_state_bytes", "Bytes of recurrent state held",
                                  registry=registry)
+        self.store_seconds = Histogram(
+            "seqserve_store_call_seconds", "Calls to the shared session store (commit: one "
+            "round's writes; claim: taking sessions over; peek, owner: reads)", ["call"],
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.store_calls = Counter(
+            "seqserve_store_calls", "Calls to the shared session store by outcome: ok, failed "
+            "(unreachable, timed out), skipped (backing off after a failure: serving from "
+            "memory)", ["call", "outcome"], registry=registry)
         self._inference = {g: self.inference_seconds.labels(g) for g in ("step", "sequence")}
         self._batch = {g: self.batch_size.labels(g) for g in ("step", "sequence")}
         for event in ("opened", "closed", "expired", "refused", "claimed", "moved"):
@@ -59,6 +67,11 @@ class Metrics(BatchObserver):
 
     def session_event(self, event: str) -> None:
         self.session_events.labels(event).inc()
+
+    def store_call(self, kind: str, seconds: float, outcome: str) -> None:
+        if outcome != "skipped":
+            self.store_seconds.labels(kind).observe(seconds)
+        self.store_calls.labels(kind, outcome).inc()
 
     def track_sessions(self, live: Callable[[], int], bytes_per_session: int) -> None:
         """Gauges read at scrape time, so the hot path never updates them."""

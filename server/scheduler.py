@@ -91,6 +91,9 @@ class BatchObserver:
     def session_event(self, event: str) -> None:
         pass
 
+    def store_call(self, kind: str, seconds: float, outcome: str) -> None:
+        pass
+
 
 class Scheduler:
     def __init__(self, runtime: Runtime, table: SessionTable, executor: Executor, *,

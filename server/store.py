@@ -157,7 +157,8 @@ class RedisStore:
         self._owner = self._redis.register_script(_OWNER)
         self._peek = self._redis.register_script(_PEEK)
         self._down_until = 0.0
-        self.failures = 0  # calls that failed (for metrics)
+        # (call kind, seconds, outcome "ok" / "failed" / "skipped"): metrics hook
+        self.observe: Callable[[str, float, str], None] = lambda kind, seconds, outcome: None
 
     def key(self, session_id: str) -> str:
         return f"{self.namespace}:{session_id}"
@@ -190,7 +191,7 @@ class RedisStore:
                                       args=[self.replica, principal, self.ttl_ms], client=pipe)
                 return await pipe.execute()  # type: ignore[no-any-return]
 
-        replies = await self._guard(run)
+        replies = await self._guard(run, "claim")
         if replies is None:
             raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to resume "
                                    "a session not held by this replica; retry shortly")
@@ -210,7 +211,7 @@ class RedisStore:
         """(head, closed, seconds to expiry) of a session in the store, without taking it
         over; None if it is not there (or is another principal's). StoreUnavailable when
         Redis cannot answer."""
-        reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]))
+        reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]), "peek")
         if reply is None:
             raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to look "
                                    f"up session {session_id!r}, which this replica does not "
@@ -223,7 +224,7 @@ class RedisStore:
 
     async def owner(self, session_id: str) -> str | None:
         """The replica that owns the session in the store ("" if none; None if unreachable)."""
-        reply = await self._guard(lambda: self._owner(keys=[self.key(session_id)]))
+        reply = await self._guard(lambda: self._owner(keys=[self.key(session_id)]), "owner")
         return None if reply is None else (reply or b"").decode()
 
     async def commit(self, commits: Commits) -> str | None:
@@ -235,22 +236,25 @@ class RedisStore:
             return ""
         reply = await self._guard(lambda: self._commit(args=[
             self.ttl_ms, self.replica, commits.record_bytes, self.prefix, commits.lines,
-            commits.data]))
+            commits.data]), "commit")
         return None if reply is None else reply.decode()
 
-    async def _guard(self, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _guard(self, call: Callable[[], Awaitable[Any]], kind: str) -> Any:
         """``await call()``, or None if Redis failed (then skip it for ``retry_after``)."""
         if not self.available:
+            self.observe(kind, 0.0, "skipped")
             return None
+        started = time.perf_counter()
         try:
             reply = await call()
         except (RedisError, OSError) as exc:
-            self.failures += 1
+            self.observe(kind, time.perf_counter() - started, "failed")
             if self._down_until == 0.0 or self.clock() >= self._down_until:
                 log.warning("session store %s unreachable (%s); serving from memory, retrying "
                             "in %.1fs", self.url, exc, self.retry_after)
             self._down_until = self.clock() + self.retry_after
             return None
+        self.observe(kind, time.perf_counter() - started, "ok")
         if self._down_until:
             log.info("session store %s reachable again", self.url)
             self._down_until = 0.0

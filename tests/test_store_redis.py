@@ -131,7 +131,7 @@ async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
 
 async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples, redis_server,
                                                                model_dir, tmp_path):
-    _, a = await replicas("a", store_retry=0.2)
+    app_a, a = await replicas("a", store_retry=0.2)
     _, b = await replicas("b", store_retry=0.2)
     x = recording(samples)
     await step(a, "held", x, 0, 4)
@@ -147,6 +147,10 @@ async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples
     redis_server.start(tmp_path / "redis", port)  # back, empty: the next write re-creates them
     await asyncio.sleep(0.3)
     out += [probs(await step(a, "held", x, t)) for t in range(12, 16)]
+    calls = app_a.metrics.store_calls
+    assert calls.labels("commit", "failed")._value.get() >= 1  # the outage shows in /metrics
+    assert calls.labels("commit", "skipped")._value.get() >= 1
+    assert calls.labels("commit", "ok")._value.get() >= 2
     assert np.abs(np.concatenate(out) - solo_run(model_dir, x)[4:16]).max() <= TOL
     await step(a, "held", x, 16)  # the first write after the outage found it missing
     assert text(redis_server.command("HGET", "seqserve:basicmotions:1:held", "pos")) == "17"
