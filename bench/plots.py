@@ -27,6 +27,10 @@ def _latency(plt: Any, r: Results, path: Path) -> None:
                 label=f"stateless Predict, window {r.config['window']}, p50")
     ax.set(xscale="log", yscale="log", xlabel="concurrent sessions (one stream each)",
            ylabel="round trip, ms", title="One frame per message: latency vs. concurrency")
+    _save(plt, fig, ax, path)
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -52,11 +56,7 @@ def _throughput(plt: Any, r: Results, path: Path) -> None:
                    label=f"in-process onnxruntime ceiling (batch {ceiling.batch})")
     ax.set(xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="steps/s",
            title="Throughput vs. concurrency")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def _onnxruntime(plt: Any, r: Results, path: Path) -> None:
