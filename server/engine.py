@@ -129,6 +129,8 @@ class Engine:
     async def drain(self) -> None:
         """Refuse new work, then wait until every accepted request has been answered."""
         self.draining = True
+        while self._claims or self._backlog or self._tasks:  # accepted, waiting on the store
+            await asyncio.sleep(0.01)
         await self.scheduler.idle()
 
     async def stop(self) -> None:
