@@ -60,7 +60,8 @@ async def measure(sessions: int, model_dir: str, replay_window: int) -> dict[str
     del table
     stepped = _settled_rss()
     one = next(iter(engine.table))
-    sizes = {"session": sys.getsizeof(one), "pending_deque": sys.getsizeof(one.pending),
+    sizes = {"session": sys.getsizeof(one),
+             "pending_queue": 0 if one.pending is None else sys.getsizeof(one.pending),
              "id": sys.getsizeof(one.id)}
     assert all(s.position == 1 for s in engine.table)
     await engine.stop()

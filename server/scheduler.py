@@ -129,6 +129,8 @@ class Scheduler:
 
     def submit(self, work: Work) -> None:
         session = work.session
+        if session.pending is None:
+            session.pending = deque()
         session.pending.append(work)
         if not session.scheduled:
             session.scheduled = True
@@ -213,6 +215,7 @@ class Scheduler:
                     held.append(session)
                     continue
                 taken.append(session)
+                assert session.pending  # it is ready because it has work
                 work = session.pending.popleft()
                 if self._prepare(work):
                     assert work.frames is not None
@@ -239,6 +242,7 @@ class Scheduler:
                 if session.pending:
                     self._ready.append(session)
                 else:
+                    session.pending = None  # idle again: give the deque back
                     session.scheduled = False
 
     def _check_groups(self, fast: list[Group]) -> None:
@@ -502,6 +506,7 @@ class Scheduler:
     def _fail_pending(self, session: Session) -> None:
         while session.pending:
             _fail(session.pending.popleft().future, self._gone(session))
+        session.pending = None
 
 
 def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest, CapacityExceeded, SessionExists, SessionNotFound
@@ -38,7 +38,9 @@ class Session:
     position: int = 0  # frames applied
     accepted: int = 0  # position after every queued request
     last_used: float = 0.0
-    pending: deque[Any] = field(default_factory=deque)  # scheduler work items, in order
+    # Scheduler work items, in order; made on first use (an empty deque is 760 B, and most
+    # sessions are idle most of the time).
+    pending: deque[Any] | None = None
     scheduled: bool = False  # in the scheduler's ready queue or in a running batch
     ended: str = ""  # "closed" / "expired" once gone
     restored: bool = False  # loaded from a snapshot and not advanced since
