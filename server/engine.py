@@ -34,19 +34,11 @@ from .errors import (
 )
 from .model import ModelSpec
 from .runtime import Runtime
-from .scheduler import (
-    BatchObserver,
-    Group,
-    Scheduler,
-    StepResult,
-    Work,
-    checkpoint_commits,
-    gap_error,
-)
+from .scheduler import BatchObserver, Group, Scheduler, StepResult, Work, gap_error
 from .sessions import Session, SessionTable, check_session_id
 from .settings import Settings
 from .states import StateBank
-from .store import Checkpoint, RedisStore, StoreUnavailable
+from .store import Checkpoint, RedisStore, StoreUnavailable, checkpoint_commits
 
 __all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult"]
 
@@ -260,6 +252,10 @@ class Engine:
         self._refuse_if_draining()
         self.check_frames(frames)
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        if self.store is None:
+            session = self._admit(session_id, position, len(frames), start, principal)
+            self.scheduler.submit(Work(session, position, frames, future, end=end))
+            return future
 
         def admit() -> None:
             session = self._admit(session_id, position, len(frames), start, principal)
@@ -268,8 +264,6 @@ class Engine:
         if self._must_claim(session_id):
             self._after_claim(session_id, principal, start and position == 0, admit,
                               future.set_exception)
-        elif self.store is None:
-            admit()
         else:
             try:
                 admit()

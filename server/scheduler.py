@@ -27,8 +27,7 @@ import numpy as np
 from .errors import PositionError, SeqServeError, SessionNotFound
 from .runtime import Runtime
 from .sessions import Session, SessionTable
-from .states import StateBank
-from .store import Commits, RedisStore, SessionMoved
+from .store import RedisStore, SessionMoved, checkpoint_commits
 
 __all__ = ["BatchObserver", "Scheduler", "Sink", "StepResult", "Work", "gap_error"]
 
@@ -507,25 +506,6 @@ class Scheduler:
         while session.pending:
             _fail(session.pending.popleft().future, self._gone(session))
         session.pending = None
-
-
-def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
-                       ) -> tuple[Commits, list[bool]]:
-    """What a store write records for these sessions: the head always; the state and output
-    ring when the session is new there, was reset, or ran ``every`` frames since its last full
-    checkpoint. Also says which are full checkpoints."""
-    full = [not s.ended and (s.synced < 0 or s.position - s.saved >= every
-                             or s.position < s.saved) for s in sessions]
-    record = 4 * (bank.slabs_floats + bank.ring.shape[1] * bank.ring.shape[2])
-    data = b""
-    if any(full):
-        slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
-        data = np.concatenate([bank.states[slots], bank.ring[slots].reshape(len(slots), -1)],
-                              axis=1).tobytes()
-    lines = "".join([
-        f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
-        for s, f in zip(sessions, full, strict=True)])
-    return Commits(lines, data, record, len(sessions)), full
 
 
 def gap_error(session: Session, position: int) -> PositionError:

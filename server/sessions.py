@@ -72,7 +72,8 @@ class SessionTable:
         self._max_tombstones = max_tombstones
         self.max_per_owner = max_per_owner  # 0: unlimited
         self._owned: dict[str, int] = {}  # live sessions per owner
-        self.find = self._live.get  # type: ignore[assignment,method-assign]
+        # The live session by that id, or None: the dict's own get, on every step's hot path.
+        self.find: Callable[[str], Session | None] = self._live.get
 
     def __len__(self) -> int:
         return len(self._live)
@@ -118,10 +119,6 @@ class SessionTable:
             "start a new one (position 0, start=true)",
             reason=tomb.reason, position=tomb.position,
         )
-
-    def find(self, session_id: str) -> Session | None:
-        """The live session by that id, or None (hot path: bound to the dict's get)."""
-        return self._live.get(session_id)
 
     def touch(self, session: Session) -> None:
         session.last_used = self.clock()

@@ -32,7 +32,6 @@ class StateBank:
         self.slabs = [self.states[:, columns] for columns in self._columns]
         self.ring = np.zeros((capacity, window, spec.classes), np.float32)
         self.bytes_per_slot = 4 * spec.state_floats
-        self.slabs_floats = spec.state_floats
         self._free: list[int] = []
         self._high_water = 0
 

@@ -27,12 +27,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .errors import SeqServeError
+from .sessions import Session
+from .states import StateBank
 
-__all__ = ["Checkpoint", "Commits", "RedisStore", "SessionMoved", "StoreUnavailable"]
+__all__ = ["Checkpoint", "Commits", "RedisStore", "SessionMoved", "StoreUnavailable",
+           "checkpoint_commits"]
 
 log = logging.getLogger("seqserve.store")
 
@@ -133,6 +137,25 @@ local h = redis.call('HGET', KEYS[1], 'h')
 if not h then return '' end
 return string.match(h, '^(.*)|')
 """
+
+
+def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
+                       ) -> tuple[Commits, list[bool]]:
+    """What a store write records for these sessions: the head always; the state and output
+    ring when the session is new there, was reset, or ran ``every`` frames since its last full
+    checkpoint. Also says which are full checkpoints."""
+    full = [not s.ended and (s.synced < 0 or s.position - s.saved >= every
+                             or s.position < s.saved) for s in sessions]
+    record = 4 * (bank.states.shape[1] + bank.ring.shape[1] * bank.ring.shape[2])
+    data = b""
+    if any(full):
+        slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
+        data = np.concatenate([bank.states[slots], bank.ring[slots].reshape(len(slots), -1)],
+                              axis=1).tobytes()
+    lines = "".join([
+        f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
+        for s, f in zip(sessions, full, strict=True)])
+    return Commits(lines, data, record, len(sessions)), full
 
 
 class RedisStore:
