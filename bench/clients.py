@@ -26,11 +26,20 @@ from seqserve.proto.codec import to_matrix
 
 from .servers import Server, cpu_seconds
 
-__all__ = ["BenchError", "Frames", "Run", "predict_caller", "stream_batches", "stream_sessions",
-           "window_predicts"]
+__all__ = [
+    "BenchError",
+    "Frames",
+    "Run",
+    "predict_caller",
+    "stream_batches",
+    "stream_sessions",
+    "window_predicts",
+]
 
-_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)]
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
 
 
 class BenchError(RuntimeError):
@@ -93,15 +102,17 @@ class _Window:
     async def measure(self, server: Server, load: Awaitable[object]) -> Run:
         task = asyncio.ensure_future(load)
         arrived = asyncio.ensure_future(self._all_in.wait())
-        await asyncio.wait([task, arrived], timeout=self.SETUP_TIMEOUT,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [task, arrived], timeout=self.SETUP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
         if not arrived.done():
             arrived.cancel()
             if task.done():  # a client failed before every client was in
                 await task
             task.cancel()
-            raise BenchError(f"{self._waiting} clients had no first answer after "
-                             f"{self.SETUP_TIMEOUT:.0f} s")
+            raise BenchError(
+                f"{self._waiting} clients had no first answer after {self.SETUP_TIMEOUT:.0f} s"
+            )
         self.start = time.perf_counter() + self.warmup
         self.stop = self.start + self.seconds
         await asyncio.sleep(self.warmup)
@@ -112,8 +123,13 @@ class _Window:
         if not self.latencies:
             raise BenchError("no answer arrived inside the measuring window")
         wall = cpu1[2] - cpu0[2]
-        return Run(np.array(self.latencies) * 1e3, self.steps, self.stop - self.start,
-                   (cpu1[0] - cpu0[0]) / wall, (cpu1[1] - cpu0[1]) / wall)
+        return Run(
+            np.array(self.latencies) * 1e3,
+            self.steps,
+            self.stop - self.start,
+            (cpu1[0] - cpu0[0]) / wall,
+            (cpu1[1] - cpu0[1]) / wall,
+        )
 
 
 class Frames:
@@ -167,9 +183,12 @@ async def _write(call: grpc.aio.StreamStreamCall, request: Any) -> None:
         code = await call.code()
         if code == grpc.StatusCode.OK or code == exc.code():
             raise
-        raise grpc.aio.AioRpcError(code, await call.initial_metadata(),
-                                   await call.trailing_metadata(),
-                                   await call.details()) from exc
+        raise grpc.aio.AioRpcError(
+            code,
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            await call.details(),
+        ) from exc
 
 
 def _check(response: object, what: str) -> None:
@@ -179,14 +198,22 @@ def _check(response: object, what: str) -> None:
 
 # -- one frame per message, one stream per session ---------------------------------------------
 
-async def _session(stub: pb_grpc.SeqServeStub, sid: str, messages: list[pb.Matrix],
-                   window: _Window) -> None:
+
+async def _session(
+    stub: pb_grpc.SeqServeStub, sid: str, messages: list[pb.Matrix], window: _Window
+) -> None:
     call = stub.Stream()
     position = 0
     while (sent := time.perf_counter()) < window.stop:
-        await _write(call, pb.StepRequest(session_id=sid, position=position,
-                                          frames=messages[position % len(messages)],
-                                          start=position == 0))
+        await _write(
+            call,
+            pb.StepRequest(
+                session_id=sid,
+                position=position,
+                frames=messages[position % len(messages)],
+                start=position == 0,
+            ),
+        )
         response = await call.read()
         _check(response, sid)
         if response.HasField("error"):
@@ -199,22 +226,31 @@ async def _session(stub: pb_grpc.SeqServeStub, sid: str, messages: list[pb.Matri
     await call.code()
 
 
-async def stream_sessions(server: Server, frames: Frames, sessions: int, *, warmup: float,
-                          seconds: float, tag: str) -> Run:
+async def stream_sessions(
+    server: Server, frames: Frames, sessions: int, *, warmup: float, seconds: float, tag: str
+) -> Run:
     """``sessions`` sessions, each on its own Stream call, each sending one frame and awaiting
     its answer before the next."""
     window = _Window(sessions, warmup, seconds)
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
-        load = asyncio.gather(*(_session(stub, f"{tag}-{i}", frames.session(i), window)
-                                for i in range(sessions)))
+        load = asyncio.gather(
+            *(_session(stub, f"{tag}-{i}", frames.session(i), window) for i in range(sessions))
+        )
         return await window.measure(server, load)
 
 
 # -- many sessions per message (StreamBatch) ---------------------------------------------------
 
-async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[pb.Matrix],
-                        entries: int, depth: int, window: _Window) -> None:
+
+async def _batch_stream(
+    stub: pb_grpc.SeqServeStub,
+    prefix: str,
+    messages: list[pb.Matrix],
+    entries: int,
+    depth: int,
+    window: _Window,
+) -> None:
     call = stub.StreamBatch()
     ids = [f"{prefix}-{j}" for j in range(entries)]
     sent: deque[float] = deque()
@@ -223,9 +259,16 @@ async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[
     async def send() -> None:
         nonlocal position
         sent.append(time.perf_counter())
-        await _write(call, pb.StepBatchRequest(
-            session_ids=ids, positions=[position] * entries,
-            frames=messages[position % len(messages)], start=position == 0, tag=position))
+        await _write(
+            call,
+            pb.StepBatchRequest(
+                session_ids=ids,
+                positions=[position] * entries,
+                frames=messages[position % len(messages)],
+                start=position == 0,
+                tag=position,
+            ),
+        )
         position += 1
 
     for _ in range(depth):
@@ -235,8 +278,10 @@ async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[
         _check(response, prefix)
         if response.errors:
             error = response.errors[0]
-            raise BenchError(f"{prefix}: {len(response.errors)} entries failed, entry "
-                             f"{error.index}: {error.error.reason}: {error.error.message}")
+            raise BenchError(
+                f"{prefix}: {len(response.errors)} entries failed, entry "
+                f"{error.index}: {error.error.reason}: {error.error.message}"
+            )
         done = time.perf_counter()
         window.add(sent.popleft(), done, entries)
         if position == depth:
@@ -247,23 +292,38 @@ async def _batch_stream(stub: pb_grpc.SeqServeStub, prefix: str, messages: list[
     await call.code()
 
 
-async def stream_batches(server: Server, frames: Frames, entries: int, *, streams: int,
-                         depth: int, warmup: float, seconds: float, tag: str) -> Run:
+async def stream_batches(
+    server: Server,
+    frames: Frames,
+    entries: int,
+    *,
+    streams: int,
+    depth: int,
+    warmup: float,
+    seconds: float,
+    tag: str,
+) -> Run:
     """``streams`` StreamBatch calls, each carrying one frame for each of its own ``entries``
     sessions per message, with ``depth`` messages in flight. Latency is per message."""
     window = _Window(streams, warmup, seconds)
     messages = frames.blocks(entries)
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
-        load = asyncio.gather(*(_batch_stream(stub, f"{tag}-{s}", messages, entries, depth,
-                                              window) for s in range(streams)))
+        load = asyncio.gather(
+            *(
+                _batch_stream(stub, f"{tag}-{s}", messages, entries, depth, window)
+                for s in range(streams)
+            )
+        )
         return await window.measure(server, load)
 
 
 # -- stateless: the whole window every step (Predict) ------------------------------------------
 
-async def _window_client(stub: pb_grpc.SeqServeStub, messages: list[pb.Matrix],
-                         window: _Window) -> None:
+
+async def _window_client(
+    stub: pb_grpc.SeqServeStub, messages: list[pb.Matrix], window: _Window
+) -> None:
     t = 0
     while (sent := time.perf_counter()) < window.stop:
         request = pb.PredictRequest(sequences=[pb.Sequence(frames=messages[t % len(messages)])])
@@ -274,22 +334,26 @@ async def _window_client(stub: pb_grpc.SeqServeStub, messages: list[pb.Matrix],
         t += 1
 
 
-async def window_predicts(server: Server, frames: Frames, clients: int, width: int, *,
-                          warmup: float, seconds: float) -> Run:
+async def window_predicts(
+    server: Server, frames: Frames, clients: int, width: int, *, warmup: float, seconds: float
+) -> Run:
     """``clients`` stateless clients: every new frame, Predict on the last ``width`` frames."""
     window = _Window(clients, warmup, seconds)
     async with _channel(server) as channel:
         stub = pb_grpc.SeqServeStub(channel)
-        load = asyncio.gather(*(_window_client(stub, frames.windows(i, width), window)
-                                for i in range(clients)))
+        load = asyncio.gather(
+            *(_window_client(stub, frames.windows(i, width), window) for i in range(clients))
+        )
         return await window.measure(server, load)
 
 
 # -- whole sequences in one call (Predict) -----------------------------------------------------
 
+
 @asynccontextmanager
-async def predict_caller(server: Server, sequences: np.ndarray
-                         ) -> AsyncIterator[Callable[[], Awaitable[float]]]:
+async def predict_caller(
+    server: Server, sequences: np.ndarray
+) -> AsyncIterator[Callable[[], Awaitable[float]]]:
     """A function timing one Predict call carrying every sequence of ``[N, T, F]`` (the request
     is encoded once, up front)."""
     request = pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(s)) for s in sequences])

@@ -24,9 +24,15 @@ PROBS = to_matrix(np.full((1, CLASSES), 1 / CLASSES, np.float32))
 
 def _answer(request: pb.StepRequest) -> pb.StepResponse:
     rows = request.frames.rows or 1
-    return pb.StepResponse(session_id=request.session_id, position=request.position,
-                           frames=rows, probabilities=PROBS, top_class=[0],
-                           next_position=request.position + rows, tag=request.tag)
+    return pb.StepResponse(
+        session_id=request.session_id,
+        position=request.position,
+        frames=rows,
+        probabilities=PROBS,
+        top_class=[0],
+        next_position=request.position + rows,
+        tag=request.tag,
+    )
 
 
 @cache
@@ -36,30 +42,44 @@ def _batch_probs(entries: int) -> pb.Matrix:
 
 def _answer_batch(request: pb.StepBatchRequest) -> pb.StepBatchResponse:
     entries = len(request.session_ids)
-    return pb.StepBatchResponse(probabilities=_batch_probs(entries), top_class=[0] * entries,
-                                next_positions=[p + 1 for p in request.positions],
-                                replayed=[False] * entries, tag=request.tag)
+    return pb.StepBatchResponse(
+        probabilities=_batch_probs(entries),
+        top_class=[0] * entries,
+        next_positions=[p + 1 for p in request.positions],
+        replayed=[False] * entries,
+        tag=request.tag,
+    )
 
 
 class Echo(pb_grpc.SeqServeServicer):
-    async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],  # type: ignore[override]
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[pb.StepRequest],  # type: ignore[override]
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StepResponse]:
         async for request in request_iterator:
             yield _answer(request)
 
-    async def Step(self, request: pb.StepRequest,  # type: ignore[override]
-                   context: grpc.aio.ServicerContext) -> pb.StepResponse:
+    async def Step(
+        self,
+        request: pb.StepRequest,  # type: ignore[override]
+        context: grpc.aio.ServicerContext,
+    ) -> pb.StepResponse:
         return _answer(request)
 
-    async def StreamBatch(self,  # type: ignore[override]
-                          request_iterator: AsyncIterator[pb.StepBatchRequest],
-                          context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[pb.StepBatchResponse]:
+    async def StreamBatch(
+        self,  # type: ignore[override]
+        request_iterator: AsyncIterator[pb.StepBatchRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StepBatchResponse]:
         async for request in request_iterator:
             yield _answer_batch(request)
 
-    async def StepBatch(self, request: pb.StepBatchRequest,  # type: ignore[override]
-                        context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
+    async def StepBatch(
+        self,
+        request: pb.StepBatchRequest,  # type: ignore[override]
+        context: grpc.aio.ServicerContext,
+    ) -> pb.StepBatchResponse:
         return _answer_batch(request)
 
 

@@ -42,8 +42,17 @@ def main() -> None:
         model.predict(window, verbose=0)
         if t >= args.warmup:
             latencies.append(time.perf_counter() - step_started)
-    print(json.dumps({"latencies_s": latencies, "window": args.window, "load_s": loaded,
-                      "tensorflow": tf.__version__, "keras": keras.__version__}))
+    print(
+        json.dumps(
+            {
+                "latencies_s": latencies,
+                "window": args.window,
+                "load_s": loaded,
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

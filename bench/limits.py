@@ -43,8 +43,7 @@ def _per_call(call: Callable[[], object], budget: float, blocks: int = 5) -> flo
     return statistics.median(means)
 
 
-def ort_curve(spec: ModelSpec, x: np.ndarray, batches: list[int], budget: float
-              ) -> list[OrtPoint]:
+def ort_curve(spec: ModelSpec, x: np.ndarray, batches: list[int], budget: float) -> list[OrtPoint]:
     """Seconds per call of the step graph and of the sequence graph at T=1, per batch size.
     Row b of a batch is frame b // recordings of recording b % recordings of ``x``."""
     runtime = Runtime(spec)
@@ -53,10 +52,16 @@ def ort_curve(spec: ModelSpec, x: np.ndarray, batches: list[int], budget: float
         rows = np.arange(batch)
         frames = np.ascontiguousarray(x[rows % len(x), (rows // len(x)) % x.shape[1]])
         states = runtime.zero_states(batch)
-        points.append(OrtPoint("step", batch, _per_call(
-            partial(runtime.step, frames, states), budget)))
-        points.append(OrtPoint("sequence", batch, _per_call(
-            partial(runtime.sequence, frames[:, None], states), budget)))
+        points.append(
+            OrtPoint("step", batch, _per_call(partial(runtime.step, frames, states), budget))
+        )
+        points.append(
+            OrtPoint(
+                "sequence",
+                batch,
+                _per_call(partial(runtime.sequence, frames[:, None], states), budget),
+            )
+        )
     return points
 
 

@@ -37,10 +37,20 @@ def _memory() -> str:
 
 def _commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True, check=True).stdout
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (with uncommitted changes)" if dirty.strip() else "")
@@ -82,8 +92,9 @@ class CpuMark:
         except (OSError, ValueError):
             machine = ()
         t = os.times()
-        return cls(machine, t.user + t.system + t.children_user + t.children_system,
-                   time.monotonic())
+        return cls(
+            machine, t.user + t.system + t.children_user + t.children_system, time.monotonic()
+        )
 
 
 def load_note(before: CpuMark) -> dict[str, str]:
@@ -101,5 +112,6 @@ def load_note(before: CpuMark) -> dict[str, str]:
         note["CPU stolen by the hypervisor over the run"] = f"{delta[7] / sum(delta):.1%}"
     with contextlib.suppress(OSError):
         note["load average (1, 5, 15 min) at the end"] = ", ".join(
-            Path("/proc/loadavg").read_text().split()[:3])
+            Path("/proc/loadavg").read_text().split()[:3]
+        )
     return note

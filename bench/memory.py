@@ -42,8 +42,9 @@ def _settled_rss() -> int:
 
 async def measure(sessions: int, model_dir: str, replay_window: int) -> dict[str, object]:
     spec = load_model_spec(model_dir or None)
-    settings = Settings(max_sessions=sessions, replay_window=replay_window, snapshot_path="",
-                        metrics_port=-1)
+    settings = Settings(
+        max_sessions=sessions, replay_window=replay_window, snapshot_path="", metrics_port=-1
+    )
     engine = Engine(spec, Runtime(spec), settings)
     engine.start()
     with np.load(spec.directory / "samples.npz") as data:
@@ -60,16 +61,22 @@ async def measure(sessions: int, model_dir: str, replay_window: int) -> dict[str
     del table
     stepped = _settled_rss()
     one = next(iter(engine.table))
-    sizes = {"session": sys.getsizeof(one),
-             "pending_queue": 0 if one.pending is None else sys.getsizeof(one.pending),
-             "id": sys.getsizeof(one.id)}
+    sizes = {
+        "session": sys.getsizeof(one),
+        "pending_queue": 0 if one.pending is None else sys.getsizeof(one.pending),
+        "id": sys.getsizeof(one.id),
+    }
     assert all(s.position == 1 for s in engine.table)
     await engine.stop()
     return {
-        "sessions": sessions, "rss_empty": empty, "rss_opened": opened, "rss_stepped": stepped,
+        "sessions": sessions,
+        "rss_empty": empty,
+        "rss_opened": opened,
+        "rss_stepped": stepped,
         "state_bytes": engine.bank.bytes_per_slot,
         "ring_bytes": replay_window * spec.classes * 4,
-        "replay_window": replay_window, "object_sizes": sizes,
+        "replay_window": replay_window,
+        "object_sizes": sizes,
     }
 
 

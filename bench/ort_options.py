@@ -31,8 +31,10 @@ def _per_call(fn, *args, n: int) -> float:
 def main() -> None:
     spec = load_model_spec(sys.argv[1] if len(sys.argv) > 1 else None)
     rng = np.random.default_rng(0)
-    print("| threads | spinning | batch | step graph µs | sequence graph (T=1) µs "
-          "| steps/s (step graph) |")
+    print(
+        "| threads | spinning | batch | step graph µs | sequence graph (T=1) µs "
+        "| steps/s (step graph) |"
+    )
     print("|---:|---|---:|---:|---:|---:|")
     for threads in (1, 2):
         for spinning in (False, True):
@@ -43,8 +45,11 @@ def main() -> None:
                 frames = rng.standard_normal((batch, spec.features)).astype(np.float32)
                 step = _per_call(runtime.step, frames, states, n=n)
                 seq = _per_call(runtime.sequence, frames[:, None], states, n=n)
-                print(f"| {threads} | {spinning} | {batch} | {step * 1e6:.0f} | {seq * 1e6:.0f} | "
-                      f"{batch / step:,.0f} |", flush=True)
+                print(
+                    f"| {threads} | {spinning} | {batch} | {step * 1e6:.0f} | {seq * 1e6:.0f} | "
+                    f"{batch / step:,.0f} |",
+                    flush=True,
+                )
     runtime = Runtime(spec)
     frames = rng.standard_normal((1, spec.features)).astype(np.float32)
     states = runtime.zero_states(1)
@@ -61,8 +66,10 @@ def main() -> None:
         return (time.perf_counter() - t0) / n
 
     hop = asyncio.run(hops(2000))
-    print(f"\none step inline: {inline * 1e6:.0f} µs; through a worker thread from asyncio: "
-          f"{hop * 1e6:.0f} µs")
+    print(
+        f"\none step inline: {inline * 1e6:.0f} µs; through a worker thread from asyncio: "
+        f"{hop * 1e6:.0f} µs"
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,12 @@ def summarize(raw: Path, top: int) -> str:
         own[_short(frames[-1])] += n
         for frame in {_short(f) for f in frames[1:]}:
             inclusive[frame] += n
-    out = [f"{total} samples under load ({skipped} of start-up and shutdown left out)", "",
-           "| thread | share |", "| --- | ---: |"]
+    out = [
+        f"{total} samples under load ({skipped} of start-up and shutdown left out)",
+        "",
+        "| thread | share |",
+        "| --- | ---: |",
+    ]
     out += [f"| {t} | {n / total:.1%} |" for t, n in threads.most_common(8)]
     for title, counter in (("self", own), ("inclusive", inclusive)):
         out += ["", f"| function ({title}) | share |", "| --- | ---: |"]
@@ -77,11 +81,13 @@ async def drive(server: Server, scenario: str, load: int, seconds: float) -> str
     with np.load(ROOT / "models" / "basicmotions" / "samples.npz") as data:
         frames = Frames(data["x"])
     if scenario == "stream":
-        run = await stream_sessions(server, frames, load, warmup=1.0, seconds=seconds,
-                                    tag="profile")
+        run = await stream_sessions(
+            server, frames, load, warmup=1.0, seconds=seconds, tag="profile"
+        )
     elif scenario == "mux":
-        run = await stream_batches(server, frames, load, streams=4, depth=2, warmup=1.0,
-                                   seconds=seconds, tag="profile")
+        run = await stream_batches(
+            server, frames, load, streams=4, depth=2, warmup=1.0, seconds=seconds, tag="profile"
+        )
     elif scenario == "window":
         run = await window_predicts(server, frames, load, 100, warmup=1.0, seconds=seconds)
     else:
@@ -89,15 +95,18 @@ async def drive(server: Server, scenario: str, load: int, seconds: float) -> str
         async with predict_caller(server, x) as call:
             times = [await call() for _ in range(max(2, int(seconds)))]
         return f"Predict of {load} x {x.shape[1]} steps: {min(times) * 1e3:.0f} ms best"
-    return (f"{run.steps / run.seconds:,.0f} steps/s, p50 {run.p50:.3f} ms, p99 {run.p99:.3f} "
-            f"ms, server {run.server_cpu:.2f} cores")
+    return (
+        f"{run.steps / run.seconds:,.0f} steps/s, p50 {run.p50:.3f} ms, p99 {run.p99:.3f} "
+        f"ms, server {run.server_cpu:.2f} cores"
+    )
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=("stream", "mux", "predict", "window"))
-    parser.add_argument("load", type=int, help="sessions, sessions per message, sequences or "
-                        "clients")
+    parser.add_argument(
+        "load", type=int, help="sessions, sessions per message, sequences or clients"
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--native", action="store_true", help="C frames too (grpc, numpy)")
     parser.add_argument("--gil", action="store_true", help="only threads holding the GIL")
@@ -109,8 +118,19 @@ async def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     flags = [f for f in ("native", "gil") if getattr(args, f)]
     raw = args.out / ("-".join([args.scenario, str(args.load), *flags]) + ".txt")
-    wrap = [spy, "record", "--format", "raw", "--threads", "--rate", str(args.rate),
-            "--output", str(raw), *(f"--{f}" for f in flags), "--"]
+    wrap = [
+        spy,
+        "record",
+        "--format",
+        "raw",
+        "--threads",
+        "--rate",
+        str(args.rate),
+        "--output",
+        str(raw),
+        *(f"--{f}" for f in flags),
+        "--",
+    ]
     async with seqserve_server(ROOT / "models" / "basicmotions", wrap=wrap) as server:
         result = await drive(server, args.scenario, args.load, args.seconds)
     print(f"## seqserve under {args.scenario} {args.load}: {result}\n")

@@ -31,13 +31,20 @@ class Summary:
     @classmethod
     def of(cls, load: int, runs: list[Run]) -> Summary:
         """Medians over repeated runs at one load (steps and seconds add up)."""
+
         def median(values: list[float]) -> float:
             return statistics.median(values)
 
-        return cls(load, median([r.p50 for r in runs]), median([r.p99 for r in runs]),
-                   median([r.rate for r in runs]), sum(r.steps for r in runs),
-                   sum(r.seconds for r in runs), median([r.client_cpu for r in runs]),
-                   median([r.server_cpu for r in runs]))
+        return cls(
+            load,
+            median([r.p50 for r in runs]),
+            median([r.p99 for r in runs]),
+            median([r.rate for r in runs]),
+            sum(r.steps for r in runs),
+            sum(r.seconds for r in runs),
+            median([r.client_cpu for r in runs]),
+            median([r.server_cpu for r in runs]),
+        )
 
 
 @dataclass

@@ -33,8 +33,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _client(port: int, prefix: str, sessions: int, inflight: int, seconds: float,
-            results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _client(
+    port: int,
+    prefix: str,
+    sessions: int,
+    inflight: int,
+    seconds: float,
+    results: multiprocessing.Queue,
+) -> None:  # type: ignore[type-arg]
     import grpc
     import numpy as np
 
@@ -56,8 +62,12 @@ def _client(port: int, prefix: str, sessions: int, inflight: int, seconds: float
                 position = 0
                 while True:
                     await credit.get()
-                    yield pb.StepBatchRequest(session_ids=ids, positions=[position] * sessions,
-                                              frames=frames, start=position == 0)
+                    yield pb.StepBatchRequest(
+                        session_ids=ids,
+                        positions=[position] * sessions,
+                        frames=frames,
+                        start=position == 0,
+                    )
                     position += 1
 
             call = stub.StreamBatch(requests())
@@ -66,8 +76,11 @@ def _client(port: int, prefix: str, sessions: int, inflight: int, seconds: float
             async for response in call:
                 errors += len(response.errors)
                 if response.errors and os.environ.get("SCALEOUT_DEBUG"):
-                    print(response.errors[0].error.reason, response.errors[0].error.message,
-                          flush=True)
+                    print(
+                        response.errors[0].error.reason,
+                        response.errors[0].error.message,
+                        flush=True,
+                    )
                 credit.put_nowait(None)
                 answered += 1
                 if answered == 10:
@@ -82,10 +95,30 @@ def _client(port: int, prefix: str, sessions: int, inflight: int, seconds: float
 
 
 def _serve(port: int, store: str, workers: int, every: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1", "--port",
-           str(port), "--metrics-port", "-1", "--snapshot-path", "", "--model-dir", str(MODEL),
-           "--store", store, "--checkpoint-every", str(every), "--workers", str(workers),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "seqserve.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--snapshot-path",
+        "",
+        "--model-dir",
+        str(MODEL),
+        "--store",
+        store,
+        "--checkpoint-every",
+        str(every),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+    ]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
@@ -96,9 +129,13 @@ def measure(store: str, workers: int, every: int, args: argparse.Namespace) -> t
         context = multiprocessing.get_context("spawn")
         results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
         tag = f"{store[:5]}{workers}{every}-{time.monotonic_ns()}"
-        clients = [context.Process(target=_client, args=(
-            port, f"{tag}-{c}", args.sessions, args.inflight, args.seconds, results))
-            for c in range(args.clients)]
+        clients = [
+            context.Process(
+                target=_client,
+                args=(port, f"{tag}-{c}", args.sessions, args.inflight, args.seconds, results),
+            )
+            for c in range(args.clients)
+        ]
         for client in clients:
             client.start()
         got = [results.get(timeout=args.seconds + 120) for _ in clients]
@@ -123,15 +160,32 @@ def main() -> None:
         raise SystemExit("redis-server is not installed (scripts/system-deps.sh installs it)")
     redis_port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind",
-                                  "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-                                 stdout=subprocess.DEVNULL)
+        redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         url = f"redis://127.0.0.1:{redis_port}/0"
         time.sleep(0.5)
         try:
-            runs = [("memory", "memory", 1, 1), ("redis, K=1", url, 1, 1),
-                    ("redis, K=16", url, 1, 16), ("redis, K=1, 2 workers", url, 2, 1),
-                    ("redis, K=16, 2 workers", url, 2, 16)]
+            runs = [
+                ("memory", "memory", 1, 1),
+                ("redis, K=1", url, 1, 1),
+                ("redis, K=16", url, 1, 16),
+                ("redis, K=1, 2 workers", url, 2, 1),
+                ("redis, K=16, 2 workers", url, 2, 16),
+            ]
             rows = []
             for name, store, workers, every in runs:
                 rate, errors = measure(store, workers, every, args)
@@ -141,8 +195,10 @@ def main() -> None:
             redis.terminate()
             redis.wait()
     base = rows[0][2]
-    print(f"\n{os.cpu_count()} cores; {args.clients} client processes x {args.sessions} "
-          f"sessions, {args.inflight} StreamBatch messages in flight each\n")
+    print(
+        f"\n{os.cpu_count()} cores; {args.clients} client processes x {args.sessions} "
+        f"sessions, {args.inflight} StreamBatch messages in flight each\n"
+    )
     print("| configuration | workers | steps/s | vs memory, 1 worker | µs per step |")
     print("|---|---|---|---|---|")
     for name, workers, rate, _ in rows:

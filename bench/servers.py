@@ -17,8 +17,7 @@ from pathlib import Path
 
 import grpc
 
-__all__ = ["BENCH", "ROOT", "Server", "cpu_seconds", "echo_server", "free_port",
-           "seqserve_server"]
+__all__ = ["BENCH", "ROOT", "Server", "cpu_seconds", "echo_server", "free_port", "seqserve_server"]
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -59,8 +58,12 @@ class Server:
 @asynccontextmanager
 async def _serving(name: str, command: Sequence[str], port: int) -> AsyncIterator[Server]:
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=log,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.Popen(
+            list(command),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         leaf = proc.pid
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -92,12 +95,30 @@ def echo_server() -> AbstractAsyncContextManager[Server]:
     return _serving("echo", command, port)
 
 
-def seqserve_server(model_dir: Path, *extra: str, wrap: Sequence[str] = ()
-                    ) -> AbstractAsyncContextManager[Server]:
+def seqserve_server(
+    model_dir: Path, *extra: str, wrap: Sequence[str] = ()
+) -> AbstractAsyncContextManager[Server]:
     """``seqserve-server`` with its defaults, minus metrics and snapshots. ``wrap`` prefixes
     the command (a profiler, e.g. ``py-spy record -o out.svg --``)."""
     port = free_port()
-    command = [*wrap, sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1",
-               "--port", str(port), "--model-dir", str(model_dir), "--metrics-port", "-1",
-               "--snapshot-path", "", "--log-level", "warning", *extra]
+    command = [
+        *wrap,
+        sys.executable,
+        "-P",
+        "-m",
+        "seqserve.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-dir",
+        str(model_dir),
+        "--metrics-port",
+        "-1",
+        "--snapshot-path",
+        "",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     return _serving("seqserve", command, port)

@@ -69,27 +69,38 @@ def _scrape(port: int) -> dict[str, float]:
         text = r.read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith(("seqserve_live_sessions ", "seqserve_session_events_total{",
-                            'seqserve_request_duration_seconds_bucket{le=')):
+        if line.startswith(
+            (
+                "seqserve_live_sessions ",
+                "seqserve_session_events_total{",
+                "seqserve_request_duration_seconds_bucket{le=",
+            )
+        ):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
 
 
-def _server_quantiles(before: dict[str, float], after: dict[str, float],
-                      qs: tuple[float, ...] = (0.5, 0.99)) -> list[float]:
+def _server_quantiles(
+    before: dict[str, float], after: dict[str, float], qs: tuple[float, ...] = (0.5, 0.99)
+) -> list[float]:
     """Upper bounds (ms) of the Stream request-duration buckets holding each quantile, over the
     requests between two scrapes: the server's own share of the round trip."""
     buckets = []
     for name, count in after.items():
-        m = re.fullmatch(r'seqserve_request_duration_seconds_bucket\{le="([^"]+)",rpc="Stream"\}',
-                         name)
+        m = re.fullmatch(
+            r'seqserve_request_duration_seconds_bucket\{le="([^"]+)",rpc="Stream"\}', name
+        )
         if m:
             buckets.append((float(m.group(1)), count - before.get(name, 0.0)))
     buckets.sort()
     total = buckets[-1][1] if buckets else 0.0
-    return [next((le * 1000 for le, n in buckets if n >= q * total), float("nan"))
-            if total else float("nan") for q in qs]
+    return [
+        next((le * 1000 for le, n in buckets if n >= q * total), float("nan"))
+        if total
+        else float("nan")
+        for q in qs
+    ]
 
 
 @dataclass
@@ -114,9 +125,16 @@ class Stats:
         self.errors.append(what)
 
 
-async def _stream(channel: grpc.aio.Channel, slots: list[Slot], xs: np.ndarray,
-                  expected: np.ndarray, args: argparse.Namespace, stats: Stats,
-                  warm_at: float, stop_at: float) -> None:
+async def _stream(
+    channel: grpc.aio.Channel,
+    slots: list[Slot],
+    xs: np.ndarray,
+    expected: np.ndarray,
+    args: argparse.Namespace,
+    stats: Stats,
+    warm_at: float,
+    stop_at: float,
+) -> None:
     stub = pb_grpc.SeqServeStub(channel)
     call = stub.Stream()
     loop = asyncio.get_running_loop()
@@ -139,17 +157,19 @@ async def _stream(channel: grpc.aio.Channel, slots: list[Slot], xs: np.ndarray,
             if sent >= warm_at:
                 stats.latencies.append(now - sent)
             if response.HasField("error"):
-                stats.error(f"{response.session_id}@{position}: {response.error.reason} "
-                            f"{response.error.message}")
+                stats.error(
+                    f"{response.session_id}@{position}: {response.error.reason} "
+                    f"{response.error.message}"
+                )
             elif response.position != position:
-                stats.error(f"{response.session_id}: answer for {response.position}, "
-                            f"sent {position}")
+                stats.error(
+                    f"{response.session_id}: answer for {response.position}, sent {position}"
+                )
             else:
                 got = from_matrix(response.probabilities)
                 want = expected[sample, position : position + len(got)]
                 if got.shape != want.shape or np.abs(got - want).max() > TOLERANCE:
-                    stats.error(f"{response.session_id}@{position}: outputs differ from a "
-                                "solo run")
+                    stats.error(f"{response.session_id}@{position}: outputs differ from a solo run")
             if sent_all.is_set() and not inflight:
                 drained.set()
 
@@ -173,9 +193,16 @@ async def _stream(channel: grpc.aio.Channel, slots: list[Slot], xs: np.ndarray,
                 inflight[tag] = (loop.time(), slot.sample, slot.position)
                 if slot.position == 0:
                     stats.sessions_started += 1
-                await call.write(pb.StepRequest(
-                    session_id=sid, position=slot.position, frames=to_matrix(frames),
-                    start=slot.position == 0, end=end, tag=tag))
+                await call.write(
+                    pb.StepRequest(
+                        session_id=sid,
+                        position=slot.position,
+                        frames=to_matrix(frames),
+                        start=slot.position == 0,
+                        end=end,
+                        tag=tag,
+                    )
+                )
                 stats.sent += 1
                 slot.position += len(frames)
                 if end:
@@ -226,11 +253,32 @@ async def soak(args: argparse.Namespace) -> int:
     port, metrics_port = _free_port(), _free_port()
     log_fd, log_name = tempfile.mkstemp(prefix="soak-server-", suffix=".log")
     server = subprocess.Popen(
-        [sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1", "--port",
-         str(port), "--metrics-port", str(metrics_port), "--model-dir", str(model_dir),
-         "--snapshot-path", "", "--snapshot-interval", "0", "--session-idle-timeout",
-         str(args.session_idle_timeout), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=log_fd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "seqserve.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--model-dir",
+            str(model_dir),
+            "--snapshot-path",
+            "",
+            "--snapshot-interval",
+            "0",
+            "--session-idle-timeout",
+            str(args.session_idle_timeout),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log_fd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     os.close(log_fd)
     stats = Stats()
     timeline: list[tuple[float, dict[str, int]]] = []
@@ -238,21 +286,36 @@ async def soak(args: argparse.Namespace) -> int:
     try:
         target = f"127.0.0.1:{port}"
         # One connection per stream: channels share a subchannel (one TCP connection) otherwise.
-        channels = [grpc.aio.insecure_channel(target, options=[
-            ("grpc.use_local_subchannel_pool", 1)]) for _ in range(args.streams)]
+        channels = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(args.streams)
+        ]
         await asyncio.wait_for(channels[0].channel_ready(), 60)
         # Warm every path before the start measures: a Predict runs in the inference worker
         # thread, which the executor creates lazily (small step batches run on the event loop).
         await pb_grpc.SeqServeStub(channels[0]).Predict(
-            pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(xs[0]))]), timeout=30)
+            pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(xs[0]))]), timeout=30
+        )
         slots = [Slot(i, sample=i % len(xs)) for i in range(args.sessions)]
         loop = asyncio.get_running_loop()
         began = loop.time()
         warm_at = began + args.warmup
         stop_at = began + args.seconds
-        tasks = [asyncio.create_task(_stream(channels[k], slots[k :: args.streams], xs, expected,
-                                             args, stats, warm_at, stop_at))
-                 for k in range(min(args.streams, args.sessions))]
+        tasks = [
+            asyncio.create_task(
+                _stream(
+                    channels[k],
+                    slots[k :: args.streams],
+                    xs,
+                    expected,
+                    args,
+                    stats,
+                    warm_at,
+                    stop_at,
+                )
+            )
+            for k in range(min(args.streams, args.sessions))
+        ]
         await asyncio.sleep(max(0.0, warm_at - loop.time()))
         start, start_names = _proc_stats(server.pid), _thread_names(server.pid)
         warm_metrics = await asyncio.to_thread(_scrape, metrics_port)
@@ -266,8 +329,9 @@ async def soak(args: argparse.Namespace) -> int:
         await asyncio.gather(*tasks)
         sampler.cancel()
         end, end_names = _proc_stats(server.pid), _thread_names(server.pid)
-        server_p50, server_p99 = _server_quantiles(warm_metrics,
-                                                   await asyncio.to_thread(_scrape, metrics_port))
+        server_p50, server_p99 = _server_quantiles(
+            warm_metrics, await asyncio.to_thread(_scrape, metrics_port)
+        )
         elapsed = loop.time() - began
         for channel in channels:
             await channel.close()
@@ -297,42 +361,79 @@ async def soak(args: argparse.Namespace) -> int:
     def growth(key: str) -> float:
         return (end[key] - start[key]) / start[key]
 
-    rows.append(("requests sent / answered", f"{stats.sent} / {stats.answered}",
-                 "all answered", stats.sent == stats.answered))
+    rows.append(
+        (
+            "requests sent / answered",
+            f"{stats.sent} / {stats.answered}",
+            "all answered",
+            stats.sent == stats.answered,
+        )
+    )
     rows.append(("errors", str(len(stats.errors)), "0", not stats.errors))
-    rows.append(("step round trip p50 / p99 (ms)",
-                 f"{_percentile(stats.latencies, 50):.2f} / "
-                 f"{_percentile(stats.latencies, 99):.2f}", "reported", True))
-    rows.append(("server share p50 / p99 (ms, bucket upper bounds)",
-                 f"≤ {server_p50:.2f} / ≤ {server_p99:.2f}", "reported", True))
-    for key, label, unit, scale in (("rss_kb", "server VmRSS", "MiB", 1 / 1024),
-                                    ("threads", "server threads", "", 1),
-                                    ("fds", "server open fds", "", 1)):
+    rows.append(
+        (
+            "step round trip p50 / p99 (ms)",
+            f"{_percentile(stats.latencies, 50):.2f} / {_percentile(stats.latencies, 99):.2f}",
+            "reported",
+            True,
+        )
+    )
+    rows.append(
+        (
+            "server share p50 / p99 (ms, bucket upper bounds)",
+            f"≤ {server_p50:.2f} / ≤ {server_p99:.2f}",
+            "reported",
+            True,
+        )
+    )
+    for key, label, unit, scale in (
+        ("rss_kb", "server VmRSS", "MiB", 1 / 1024),
+        ("threads", "server threads", "", 1),
+        ("fds", "server open fds", "", 1),
+    ):
         g = growth(key)
-        rows.append((f"{label} start → end{f' ({unit})' if unit else ''}",
-                     f"{start[key] * scale:.1f} → {end[key] * scale:.1f} ({g:+.1%}); "
-                     f"after expiry {after[key] * scale:.1f}",
-                     f"< {args.max_growth:.0%} growth", g < args.max_growth))
+        rows.append(
+            (
+                f"{label} start → end{f' ({unit})' if unit else ''}",
+                f"{start[key] * scale:.1f} → {end[key] * scale:.1f} ({g:+.1%}); "
+                f"after expiry {after[key] * scale:.1f}",
+                f"< {args.max_growth:.0%} growth",
+                g < args.max_growth,
+            )
+        )
     rows.append(("sessions started (client)", str(stats.sessions_started), "", True))
-    rows.append(("opened / closed / expired (server)",
-                 f"{opened:.0f} / {closed:.0f} / {expired:.0f}",
-                 "opened = closed + expired", opened == closed + expired))
+    rows.append(
+        (
+            "opened / closed / expired (server)",
+            f"{opened:.0f} / {closed:.0f} / {expired:.0f}",
+            "opened = closed + expired",
+            opened == closed + expired,
+        )
+    )
     rows.append(("live sessions after expiry", f"{live:.0f}", "0", live == 0))
 
-    print(f"\nsoak: {args.sessions} sessions, {args.streams} streams, {elapsed:.0f} s "
-          f"({args.warmup:.0f} s warm-up), {args.frames_per_request} frame(s) every "
-          f"{args.interval:g} s per session, {args.session_frames} frames per session, "
-          f"idle timeout {args.session_idle_timeout:g} s\n")
+    print(
+        f"\nsoak: {args.sessions} sessions, {args.streams} streams, {elapsed:.0f} s "
+        f"({args.warmup:.0f} s warm-up), {args.frames_per_request} frame(s) every "
+        f"{args.interval:g} s per session, {args.session_frames} frames per session, "
+        f"idle timeout {args.session_idle_timeout:g} s\n"
+    )
     print("| measure | value | goal | met |")
     print("|---|---|---|---|")
     for name, value, goal, met in rows:
         print(f"| {name} | {value} | {goal} | {'yes' if met or not goal else 'NO'} |")
-    print("\nserver over time (s: RSS MiB / threads / fds): " + ", ".join(
-        f"{t:.0f}: {st['rss_kb'] / 1024:.1f} / {st['threads']} / {st['fds']}"
-        for t, st in [(args.warmup, start), *timeline, (elapsed, end)]))
+    print(
+        "\nserver over time (s: RSS MiB / threads / fds): "
+        + ", ".join(
+            f"{t:.0f}: {st['rss_kb'] / 1024:.1f} / {st['threads']} / {st['fds']}"
+            for t, st in [(args.warmup, start), *timeline, (elapsed, end)]
+        )
+    )
     if end_names != start_names:
-        print(f"\nserver threads started: {dict(end_names - start_names)}, "
-              f"ended: {dict(start_names - end_names)}")
+        print(
+            f"\nserver threads started: {dict(end_names - start_names)}, "
+            f"ended: {dict(start_names - end_names)}"
+        )
     ok = all(met for *_, met in rows)
     if not ok:
         print(f"\nserver log: {log_name}")
@@ -342,23 +443,36 @@ async def soak(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--streams", type=int, default=8, help="Stream calls (connections)")
-    parser.add_argument("--interval", type=float, default=1.0,
-                        help="seconds between one session's requests")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between one session's requests"
+    )
     parser.add_argument("--frames-per-request", type=int, default=1)
-    parser.add_argument("--session-frames", type=int, default=100,
-                        help="frames before a session ends and its slot starts a new one")
+    parser.add_argument(
+        "--session-frames",
+        type=int,
+        default=100,
+        help="frames before a session ends and its slot starts a new one",
+    )
     parser.add_argument("--samples", type=int, default=16, help="sequences of samples.npz used")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds before the start measures (default: 10 %% of the run, "
-                             "at most 30)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before the start measures (default: 10 %% of the run, at most 30)",
+    )
     parser.add_argument("--session-idle-timeout", type=float, default=5.0)
-    parser.add_argument("--max-growth", type=float, default=0.05,
-                        help="largest accepted RSS / threads / fds growth, as a fraction")
+    parser.add_argument(
+        "--max-growth",
+        type=float,
+        default=0.05,
+        help="largest accepted RSS / threads / fds growth, as a fraction",
+    )
     parser.add_argument("--model-dir", default=str(ROOT / "models" / "basicmotions"))
     args = parser.parse_args(argv)
     if args.warmup is None:

@@ -33,16 +33,23 @@ async def main() -> None:
     with np.load(model_dir / "samples.npz") as data:
         frames = Frames(data["x"])
     async with echo_server() as echo, seqserve_server(model_dir) as seq:
-        print("| concurrency | echo p50 ms | echo p99 ms | echo msg/s | seqserve p50 ms | "
-              "seqserve p99 ms | seqserve steps/s | steps/s ÷ echo |")
+        print(
+            "| concurrency | echo p50 ms | echo p99 ms | echo msg/s | seqserve p50 ms | "
+            "seqserve p99 ms | seqserve steps/s | steps/s ÷ echo |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for c in opts.concurrency:
-            e = await stream_sessions(echo, frames, c, warmup=0.5, seconds=opts.seconds,
-                                      tag=f"echo-{c}")
-            s = await stream_sessions(seq, frames, c, warmup=0.5, seconds=opts.seconds,
-                                      tag=f"seq-{c}")
-            print(f"| {c} | {e.p50:.3f} | {e.p99:.3f} | {e.rate:,.0f} | {s.p50:.3f} | "
-                  f"{s.p99:.3f} | {s.rate:,.0f} | {s.rate / e.rate:.2f} |", flush=True)
+            e = await stream_sessions(
+                echo, frames, c, warmup=0.5, seconds=opts.seconds, tag=f"echo-{c}"
+            )
+            s = await stream_sessions(
+                seq, frames, c, warmup=0.5, seconds=opts.seconds, tag=f"seq-{c}"
+            )
+            print(
+                f"| {c} | {e.p50:.3f} | {e.p99:.3f} | {e.rate:,.0f} | {s.p50:.3f} | "
+                f"{s.p99:.3f} | {s.rate:,.0f} | {s.rate / e.rate:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -101,9 +101,20 @@ HELP = {
 }
 
 
-QUICK = Config(quick=True, seconds=0.5, warmup=0.3, rounds=1, concurrency=(1, 16, 128),
-               ort_batches=(1, 16, 256), ort_budget=0.1, predict_sequences=256,
-               predict_repeats=1, keras_steps=5, window_clients=(1,), memory_sessions=10_000)
+QUICK = Config(
+    quick=True,
+    seconds=0.5,
+    warmup=0.3,
+    rounds=1,
+    concurrency=(1, 16, 128),
+    ort_batches=(1, 16, 256),
+    ort_budget=0.1,
+    predict_sequences=256,
+    predict_repeats=1,
+    keras_steps=5,
+    window_clients=(1,),
+    memory_sessions=10_000,
+)
 
 
 async def _guard(results: Results, name: str, work: Callable[[], Awaitable[None]]) -> None:
@@ -117,11 +128,17 @@ async def _guard(results: Results, name: str, work: Callable[[], Awaitable[None]
 
 
 def _subprocess_json(command: list[str], timeout: float) -> dict[str, object]:
-    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    run = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     if run.returncode != 0:
-        raise RuntimeError(f"{Path(command[2]).name} exited {run.returncode}: "
-                           f"{run.stderr.strip()[-1500:]}")
+        raise RuntimeError(
+            f"{Path(command[2]).name} exited {run.returncode}: {run.stderr.strip()[-1500:]}"
+        )
     return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -142,8 +159,12 @@ class Suite:
         c = self.config
         self.results.ort = ort_curve(self.spec, self.x, list(c.ort_batches), c.ort_budget)
 
-    async def _rounds(self, load: int, pairs: list[tuple[Server, list[Summary]]],
-                      measure: Callable[[Server, int], Awaitable[Run]]) -> None:
+    async def _rounds(
+        self,
+        load: int,
+        pairs: list[tuple[Server, list[Summary]]],
+        measure: Callable[[Server, int], Awaitable[Run]],
+    ) -> None:
         """``rounds`` runs of each server at one load, the servers alternating; each server's
         row gets the medians."""
         runs: list[list[Run]] = [[] for _ in pairs]
@@ -156,9 +177,16 @@ class Suite:
     async def stream(self, echo: Server, seq: Server) -> None:
         c, r = self.config, self.results
         for sessions in c.concurrency:
+
             async def measure(server: Server, i: int, sessions: int = sessions) -> Run:
-                return await stream_sessions(server, self.frames, sessions, warmup=c.warmup,
-                                             seconds=c.seconds, tag=f"s{sessions}r{i}")
+                return await stream_sessions(
+                    server,
+                    self.frames,
+                    sessions,
+                    warmup=c.warmup,
+                    seconds=c.seconds,
+                    tag=f"s{sessions}r{i}",
+                )
 
             await self._rounds(sessions, [(echo, r.echo_stream), (seq, r.stream)], measure)
 
@@ -167,10 +195,18 @@ class Suite:
         r.mux_status = "ok"
         pairs = [(echo, r.echo_mux), (seq, r.mux)]
         for entries in c.mux_entries:
+
             async def measure(server: Server, i: int, entries: int = entries) -> Run:
-                return await stream_batches(server, self.frames, entries, streams=c.mux_streams,
-                                            depth=c.mux_depth, warmup=c.warmup,
-                                            seconds=c.seconds, tag=f"m{entries}r{i}")
+                return await stream_batches(
+                    server,
+                    self.frames,
+                    entries,
+                    streams=c.mux_streams,
+                    depth=c.mux_depth,
+                    warmup=c.warmup,
+                    seconds=c.seconds,
+                    tag=f"m{entries}r{i}",
+                )
 
             try:
                 await self._rounds(entries, pairs, measure)
@@ -198,9 +234,11 @@ class Suite:
     async def stateless(self, seq: Server) -> None:
         c = self.config
         for clients in c.window_clients:
+
             async def measure(server: Server, i: int, clients: int = clients) -> Run:
-                return await window_predicts(server, self.frames, clients, c.window,
-                                             warmup=c.warmup, seconds=c.seconds)
+                return await window_predicts(
+                    server, self.frames, clients, c.window, warmup=c.warmup, seconds=c.seconds
+                )
 
             await self._rounds(clients, [(seq, self.results.window)], measure)
 
@@ -210,14 +248,33 @@ class Suite:
             self.results.keras = {"error": "TensorFlow is not installed (seqserve[export])"}
             return
         self.results.keras = _subprocess_json(
-            [sys.executable, "-P", str(BENCH / "keras_window.py"), "--model-dir",
-             str(self.model_dir), "--steps", str(c.keras_steps), "--window", str(c.window)],
-            timeout=600)
+            [
+                sys.executable,
+                "-P",
+                str(BENCH / "keras_window.py"),
+                "--model-dir",
+                str(self.model_dir),
+                "--steps",
+                str(c.keras_steps),
+                "--window",
+                str(c.window),
+            ],
+            timeout=600,
+        )
 
     async def memory(self) -> None:
         self.results.memory = _subprocess_json(
-            [sys.executable, "-P", str(BENCH / "memory.py"), "--model-dir", str(self.model_dir),
-             "--sessions", str(self.config.memory_sessions)], timeout=600)
+            [
+                sys.executable,
+                "-P",
+                str(BENCH / "memory.py"),
+                "--model-dir",
+                str(self.model_dir),
+                "--sessions",
+                str(self.config.memory_sessions),
+            ],
+            timeout=600,
+        )
 
     async def run(self) -> None:
         r, only = self.results, self.config.only
@@ -241,21 +298,31 @@ class Suite:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, Path]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--quick", action="store_true",
-                        help="short runs and small sizes (well under a minute): a smoke test")
-    parser.add_argument("--out", type=Path, help="default: bench/results, with --quick "
-                        "bench/results/quick (ignored by git)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short runs and small sizes (well under a minute): a smoke test",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default: bench/results, with --quick bench/results/quick (ignored by git)",
+    )
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "basicmotions")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     for f in dataclasses.fields(Config):
         if f.name in ("quick", "only"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        full, quick = (" ".join(map(str, v)) if isinstance(v, tuple) else v
-                       for v in (f.default, getattr(QUICK, f.name)))
+        full, quick = (
+            " ".join(map(str, v)) if isinstance(v, tuple) else v
+            for v in (f.default, getattr(QUICK, f.name))
+        )
         text = f"{HELP[f.name]} [{full}; --quick {quick}]"
         if isinstance(f.default, tuple):
             parser.add_argument(flag, type=int, nargs="+", help=text)
@@ -263,8 +330,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, Path]:
             parser.add_argument(flag, type=type(f.default), help=text)
     args = parser.parse_args(argv)
     config = QUICK if args.quick else Config()
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-               if f.name not in ("quick", "only") and getattr(args, f.name) is not None}
+    changes = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if f.name not in ("quick", "only") and getattr(args, f.name) is not None
+    }
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
     if args.only:
         chosen = tuple(s.strip() for s in args.only.split(","))

@@ -32,8 +32,11 @@ __all__ = ["DEFAULT_TARGET", "AsyncClient"]
 
 DEFAULT_TARGET = "localhost:50051"
 _PREDICT_BYTES = 4 * 1024 * 1024  # frames per Predict call, well under message limits
-_NO_CONTACT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-               grpc.StatusCode.CANCELLED}
+_NO_CONTACT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
 T = TypeVar("T")
 
 
@@ -52,11 +55,20 @@ class AsyncClient:
     (default: random per client).
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
-                 tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
-                 window: int = 64, options: Sequence[tuple[str, Any]] = (),
-                 cert: bytes | None = None, key: bytes | None = None,
-                 route: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: TLS = None,
+        timeout: float | None = None,
+        retry: Backoff | None = None,
+        window: int = 64,
+        options: Sequence[tuple[str, Any]] = (),
+        cert: bytes | None = None,
+        key: bytes | None = None,
+        route: str | None = None,
+    ) -> None:
         self.target = target
         self.route = None if route is None else check_route(route)
         self.timeout = timeout
@@ -66,13 +78,15 @@ class AsyncClient:
         self._channel = make_channel(target, tls, options, cert=cert, key=key)
         self._stub = pb_grpc.SeqServeStub(self._channel)
         self._health = self._channel.unary_unary(
-            HEALTH_CHECK, request_serializer=encode_request, response_deserializer=decode_status)
+            HEALTH_CHECK, request_serializer=encode_request, response_deserializer=decode_status
+        )
         self._contact = Contact()
         self._mux: Multiplexer | None = None
         self._streams: list[Multiplexer] = []
         # the stream each live session of this client was opened on: its calls route with it
         self._sessions: weakref.WeakValueDictionary[str, AsyncSession] = (
-            weakref.WeakValueDictionary())
+            weakref.WeakValueDictionary()
+        )
         self._model: ModelInfo | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -99,8 +113,9 @@ class AsyncClient:
         """The gRPC health status: ``SERVING``, ``NOT_SERVING`` (e.g. draining), ..."""
         return await self._call(self._health, service, retry=False)
 
-    async def predict(self, sequences: Any, lengths: Any = None, *,
-                      per_step: bool = False) -> list[SequencePrediction]:
+    async def predict(
+        self, sequences: Any, lengths: Any = None, *, per_step: bool = False
+    ) -> list[SequencePrediction]:
         """Whole-sequence inference on independent sequences (a list of ``[T_i, F]`` arrays, or a
         padded ``[n, T, F]`` array with ``lengths``); one result per sequence, in order."""
         model = await self._model_info()
@@ -108,37 +123,64 @@ class AsyncClient:
         results: list[SequencePrediction] = []
         for batch in _batches(arrays, _PREDICT_BYTES):
             request = pb.PredictRequest(
-                sequences=[pb.Sequence(frames=to_matrix(a)) for a in batch], per_step=per_step)
+                sequences=[pb.Sequence(frames=to_matrix(a)) for a in batch], per_step=per_step
+            )
             response = await self._call(self._stub.Predict, request)
             for p in response.predictions:
-                results.append(SequencePrediction(
-                    probabilities=from_matrix(p.probabilities)[0].copy(), labels=model.labels,
-                    per_step=from_matrix(p.per_step).copy() if per_step else None))
+                results.append(
+                    SequencePrediction(
+                        probabilities=from_matrix(p.probabilities)[0].copy(),
+                        labels=model.labels,
+                        per_step=from_matrix(p.per_step).copy() if per_step else None,
+                    )
+                )
         return results
 
-    async def step(self, session_id: str, frames: Any, *, position: int,
-                   start: bool | None = None, end: bool = False,
-                   route: str | None = None) -> Prediction:
+    async def step(
+        self,
+        session_id: str,
+        frames: Any,
+        *,
+        position: int,
+        start: bool | None = None,
+        end: bool = False,
+        route: str | None = None,
+    ) -> Prediction:
         """One unary ``Step``: apply ``frames`` (``[F]`` or ``[T, F]``) at ``position`` of the
         session, for callers that keep no stream. ``start`` (default: at position 0) creates the
         session if it does not exist. Positions make a retried step harmless (answered from the
         server's replay window), so UNAVAILABLE is retried like any unary call."""
         model = await self._model_info()
         array = as_frames(frames, model.features)
-        request = pb.StepRequest(session_id=session_id, position=position,
-                                 frames=to_matrix(array),
-                                 start=position == 0 if start is None else start, end=end)
+        request = pb.StepRequest(
+            session_id=session_id,
+            position=position,
+            frames=to_matrix(array),
+            start=position == 0 if start is None else start,
+            end=end,
+        )
         started = time.perf_counter()
-        response = await self._call(self._stub.Step, request,
-                                    route=self._route_of(session_id, route))
-        return Prediction(session_id=session_id, position=position,
-                          probabilities=from_matrix(response.probabilities).copy(),
-                          labels=model.labels, latency=time.perf_counter() - started,
-                          replayed=response.replayed)
+        response = await self._call(
+            self._stub.Step, request, route=self._route_of(session_id, route)
+        )
+        return Prediction(
+            session_id=session_id,
+            position=position,
+            probabilities=from_matrix(response.probabilities).copy(),
+            labels=model.labels,
+            latency=time.perf_counter() - started,
+            replayed=response.replayed,
+        )
 
-    async def step_batch(self, session_ids: Sequence[str], frames: Any,
-                         positions: Sequence[int] | np.ndarray, *, start: bool = False,
-                         route: str | None = None) -> BatchPrediction:
+    async def step_batch(
+        self,
+        session_ids: Sequence[str],
+        frames: Any,
+        positions: Sequence[int] | np.ndarray,
+        *,
+        start: bool = False,
+        route: str | None = None,
+    ) -> BatchPrediction:
         """One frame for each of many sessions in one ``StepBatch`` call: ``frames[i]`` at
         ``positions[i]`` of ``session_ids[i]``. Entries succeed or fail on their own (see
         ``BatchPrediction.errors``); a malformed batch raises. ``start`` creates the sessions
@@ -148,48 +190,83 @@ class AsyncClient:
         array = as_frames(frames, model.features)
         ids = tuple(session_ids)
         if array.shape[0] != len(ids) or len(positions) != len(ids):
-            raise ValueError(f"{len(ids)} session ids, {array.shape[0]} frames and "
-                             f"{len(positions)} positions: a batch has one of each per entry")
-        request = pb.StepBatchRequest(session_ids=ids, positions=[int(p) for p in positions],
-                                      frames=to_matrix(array), start=start)
-        response = await self._call(self._stub.StepBatch, request,
-                                    route=route or self.multiplexer.route)
+            raise ValueError(
+                f"{len(ids)} session ids, {array.shape[0]} frames and "
+                f"{len(positions)} positions: a batch has one of each per entry"
+            )
+        request = pb.StepBatchRequest(
+            session_ids=ids,
+            positions=[int(p) for p in positions],
+            frames=to_matrix(array),
+            start=start,
+        )
+        response = await self._call(
+            self._stub.StepBatch, request, route=route or self.multiplexer.route
+        )
         errors: dict[int, Exception] = {
-            e.index: error_from_status(e.error.code, e.error.message, reason=e.error.reason,
-                                       session_id=ids[e.index] if e.index < len(ids) else "",
-                                       position=e.error.expected_position, in_session=True)
-            for e in response.errors}
+            e.index: error_from_status(
+                e.error.code,
+                e.error.message,
+                reason=e.error.reason,
+                session_id=ids[e.index] if e.index < len(ids) else "",
+                position=e.error.expected_position,
+                in_session=True,
+            )
+            for e in response.errors
+        }
         return BatchPrediction(
-            session_ids=ids, probabilities=from_matrix(response.probabilities).copy(),
+            session_ids=ids,
+            probabilities=from_matrix(response.probabilities).copy(),
             next_positions=np.array(response.next_positions, np.int64),
-            replayed=np.array(response.replayed, np.bool_), errors=errors, labels=model.labels)
+            replayed=np.array(response.replayed, np.bool_),
+            errors=errors,
+            labels=model.labels,
+        )
 
     async def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
         """A session's position and expiry. Routed like the session's other calls: by the
         stream it was opened on in this client, else by its id (or ``route``)."""
-        return SessionInfo.from_pb(await self._call(
-            self._stub.GetSession, pb.SessionRef(session_id=session_id),
-            route=self._route_of(session_id, route)))
+        return SessionInfo.from_pb(
+            await self._call(
+                self._stub.GetSession,
+                pb.SessionRef(session_id=session_id),
+                route=self._route_of(session_id, route),
+            )
+        )
 
     async def reset_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
         """Back to the zero state at position 0 (routed like ``get_session``)."""
-        return SessionInfo.from_pb(await self._call(
-            self._stub.ResetSession, pb.SessionRef(session_id=session_id),
-            route=self._route_of(session_id, route)))
+        return SessionInfo.from_pb(
+            await self._call(
+                self._stub.ResetSession,
+                pb.SessionRef(session_id=session_id),
+                route=self._route_of(session_id, route),
+            )
+        )
 
     async def close_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
         """Close the session on the server (routed like ``get_session``)."""
-        return SessionInfo.from_pb(await self._call(
-            self._stub.CloseSession, pb.SessionRef(session_id=session_id),
-            route=self._route_of(session_id, route)))
+        return SessionInfo.from_pb(
+            await self._call(
+                self._stub.CloseSession,
+                pb.SessionRef(session_id=session_id),
+                route=self._route_of(session_id, route),
+            )
+        )
 
     # -- sessions -----------------------------------------------------------------------------
 
     def stream(self, *, route: str | None = None) -> Multiplexer:
         """A further ``Stream`` call of its own (sessions use one shared call by default), with
         route key ``route`` (default: a random one; the proxy then picks its replica)."""
-        mux = Multiplexer(self._stub, metadata=self._metadata, retry=self.retry,
-                          contact=self._contact, target=self.target, route=route)
+        mux = Multiplexer(
+            self._stub,
+            metadata=self._metadata,
+            retry=self.retry,
+            contact=self._contact,
+            target=self.target,
+            route=route,
+        )
         self._streams.append(mux)
         return mux
 
@@ -200,8 +277,13 @@ class AsyncClient:
             self._mux = self.stream(route=self.route)
         return self._mux
 
-    async def open_session(self, session_id: str | None = None, *, resume: bool = False,
-                           stream: Multiplexer | None = None) -> AsyncSession:
+    async def open_session(
+        self,
+        session_id: str | None = None,
+        *,
+        resume: bool = False,
+        stream: Multiplexer | None = None,
+    ) -> AsyncSession:
         """Open a new session (server-assigned id when None; SessionExists if taken), or with
         ``resume=True`` continue an existing one from its current position.
 
@@ -215,19 +297,33 @@ class AsyncClient:
                 raise ValueError("resume needs the session id")
             info = await self.get_session(session_id, route=mux.route)
         else:
-            info = SessionInfo.from_pb(await self._call(
-                self._stub.OpenSession, pb.OpenSessionRequest(session_id=session_id or ""),
-                route=mux.route))
-        session = AsyncSession(mux, info.session_id, position=info.position,
-                               labels=model.labels, features=model.features,
-                               window=min(self.window, model.replay_window or self.window),
-                               closer=functools.partial(self.close_session, route=mux.route))
+            info = SessionInfo.from_pb(
+                await self._call(
+                    self._stub.OpenSession,
+                    pb.OpenSessionRequest(session_id=session_id or ""),
+                    route=mux.route,
+                )
+            )
+        session = AsyncSession(
+            mux,
+            info.session_id,
+            position=info.position,
+            labels=model.labels,
+            features=model.features,
+            window=min(self.window, model.replay_window or self.window),
+            closer=functools.partial(self.close_session, route=mux.route),
+        )
         self._sessions[session.id] = session
         return session
 
     @contextlib.asynccontextmanager
-    async def session(self, session_id: str | None = None, *, resume: bool = False,
-                      stream: Multiplexer | None = None) -> AsyncIterator[AsyncSession]:
+    async def session(
+        self,
+        session_id: str | None = None,
+        *,
+        resume: bool = False,
+        stream: Multiplexer | None = None,
+    ) -> AsyncIterator[AsyncSession]:
         """``async with client.session() as s:`` opens a session and closes it at the end."""
         session = await self.open_session(session_id, resume=resume, stream=stream)
         try:
@@ -248,8 +344,14 @@ class AsyncClient:
         session = self._sessions.get(session_id)
         return session.stream.route if session is not None else session_id
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *,
-                    retry: bool = True, route: str | None = None) -> T:
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        *,
+        retry: bool = True,
+        route: str | None = None,
+    ) -> T:
         """One unary call; UNAVAILABLE is retried under the backoff once the server has been
         reached (an address that never answered fails at once). ``route`` goes as the
         ``seqserve-route`` header (none: any replica may answer)."""
@@ -271,8 +373,11 @@ class AsyncClient:
             if not (retry and error.code is grpc.StatusCode.UNAVAILABLE and self._contact.seen):
                 raise error from None
             if not self.retry.allows(attempt, elapsed):
-                raise Unavailable(f"{error} (gave up after {attempt} retries, {elapsed:.1f}s)",
-                                  code=error.code, reason=error.reason) from None
+                raise Unavailable(
+                    f"{error} (gave up after {attempt} retries, {elapsed:.1f}s)",
+                    code=error.code,
+                    reason=error.reason,
+                ) from None
             await asyncio.sleep(self.retry.delay(attempt))
             attempt += 1
 

@@ -26,9 +26,11 @@ async def predict_command(client: AsyncClient, args: argparse.Namespace) -> int:
         records = []
         for rec, res in zip(recordings, results, strict=True):
             record: dict[str, Any] = {
-                "source": rec.name, "label": res.label, "confidence": round(res.confidence, 6),
-                "probabilities": dict(zip(model.labels, map(_num, res.probabilities),
-                                          strict=True))}
+                "source": rec.name,
+                "label": res.label,
+                "confidence": round(res.confidence, 6),
+                "probabilities": dict(zip(model.labels, map(_num, res.probabilities), strict=True)),
+            }
             if rec.truth is not None:
                 record["truth"] = truth_label(rec.truth, model)
             if res.per_step is not None:
@@ -38,20 +40,34 @@ async def predict_command(client: AsyncClient, args: argparse.Namespace) -> int:
     else:
         writer = csv.writer(buffer, lineterminator="\n")
         truths = any(r.truth is not None for r in recordings)
-        head = ["source", *(["step"] if args.per_step else []), "label", "confidence",
-                *(["truth"] if truths else []), *model.labels]
+        head = [
+            "source",
+            *(["step"] if args.per_step else []),
+            "label",
+            "confidence",
+            *(["truth"] if truths else []),
+            *model.labels,
+        ]
         writer.writerow(head)
         for rec, res in zip(recordings, results, strict=True):
             known = truth_label(rec.truth, model) if rec.truth is not None else ""
             truth = [known] if truths else []
             if res.per_step is None:
-                writer.writerow([rec.name, res.label, _num(res.confidence), *truth,
-                                 *map(_num, res.probabilities)])
+                writer.writerow(
+                    [
+                        rec.name,
+                        res.label,
+                        _num(res.confidence),
+                        *truth,
+                        *map(_num, res.probabilities),
+                    ]
+                )
                 continue
             for step, row in enumerate(res.per_step):
                 top = int(row.argmax())
-                writer.writerow([rec.name, step, model.labels[top], _num(row[top]), *truth,
-                                 *map(_num, row)])
+                writer.writerow(
+                    [rec.name, step, model.labels[top], _num(row[top]), *truth, *map(_num, row)]
+                )
     if args.output:
         Path(args.output).write_text(buffer.getvalue())
     else:

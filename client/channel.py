@@ -23,13 +23,13 @@ _DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-def credentials(tls: TLS, cert: bytes | None = None,
-                key: bytes | None = None) -> grpc.ChannelCredentials | None:
+def credentials(
+    tls: TLS, cert: bytes | None = None, key: bytes | None = None
+) -> grpc.ChannelCredentials | None:
     """Channel credentials; ``cert`` and ``key`` (PEM) are a client certificate for mutual TLS
     and imply TLS (system roots unless ``tls`` gives the root certificates)."""
     if bool(cert) != bool(key):
-        raise ValueError("a client certificate needs its private key, and the key its "
-                         "certificate")
+        raise ValueError("a client certificate needs its private key, and the key its certificate")
     if isinstance(tls, grpc.ChannelCredentials):
         if cert:
             raise ValueError("give the client certificate inside your ChannelCredentials")
@@ -39,14 +39,20 @@ def credentials(tls: TLS, cert: bytes | None = None,
     if tls is None or tls is False or tls is True:
         return grpc.ssl_channel_credentials(private_key=key, certificate_chain=cert)
     if isinstance(tls, bytes):
-        return grpc.ssl_channel_credentials(root_certificates=tls, private_key=key,
-                                            certificate_chain=cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=tls, private_key=key, certificate_chain=cert
+        )
     raise TypeError(f"tls must be None, True, PEM bytes or grpc.ChannelCredentials, not {tls!r}")
 
 
-def make_channel(target: str, tls: TLS = None,
-                 options: Sequence[tuple[str, Any]] = (), *, cert: bytes | None = None,
-                 key: bytes | None = None) -> grpc.aio.Channel:
+def make_channel(
+    target: str,
+    tls: TLS = None,
+    options: Sequence[tuple[str, Any]] = (),
+    *,
+    cert: bytes | None = None,
+    key: bytes | None = None,
+) -> grpc.aio.Channel:
     """An asyncio channel; call from the event loop that will use it."""
     merged = dict(_DEFAULT_OPTIONS)
     merged.update(dict(options))

@@ -29,8 +29,15 @@ __all__ = [
 class SeqServeError(Exception):
     """Base of every error the client raises for a failed call."""
 
-    def __init__(self, message: str, *, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
-                 reason: str = "", session_id: str = "", position: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        reason: str = "",
+        session_id: str = "",
+        position: int | None = None,
+    ) -> None:
         super().__init__(" ".join(message.split()))  # always one line
         self.code = code
         self.reason = reason
@@ -99,9 +106,15 @@ _BY_CODE: dict[grpc.StatusCode, type[SeqServeError]] = {
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def error_from_status(code: grpc.StatusCode | int, message: str, *, reason: str = "",
-                      session_id: str = "", position: int | None = None,
-                      in_session: bool = False) -> SeqServeError:
+def error_from_status(
+    code: grpc.StatusCode | int,
+    message: str,
+    *,
+    reason: str = "",
+    session_id: str = "",
+    position: int | None = None,
+    in_session: bool = False,
+) -> SeqServeError:
     """The exception for a status; ``in_session`` turns NOT_FOUND into ``SessionLost``."""
     if isinstance(code, int):
         code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
@@ -112,12 +125,14 @@ def error_from_status(code: grpc.StatusCode | int, message: str, *, reason: str 
             message += " (the server no longer has it: restarted without its session snapshot?)"
     if kind is ServerError:
         message = f"server error ({code.name}): {message}"
-    return kind(message or code.name, code=code, reason=reason, session_id=session_id,
-                position=position)
+    return kind(
+        message or code.name, code=code, reason=reason, session_id=session_id, position=position
+    )
 
 
-def error_from_rpc(exc: grpc.RpcError, *, target: str = "", session_id: str = "",
-                   in_session: bool = False) -> SeqServeError:
+def error_from_rpc(
+    exc: grpc.RpcError, *, target: str = "", session_id: str = "", in_session: bool = False
+) -> SeqServeError:
     """Map a failed call (status + trailing ``seqserve-reason`` metadata) to an exception."""
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     details: str = exc.details() or ""  # type: ignore[attr-defined]
@@ -132,15 +147,28 @@ def error_from_rpc(exc: grpc.RpcError, *, target: str = "", session_id: str = ""
         details = f"no answer from {target or 'the server'} within the timeout"
     elif code is grpc.StatusCode.UNIMPLEMENTED:
         details = f"{target or 'the server'} does not implement this call (not a seqserve server?)"
-    return error_from_status(code, details, reason=reason, session_id=session_id,
-                             position=position, in_session=in_session)
+    return error_from_status(
+        code,
+        details,
+        reason=reason,
+        session_id=session_id,
+        position=position,
+        in_session=in_session,
+    )
 
 
 def _short(details: str) -> str:
     """grpc's connection errors are long; keep the useful tail (e.g. 'Connection refused')."""
     text = " ".join(details.split())
-    for marker in ("Connection refused", "Socket closed", "Connection reset", "DNS resolution",
-                   "Name or service not known", "Deadline Exceeded", "handshake"):
+    for marker in (
+        "Connection refused",
+        "Socket closed",
+        "Connection reset",
+        "DNS resolution",
+        "Name or service not known",
+        "Deadline Exceeded",
+        "handshake",
+    ):
         if marker.lower() in text.lower():
             return marker.lower() if marker != "DNS resolution" else "DNS resolution failed"
     return text if len(text) <= 120 else text[:117] + "..."

@@ -20,11 +20,16 @@ def as_frames(frames: Any, features: int = 0, what: str = "frames") -> np.ndarra
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise InvalidInput(f"{what}: expected one frame [features] or frames [time, features], "
-                           f"got shape {array.shape}", reason="bad_frames")
+        raise InvalidInput(
+            f"{what}: expected one frame [features] or frames [time, features], "
+            f"got shape {array.shape}",
+            reason="bad_frames",
+        )
     if features and array.shape[1] != features:
-        raise InvalidInput(f"{what}: {array.shape[1]} features per frame, the model expects "
-                           f"{features}", reason="feature_count")
+        raise InvalidInput(
+            f"{what}: {array.shape[1]} features per frame, the model expects {features}",
+            reason="feature_count",
+        )
     if not np.isfinite(array).all():
         bad = int(np.argwhere(~np.isfinite(array))[0][0])
         raise InvalidInput(f"{what}: frame {bad} holds NaN or Inf", reason="non_finite")
@@ -41,15 +46,19 @@ def as_sequences(sequences: Any, lengths: Any = None, features: int = 0) -> list
             raise InvalidInput(f"{len(counts)} lengths for {n} sequences", reason="bad_frames")
         for i, count in enumerate(counts):
             if not 1 <= count <= steps:
-                raise InvalidInput(f"sequence {i}: length {count} outside 1..{steps}",
-                                   reason="bad_frames")
-        return [as_frames(sequences[i, :count], features, f"sequence {i}")
-                for i, count in enumerate(counts)]
+                raise InvalidInput(
+                    f"sequence {i}: length {count} outside 1..{steps}", reason="bad_frames"
+                )
+        return [
+            as_frames(sequences[i, :count], features, f"sequence {i}")
+            for i, count in enumerate(counts)
+        ]
     if isinstance(sequences, np.ndarray) and sequences.ndim == 2:
         sequences = [sequences]
     if lengths is not None:
-        raise InvalidInput("lengths apply only to a padded [n, time, features] array",
-                           reason="bad_frames")
+        raise InvalidInput(
+            "lengths apply only to a padded [n, time, features] array", reason="bad_frames"
+        )
     items = list(sequences)
     if not items:
         raise InvalidInput("no sequences given", reason="bad_frames")

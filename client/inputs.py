@@ -55,13 +55,15 @@ def load_recordings(source: str) -> list[Recording]:
         return _samples(source, _selection(source))
     if source.startswith("sample:"):
         try:
-            return _samples(source, [int(source[len("sample:"):])])
+            return _samples(source, [int(source[len("sample:") :])])
         except ValueError:
             raise InputError(f"{source}: expected sample:N with a number N") from None
     path = Path(source)
     if not path.is_file():
-        raise InputError(f"{source}: no such file (expected a .csv or .npy file, sample:N, "
-                         "samples, samples:K or samples[A:B])")
+        raise InputError(
+            f"{source}: no such file (expected a .csv or .npy file, sample:N, "
+            "samples, samples:K or samples[A:B])"
+        )
     if path.suffix.lower() == ".npy":
         return _npy(path)
     return [Recording(path.name, _csv(path))]
@@ -92,8 +94,14 @@ def _samples(source: str, chosen: slice | list[int]) -> list[Recording]:
             raise InputError(f"{source}: there are {len(x)} samples (0..{len(x) - 1})")
     if not indices:
         raise InputError(f"{source}: selects no sample (there are {len(x)})")
-    return [Recording(f"sample:{i}", np.ascontiguousarray(x[i, : int(lengths[i])], np.float32),
-                      _truth(y[i]) if y is not None else None) for i in indices]
+    return [
+        Recording(
+            f"sample:{i}",
+            np.ascontiguousarray(x[i, : int(lengths[i])], np.float32),
+            _truth(y[i]) if y is not None else None,
+        )
+        for i in indices
+    ]
 
 
 def _truth(value: np.generic) -> str | int:
@@ -111,8 +119,7 @@ def _npy(path: Path) -> list[Recording]:
     if array.ndim == 2:
         return [Recording(path.name, array.astype(np.float32))]
     if array.ndim == 3:
-        return [Recording(f"{path.name}[{i}]", a.astype(np.float32))
-                for i, a in enumerate(array)]
+        return [Recording(f"{path.name}[{i}]", a.astype(np.float32)) for i, a in enumerate(array)]
     raise InputError(f"{path}: expected a [time, features] array, got shape {array.shape}")
 
 
@@ -131,8 +138,10 @@ def _csv(path: Path) -> np.ndarray:
                         continue  # a header
                     raise InputError(f"{path}:{number}: not a number in {row!r}") from None
                 if rows and len(values) != len(rows[0]):
-                    raise InputError(f"{path}:{number}: {len(values)} columns, the rows before "
-                                     f"have {len(rows[0])}")
+                    raise InputError(
+                        f"{path}:{number}: {len(values)} columns, the rows before "
+                        f"have {len(rows[0])}"
+                    )
                 rows.append(values)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read ({exc})") from None
@@ -150,6 +159,8 @@ def truth_label(value: str | int, model: ModelInfo) -> str:
 def check_features(recordings: list[Recording], model: ModelInfo) -> None:
     for rec in recordings:
         if rec.frames.shape[1] != model.features:
-            raise InvalidInput(f"{rec.name}: {rec.frames.shape[1]} features per frame, model "
-                               f"{model.name!r} expects {model.features}",
-                               reason="feature_count")
+            raise InvalidInput(
+                f"{rec.name}: {rec.frames.shape[1]} features per frame, model "
+                f"{model.name!r} expects {model.features}",
+                reason="feature_count",
+            )

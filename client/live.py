@@ -66,19 +66,27 @@ class View:
 
 class PlainLines(View):
     def show(self, row: Progress, prediction: Prediction) -> None:
-        self.out.write(f"{row.name} {row.done}/{row.total} {row.label} {row.confidence:.3f} "
-                       f"{row.latency * 1000:.1f}ms\n")
+        self.out.write(
+            f"{row.name} {row.done}/{row.total} {row.label} {row.confidence:.3f} "
+            f"{row.latency * 1000:.1f}ms\n"
+        )
         self.out.flush()
 
 
 class JsonLines(View):
     def show(self, row: Progress, prediction: Prediction) -> None:
-        record = {"source": row.name, "session_id": prediction.session_id,
-                  "position": prediction.position, "frames": prediction.frames,
-                  "total": row.total, "label": row.label,
-                  "confidence": round(row.confidence, 6),
-                  "probabilities": [round(float(p), 6) for p in prediction.probabilities[-1]],
-                  "latency_ms": round(row.latency * 1000, 3), "replayed": prediction.replayed}
+        record = {
+            "source": row.name,
+            "session_id": prediction.session_id,
+            "position": prediction.position,
+            "frames": prediction.frames,
+            "total": row.total,
+            "label": row.label,
+            "confidence": round(row.confidence, 6),
+            "probabilities": [round(float(p), 6) for p in prediction.probabilities[-1]],
+            "latency_ms": round(row.latency * 1000, 3),
+            "replayed": prediction.replayed,
+        }
         self.out.write(json.dumps(record) + "\n")
         self.out.flush()
 
@@ -137,9 +145,18 @@ def summary(rows: list[Progress], seconds: float, reconnects: int) -> dict[str, 
     frames = sum(r.done for r in rows)
     known = [r for r in rows if r.truth is not None and r.finished]
     return {
-        "sessions": [{"source": r.name, "session_id": r.session_id, "label": r.label,
-                      "confidence": round(r.confidence, 6), "truth": r.truth,
-                      "frames": r.done, "error": r.error or None} for r in rows],
+        "sessions": [
+            {
+                "source": r.name,
+                "session_id": r.session_id,
+                "label": r.label,
+                "confidence": round(r.confidence, 6),
+                "truth": r.truth,
+                "frames": r.done,
+                "error": r.error or None,
+            }
+            for r in rows
+        ],
         "frames": frames,
         "steps": steps,
         "seconds": round(seconds, 4),

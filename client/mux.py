@@ -31,8 +31,16 @@ log = logging.getLogger("seqserve.client.mux")
 
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # How a connection torn down mid-call (RST, reset, GOAWAY) can surface besides UNAVAILABLE.
-_TRANSPORT = ("internal error from core", "rst_stream", "stream removed", "socket closed",
-              "connection reset", "goaway", "broken pipe", "end of tcp stream")
+_TRANSPORT = (
+    "internal error from core",
+    "rst_stream",
+    "stream removed",
+    "socket closed",
+    "connection reset",
+    "goaway",
+    "broken pipe",
+    "end of tcp stream",
+)
 _Key = tuple[str, int]
 # In-stream errors that say "not now": the request is written again after a pause.
 _TRY_AGAIN = frozenset({"store_unavailable", "session_moved"})
@@ -45,9 +53,16 @@ class Multiplexer:
     (random unless given), so a front proxy that hashes on it sends the resumed stream, and with
     it every session on it, to the same replica."""
 
-    def __init__(self, stub: pb_grpc.SeqServeStub, *, metadata: tuple[tuple[str, str], ...] = (),
-                 retry: Backoff | None = None, contact: Contact | None = None,
-                 target: str = "", route: str | None = None) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.SeqServeStub,
+        *,
+        metadata: tuple[tuple[str, str], ...] = (),
+        retry: Backoff | None = None,
+        contact: Contact | None = None,
+        target: str = "",
+        route: str | None = None,
+    ) -> None:
         self._stub = stub
         self.route = new_route() if route is None else check_route(route)
         self._metadata = (*metadata, *route_metadata(self.route))
@@ -74,12 +89,17 @@ class Multiplexer:
     def submit(self, request: pb.StepRequest) -> asyncio.Future[pb.StepResponse]:
         """Queue a request; the future gives its response or raises a ``SeqServeError``."""
         if self._closing:
-            raise Unavailable("the client is closed", code=grpc.StatusCode.CANCELLED,
-                              session_id=request.session_id, position=request.position)
+            raise Unavailable(
+                "the client is closed",
+                code=grpc.StatusCode.CANCELLED,
+                session_id=request.session_id,
+                position=request.position,
+            )
         key = (request.session_id, request.position)
         if key in self._unacked:
-            raise ValueError(f"position {request.position} of session {request.session_id!r} "
-                             "is already pending")
+            raise ValueError(
+                f"position {request.position} of session {request.session_id!r} is already pending"
+            )
         future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
         self._unacked[key] = (request, future)
         self._idle.clear()
@@ -107,8 +127,11 @@ class Multiplexer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        self._fail_all(Unavailable("the client was closed before the server answered",
-                                   code=grpc.StatusCode.CANCELLED))
+        self._fail_all(
+            Unavailable(
+                "the client was closed before the server answered", code=grpc.StatusCode.CANCELLED
+            )
+        )
 
     # -- the connection loop ------------------------------------------------------------------
 
@@ -131,15 +154,23 @@ class Multiplexer:
                 return
             if not retryable or not self._retry.allows(attempt, elapsed):
                 if retryable:
-                    error = Unavailable(f"lost the stream to {self._target or 'the server'} and "
-                                        f"could not resume within {elapsed:.1f}s "
-                                        f"({attempt} retries): {error}", code=error.code,
-                                        reason=error.reason)
+                    error = Unavailable(
+                        f"lost the stream to {self._target or 'the server'} and "
+                        f"could not resume within {elapsed:.1f}s "
+                        f"({attempt} retries): {error}",
+                        code=error.code,
+                        reason=error.reason,
+                    )
                 self._fail_all(error)
                 return
             delay = self._retry.delay(attempt)
-            log.info("stream to %s broke (%s); resuming %d requests in %.2fs",
-                     self._target, error, len(self._unacked), delay)
+            log.info(
+                "stream to %s broke (%s); resuming %d requests in %.2fs",
+                self._target,
+                error,
+                len(self._unacked),
+                delay,
+            )
             attempt += 1
             await asyncio.sleep(delay)
 
@@ -166,8 +197,10 @@ class Multiplexer:
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc, target=self._target, in_session=True)
             if _dropped(exc):
-                return Unavailable(f"connection dropped ({exc.code().name}: {exc.details()})",
-                                   code=grpc.StatusCode.UNAVAILABLE)
+                return Unavailable(
+                    f"connection dropped ({exc.code().name}: {exc.details()})",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
             return error
         finally:
             writer.cancel()
@@ -175,8 +208,10 @@ class Multiplexer:
                 await writer
             call.cancel()
         if self._unacked and not self._closing:
-            return Unavailable("the server ended the stream with requests unanswered",
-                               code=grpc.StatusCode.UNAVAILABLE)
+            return Unavailable(
+                "the server ended the stream with requests unanswered",
+                code=grpc.StatusCode.UNAVAILABLE,
+            )
         return None
 
     def _on_response(self, response: pb.StepResponse) -> None:
@@ -196,10 +231,16 @@ class Multiplexer:
             if error is None:
                 future.set_result(response)
             else:
-                future.set_exception(error_from_status(
-                    error.code, error.message, reason=error.reason,
-                    session_id=response.session_id, position=error.expected_position,
-                    in_session=True))
+                future.set_exception(
+                    error_from_status(
+                        error.code,
+                        error.message,
+                        reason=error.reason,
+                        session_id=response.session_id,
+                        position=error.expected_position,
+                        in_session=True,
+                    )
+                )
         if not self._unacked:
             self._idle.set()
 
@@ -227,9 +268,15 @@ class Multiplexer:
         self._tries.clear()
         for (session_id, position), (_, future) in entries:
             if not future.done():
-                future.set_exception(type(error)(
-                    str(error), code=error.code, reason=error.reason, session_id=session_id,
-                    position=position))
+                future.set_exception(
+                    type(error)(
+                        str(error),
+                        code=error.code,
+                        reason=error.reason,
+                        session_id=session_id,
+                        position=position,
+                    )
+                )
         self._idle.set()
 
 
@@ -241,8 +288,9 @@ def _dropped(exc: grpc.aio.AioRpcError) -> bool:
     return any(marker in details for marker in _TRANSPORT)
 
 
-async def _write(call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.StepRequest | None]
-                 ) -> None:
+async def _write(
+    call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.StepRequest | None]
+) -> None:
     try:
         while True:
             request = await outbox.get()

@@ -23,18 +23,24 @@ async def stream_command(client: AsyncClient, args: argparse.Namespace) -> int:
     recordings = [r for source in args.sources for r in load_recordings(source)]
     model = await client.model()
     check_features(recordings, model)
-    rows = [Progress(r.name, len(r.frames),
-                     truth_label(r.truth, model) if r.truth is not None else None)
-            for r in recordings]
+    rows = [
+        Progress(
+            r.name, len(r.frames), truth_label(r.truth, model) if r.truth is not None else None
+        )
+        for r in recordings
+    ]
     view = _view(sys.stdout, rows, args.json)
     # an answer may wait for a resume: allow the whole resume budget on top of the timeout
     step_timeout = args.timeout + args.resume_for if args.timeout else None
     started = time.perf_counter()
     try:
         outcomes = await asyncio.gather(
-            *(_replay(client, rec, row, view, args.rate, max(1, args.depth), step_timeout)
-              for rec, row in zip(recordings, rows, strict=True)),
-            return_exceptions=True)
+            *(
+                _replay(client, rec, row, view, args.rate, max(1, args.depth), step_timeout)
+                for rec, row in zip(recordings, rows, strict=True)
+            ),
+            return_exceptions=True,
+        )
     finally:
         view.close()
     seconds = time.perf_counter() - started
@@ -63,8 +69,15 @@ def _view(out: TextIO, rows: list[Progress], as_json: bool) -> View:
     return PlainLines(out, rows)
 
 
-async def _replay(client: AsyncClient, recording: Recording, row: Progress, view: View,
-                  rate: float, depth: int, step_timeout: float | None) -> None:
+async def _replay(
+    client: AsyncClient,
+    recording: Recording,
+    row: Progress,
+    view: View,
+    rate: float,
+    depth: int,
+    step_timeout: float | None,
+) -> None:
     """Send a recording frame by frame at ``rate`` Hz (0: as fast as ``depth`` allows)."""
     try:
         async with client.session() as session:

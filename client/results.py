@@ -106,8 +106,9 @@ class SessionInfo:
 
     @classmethod
     def from_pb(cls, info: pb.SessionInfo) -> SessionInfo:
-        return cls(info.session_id, info.position, info.idle_seconds, info.expires_in_seconds,
-                   info.closed)
+        return cls(
+            info.session_id, info.position, info.idle_seconds, info.expires_in_seconds, info.closed
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +129,31 @@ class ModelInfo:
     @classmethod
     def from_pb(cls, info: pb.ModelInfo) -> ModelInfo:
         return cls(
-            name=info.name, version=info.version, features=info.features,
-            labels=tuple(info.labels), parameters=info.parameters, state_bytes=info.state_bytes,
-            device=info.device, max_frames_per_request=info.max_frames_per_request,
+            name=info.name,
+            version=info.version,
+            features=info.features,
+            labels=tuple(info.labels),
+            parameters=info.parameters,
+            state_bytes=info.state_bytes,
+            device=info.device,
+            max_frames_per_request=info.max_frames_per_request,
             session_idle_timeout=info.session_idle_timeout_seconds,
             replay_window=info.replay_window,
-            layers=tuple({"name": la.name, "type": la.type, "units": la.units,
-                          "input_size": la.input_size, "parameters": la.parameters,
-                          "activation": la.activation} for la in info.layers),
-            states=tuple({"name": s.name, "layer": s.layer, "kind": s.kind, "size": s.size}
-                         for s in info.states),
+            layers=tuple(
+                {
+                    "name": la.name,
+                    "type": la.type,
+                    "units": la.units,
+                    "input_size": la.input_size,
+                    "parameters": la.parameters,
+                    "activation": la.activation,
+                }
+                for la in info.layers
+            ),
+            states=tuple(
+                {"name": s.name, "layer": s.layer, "kind": s.kind, "size": s.size}
+                for s in info.states
+            ),
         )
 
 

@@ -24,10 +24,13 @@ def new_route() -> str:
 
 def check_route(key: str) -> str:
     """``key`` if it can travel as the header's value, else ValueError."""
-    if not (0 < len(key) <= _MAX_ROUTE and key.isascii() and key.isprintable()
-            and key == key.strip()):
-        raise ValueError(f"route key must be 1-{_MAX_ROUTE} printable ASCII characters without "
-                         f"leading or trailing spaces, not {key!r}")
+    if not (
+        0 < len(key) <= _MAX_ROUTE and key.isascii() and key.isprintable() and key == key.strip()
+    ):
+        raise ValueError(
+            f"route key must be 1-{_MAX_ROUTE} printable ASCII characters without "
+            f"leading or trailing spaces, not {key!r}"
+        )
     return key
 
 

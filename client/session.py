@@ -69,9 +69,17 @@ class AsyncSession:
 
     max_requests = 4  # requests in flight per session; further sends queue and coalesce
 
-    def __init__(self, mux: Multiplexer, session_id: str, *, position: int = 0,
-                 labels: tuple[str, ...] = (), features: int = 0, window: int = 64,
-                 closer: Callable[[str], Awaitable[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        mux: Multiplexer,
+        session_id: str,
+        *,
+        position: int = 0,
+        labels: tuple[str, ...] = (),
+        features: int = 0,
+        window: int = 64,
+        closer: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.id = session_id
@@ -114,8 +122,9 @@ class AsyncSession:
         """Sends not answered yet."""
         return len(self._outstanding)
 
-    async def send(self, frames: Any, *, end: bool = False,
-                   timeout: float | None = None) -> Prediction:
+    async def send(
+        self, frames: Any, *, end: bool = False, timeout: float | None = None
+    ) -> Prediction:
         """Apply one frame ``[F]`` or frames ``[T, F]``; per-frame probabilities back.
 
         ``timeout`` bounds the wait (DeadlineExceeded); the send itself stays queued and is
@@ -127,9 +136,11 @@ class AsyncSession:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             future.add_done_callback(_consume)
-            raise DeadlineExceeded(f"session {self.id!r}: no answer within {timeout}s",
-                                   code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   session_id=self.id) from None
+            raise DeadlineExceeded(
+                f"session {self.id!r}: no answer within {timeout}s",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                session_id=self.id,
+            ) from None
 
     def send_nowait(self, frames: Any, *, end: bool = False) -> asyncio.Future[Prediction]:
         """Like ``send`` but returns at once with a future: pipelines sends on the stream.
@@ -183,28 +194,42 @@ class AsyncSession:
         if self._dead is not None:
             raise _again(self._dead)
         if self._ended or self._closed:
-            raise SessionLost(f"session {self.id!r} is closed", code=grpc.StatusCode.NOT_FOUND,
-                              reason="closed", session_id=self.id, position=self._next)
+            raise SessionLost(
+                f"session {self.id!r} is closed",
+                code=grpc.StatusCode.NOT_FOUND,
+                reason="closed",
+                session_id=self.id,
+                position=self._next,
+            )
 
     def _pump(self) -> None:
         """Turn backlog parts into requests while the in-flight limits allow."""
-        while (self._backlog and self._failed_at is None
-               and self._inflight_requests < self.max_requests):
+        while (
+            self._backlog
+            and self._failed_at is None
+            and self._inflight_requests < self.max_requests
+        ):
             room = self._window - self._inflight
             if self._inflight and len(self._backlog[0].frames) > room:
                 return
             parts = [self._backlog.popleft()]
             count = len(parts[0].frames)
-            while (self._backlog and not parts[-1].end
-                   and count + len(self._backlog[0].frames) <= room):
+            while (
+                self._backlog and not parts[-1].end and count + len(self._backlog[0].frames) <= room
+            ):
                 parts.append(self._backlog.popleft())
                 count += len(parts[-1].frames)
-            frames = (parts[0].frames if len(parts) == 1
-                      else np.concatenate([p.frames for p in parts]))
+            frames = (
+                parts[0].frames if len(parts) == 1 else np.concatenate([p.frames for p in parts])
+            )
             position = parts[0].position
-            request = pb.StepRequest(session_id=self.id, position=position,
-                                     frames=to_matrix(frames), start=position == 0,
-                                     end=parts[-1].end)
+            request = pb.StepRequest(
+                session_id=self.id,
+                position=position,
+                frames=to_matrix(frames),
+                start=position == 0,
+                end=parts[-1].end,
+            )
             try:
                 future = self._mux.submit(request)
             except Exception as exc:
@@ -215,8 +240,9 @@ class AsyncSession:
             self._inflight_requests += 1
             future.add_done_callback(functools.partial(self._answered, parts, count))
 
-    def _answered(self, parts: list[_Part], count: int,
-                  future: asyncio.Future[pb.StepResponse]) -> None:
+    def _answered(
+        self, parts: list[_Part], count: int, future: asyncio.Future[pb.StepResponse]
+    ) -> None:
         self._inflight -= count
         self._inflight_requests -= 1
         position = parts[0].position
@@ -225,15 +251,17 @@ class AsyncSession:
             response = future.result()
             probs = np.array(from_matrix(response.probabilities))
             if len(probs) != count:
-                exc = ServerError(f"{len(probs)} rows of probabilities for {count} frames",
-                                  session_id=self.id, position=position)
+                exc = ServerError(
+                    f"{len(probs)} rows of probabilities for {count} frames",
+                    session_id=self.id,
+                    position=position,
+                )
             else:
                 self._acked = max(self._acked, response.next_position)
                 offset = 0
                 for part in parts:
                     n = len(part.frames)
-                    _done(part, probs[offset : offset + n], response.replayed, self.labels,
-                          self.id)
+                    _done(part, probs[offset : offset + n], response.replayed, self.labels, self.id)
                     offset += n
         if exc is not None:
             assert isinstance(exc, Exception)
@@ -258,8 +286,9 @@ class AsyncSession:
             _fail(self._backlog.popleft(), _after(exc, failed))
 
 
-def _done(part: _Part, probs: np.ndarray, replayed: bool, labels: tuple[str, ...],
-          session_id: str) -> None:
+def _done(
+    part: _Part, probs: np.ndarray, replayed: bool, labels: tuple[str, ...], session_id: str
+) -> None:
     send = part.send
     if send.result.done():
         return
@@ -269,10 +298,16 @@ def _done(part: _Part, probs: np.ndarray, replayed: bool, labels: tuple[str, ...
     if send.left:
         return
     outputs = [o for o in send.outputs if o is not None]
-    send.result.set_result(Prediction(
-        session_id=session_id, position=send.position,
-        probabilities=outputs[0] if len(outputs) == 1 else np.concatenate(outputs),
-        labels=labels, latency=time.perf_counter() - send.started, replayed=send.replayed))
+    send.result.set_result(
+        Prediction(
+            session_id=session_id,
+            position=send.position,
+            probabilities=outputs[0] if len(outputs) == 1 else np.concatenate(outputs),
+            labels=labels,
+            latency=time.perf_counter() - send.started,
+            replayed=send.replayed,
+        )
+    )
 
 
 def _fail(part: _Part, exc: BaseException) -> None:
@@ -286,8 +321,9 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 def _again(exc: SeqServeError) -> SeqServeError:
-    return type(exc)(str(exc), code=exc.code, reason=exc.reason, session_id=exc.session_id,
-                     position=exc.position)
+    return type(exc)(
+        str(exc), code=exc.code, reason=exc.reason, session_id=exc.session_id, position=exc.position
+    )
 
 
 def _after(exc: Exception, failed: int) -> Exception:
@@ -296,6 +332,10 @@ def _after(exc: Exception, failed: int) -> Exception:
         return exc
     if isinstance(exc, (SessionNotFound, Unavailable)):
         return _again(exc)
-    return type(exc)(f"not applied: the send at position {failed} before it failed: {exc}",
-                     code=exc.code, reason=exc.reason, session_id=exc.session_id,
-                     position=exc.position)
+    return type(exc)(
+        f"not applied: the send at position {failed} before it failed: {exc}",
+        code=exc.code,
+        reason=exc.reason,
+        session_id=exc.session_id,
+        position=exc.position,
+    )

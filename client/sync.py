@@ -29,8 +29,9 @@ class _Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="seqserve-client",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="seqserve-client", daemon=True
+        )
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -54,16 +55,35 @@ class Client:
     """Blocking client with the shape of ``AsyncClient``; use ``with Client(...) as c``.
     ``route`` fixes the route key of the stream its sessions share (default: random)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
-                 tls: TLS = None, timeout: float | None = None, retry: Backoff | None = None,
-                 window: int = 64, options: Sequence[tuple[str, Any]] = (),
-                 cert: bytes | None = None, key: bytes | None = None,
-                 route: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: TLS = None,
+        timeout: float | None = None,
+        retry: Backoff | None = None,
+        window: int = 64,
+        options: Sequence[tuple[str, Any]] = (),
+        cert: bytes | None = None,
+        key: bytes | None = None,
+        route: str | None = None,
+    ) -> None:
         self._loop = _Loop()
 
         async def build() -> AsyncClient:
-            return AsyncClient(target, token=token, tls=tls, timeout=timeout, retry=retry,
-                               window=window, options=options, cert=cert, key=key, route=route)
+            return AsyncClient(
+                target,
+                token=token,
+                tls=tls,
+                timeout=timeout,
+                retry=retry,
+                window=window,
+                options=options,
+                cert=cert,
+                key=key,
+                route=route,
+            )
 
         try:
             self.aio = self._loop.run(build())
@@ -92,22 +112,39 @@ class Client:
     def health(self, service: str = "") -> str:
         return self._loop.run(self.aio.health(service))
 
-    def predict(self, sequences: Any, lengths: Any = None, *,
-                per_step: bool = False) -> list[SequencePrediction]:
+    def predict(
+        self, sequences: Any, lengths: Any = None, *, per_step: bool = False
+    ) -> list[SequencePrediction]:
         return self._loop.run(self.aio.predict(sequences, lengths, per_step=per_step))
 
-    def step(self, session_id: str, frames: Any, *, position: int, start: bool | None = None,
-             end: bool = False, route: str | None = None) -> Prediction:
+    def step(
+        self,
+        session_id: str,
+        frames: Any,
+        *,
+        position: int,
+        start: bool | None = None,
+        end: bool = False,
+        route: str | None = None,
+    ) -> Prediction:
         """One unary ``Step`` (see ``AsyncClient.step``)."""
-        return self._loop.run(self.aio.step(session_id, frames, position=position, start=start,
-                                            end=end, route=route))
+        return self._loop.run(
+            self.aio.step(session_id, frames, position=position, start=start, end=end, route=route)
+        )
 
-    def step_batch(self, session_ids: Sequence[str], frames: Any,
-                   positions: Sequence[int] | np.ndarray, *, start: bool = False,
-                   route: str | None = None) -> BatchPrediction:
+    def step_batch(
+        self,
+        session_ids: Sequence[str],
+        frames: Any,
+        positions: Sequence[int] | np.ndarray,
+        *,
+        start: bool = False,
+        route: str | None = None,
+    ) -> BatchPrediction:
         """One frame for each of many sessions (see ``AsyncClient.step_batch``)."""
-        return self._loop.run(self.aio.step_batch(session_ids, frames, positions, start=start,
-                                                  route=route))
+        return self._loop.run(
+            self.aio.step_batch(session_ids, frames, positions, start=start, route=route)
+        )
 
     def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
         return self._loop.run(self.aio.get_session(session_id, route=route))
@@ -119,12 +156,10 @@ class Client:
         return self._loop.run(self.aio.close_session(session_id, route=route))
 
     def open_session(self, session_id: str | None = None, *, resume: bool = False) -> Session:
-        return Session(self._loop, self._loop.run(self.aio.open_session(session_id,
-                                                                         resume=resume)))
+        return Session(self._loop, self._loop.run(self.aio.open_session(session_id, resume=resume)))
 
     @contextlib.contextmanager
-    def session(self, session_id: str | None = None, *, resume: bool = False
-                ) -> Iterator[Session]:
+    def session(self, session_id: str | None = None, *, resume: bool = False) -> Iterator[Session]:
         session = self.open_session(session_id, resume=resume)
         try:
             yield session
@@ -147,16 +182,16 @@ class Session:
     def position(self) -> int:
         return self.aio.position
 
-    def send(self, frames: Any, *, end: bool = False, timeout: float | None = None
-             ) -> Prediction:
+    def send(self, frames: Any, *, end: bool = False, timeout: float | None = None) -> Prediction:
         """Apply frames and wait for their probabilities (DeadlineExceeded after ``timeout``)."""
         try:
             return self.send_nowait(frames, end=end).result(timeout)
         except concurrent.futures.TimeoutError:
             raise DeadlineExceeded(f"session {self.id!r}: no answer within {timeout}s") from None
 
-    def send_nowait(self, frames: Any, *, end: bool = False
-                    ) -> concurrent.futures.Future[Prediction]:
+    def send_nowait(
+        self, frames: Any, *, end: bool = False
+    ) -> concurrent.futures.Future[Prediction]:
         """Submit without waiting; sends keep their order. ``.result()`` gives the Prediction."""
 
         async def submit() -> asyncio.Future[Prediction]:

@@ -25,8 +25,9 @@ def from_matrix(m: Matrix, default_cols: int = 0) -> np.ndarray:
     ``rows``/``cols`` may be left 0 and are then inferred from the data and ``default_cols``."""
     size = len(m.data)
     if size == 0 or size % 4:
-        raise ValueError(f"data holds {size} bytes, need a non-empty multiple of 4 "
-                         "(little-endian float32)")
+        raise ValueError(
+            f"data holds {size} bytes, need a non-empty multiple of 4 (little-endian float32)"
+        )
     values = size // 4
     cols = m.cols or (values // m.rows if m.rows else default_cols)
     rows = m.rows or (values // cols if cols else 0)

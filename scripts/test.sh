@@ -5,5 +5,6 @@ source "$(dirname "$0")/_venv.sh" server,export,dev
 [ "$(id -u)" -ne 0 ] || bash scripts/system-deps.sh
 .venv/bin/python proto/generate.py --check
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy server client export proto/codec.py
 exec .venv/bin/python -P -m pytest -q -p no:cacheprovider "$@"

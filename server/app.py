@@ -41,9 +41,15 @@ SERVICE = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name
 class App:
     """A built, bound server: gRPC, engine, metrics endpoint. ``start`` then ``stop``."""
 
-    def __init__(self, settings: Settings, grpc_server: grpc.aio.Server, engine: Engine,
-                 servicer: SeqServeServicer, health_servicer: health.aio.HealthServicer,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: grpc.aio.Server,
+        engine: Engine,
+        servicer: SeqServeServicer,
+        health_servicer: health.aio.HealthServicer,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.grpc = grpc_server
         self.engine = engine
@@ -59,13 +65,16 @@ class App:
 
     async def start(self) -> None:
         if self.settings.metrics_port >= 0:
-            self._http, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
-                                              registry=self.metrics.registry)
+            self._http, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+            )
             self.metrics_port = self._http.server_port
         self.engine.start()
         if self.engine.store is not None and not await self.engine.store.ping():
-            log.warning("session store %s is not reachable; serving from memory until it is",
-                        self.engine.store.url)
+            log.warning(
+                "session store %s is not reachable; serving from memory until it is",
+                self.engine.store.url,
+            )
         if self.settings.snapshot_path and self.settings.snapshot_interval > 0:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop())
         await self.grpc.start()
@@ -90,9 +99,13 @@ class App:
         if self._checkpoints is not None:
             self._checkpoints.cancel()
         if self.settings.snapshot_path:
-            await asyncio.wrap_future(self._writer.submit(
-                write_snapshot, self.settings.snapshot_path,
-                capture(self.engine.spec, self.engine.table)))
+            await asyncio.wrap_future(
+                self._writer.submit(
+                    write_snapshot,
+                    self.settings.snapshot_path,
+                    capture(self.engine.spec, self.engine.table),
+                )
+            )
         self._writer.shutdown(wait=True)
         await self.grpc.stop(min(grace, 5.0))
         await self.engine.stop()
@@ -100,12 +113,12 @@ class App:
             self._http.shutdown()
             self._http.server_close()
 
-
     async def checkpoint(self) -> None:
         """Save every session now (captured on the loop, written in the writer thread)."""
         arrays = capture(self.engine.spec, self.engine.table)
-        await asyncio.wrap_future(self._writer.submit(
-            write_snapshot, self.settings.snapshot_path, arrays))
+        await asyncio.wrap_future(
+            self._writer.submit(write_snapshot, self.settings.snapshot_path, arrays)
+        )
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -116,8 +129,9 @@ class App:
                 log.error("periodic snapshot failed: %s", exc)
 
 
-def create_server(settings: Settings, *, registry: CollectorRegistry | None = None,
-                  spec: ModelSpec | None = None) -> tuple[App, int]:
+def create_server(
+    settings: Settings, *, registry: CollectorRegistry | None = None, spec: ModelSpec | None = None
+) -> tuple[App, int]:
     """Build everything and bind the gRPC port (0 picks one); call from a running event loop.
 
     Raises ModelError / SnapshotError / auth.ConfigError with a message fit for the user."""
@@ -127,32 +141,37 @@ def create_server(settings: Settings, *, registry: CollectorRegistry | None = No
     if tokens or settings.tls_client_ca:
         interceptors.append(AuthInterceptor(tokens, certificates=bool(settings.tls_client_ca)))
     spec = spec or load_model_spec(settings.model_dir or None)
-    runtime = Runtime(spec, device=settings.device, threads=settings.ort_threads,
-                      spinning=settings.ort_spinning)
+    runtime = Runtime(
+        spec, device=settings.device, threads=settings.ort_threads, spinning=settings.ort_spinning
+    )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     engine = Engine(spec, runtime, settings, observer=metrics)
     metrics.track_sessions(lambda: len(engine.table), engine.bank.bytes_per_slot)
     _restore(settings, engine)
 
     limit = settings.max_message_bytes
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Two servers on one port split connections between them: only workers sharing a
-        # session store (--workers) may do that; anything else fails to bind instead.
-        ("grpc.so_reuseport", int(settings.reuse_port)),
-    ])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Two servers on one port split connections between them: only workers sharing a
+            # session store (--workers) may do that; anything else fails to bind instead.
+            ("grpc.so_reuseport", int(settings.reuse_port)),
+        ],
+    )
     servicer = SeqServeServicer(engine, metrics)
     pb_grpc.add_SeqServeServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     address = f"{settings.host}:{settings.port}"
     if credentials is None:
         port = server.add_insecure_port(address)
@@ -184,13 +203,19 @@ def _restore(settings: Settings, engine: Engine) -> None:
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     app, port = create_server(settings)
     await app.start()
-    log.info("serving %s v%s on %s:%d (%s, %s; metrics on :%s, %d sessions restored)",
-             app.engine.spec.name, app.engine.spec.version, settings.host, port,
-             "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert
-             else "plaintext",
-             "authentication on" if settings.tokens_file or settings.auth_token
-             or settings.tls_client_ca else "authentication off",
-             app.metrics_port, len(app.engine.table))
+    log.info(
+        "serving %s v%s on %s:%d (%s, %s; metrics on :%s, %d sessions restored)",
+        app.engine.spec.name,
+        app.engine.spec.version,
+        settings.host,
+        port,
+        "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
+        "authentication on"
+        if settings.tokens_file or settings.auth_token or settings.tls_client_ca
+        else "authentication off",
+        app.metrics_port,
+        len(app.engine.table),
+    )
     stop = stop or asyncio.Event()
     await stop.wait()
     log.info("draining")
@@ -199,8 +224,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
 
 
 def run_forever(settings: Settings) -> int:

@@ -21,15 +21,19 @@ import grpc
 
 from .settings import Settings
 
-__all__ = ["AuthInterceptor", "ConfigError", "current_principal", "load_tokens",
-           "server_credentials"]
+__all__ = [
+    "AuthInterceptor",
+    "ConfigError",
+    "current_principal",
+    "load_tokens",
+    "server_credentials",
+]
 
 log = logging.getLogger("seqserve.auth")
 
 EXEMPT_PREFIX = "/grpc.health.v1.Health/"
 _PRINCIPAL_RE = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
-_principal: contextvars.ContextVar[str] = contextvars.ContextVar("seqserve_principal",
-                                                                 default="")
+_principal: contextvars.ContextVar[str] = contextvars.ContextVar("seqserve_principal", default="")
 
 
 class ConfigError(ValueError):
@@ -63,10 +67,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     key = _read(settings.tls_key, "--tls-key")
     if b"PRIVATE KEY-----" not in key:
         raise ConfigError(f"--tls-key {settings.tls_key!r}: no PEM private key in it")
-    roots = (_read(settings.tls_client_ca, "--tls-client-ca", "CERTIFICATE")
-             if settings.tls_client_ca else None)
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=roots,
-                                       require_client_auth=roots is not None)
+    roots = (
+        _read(settings.tls_client_ca, "--tls-client-ca", "CERTIFICATE")
+        if settings.tls_client_ca
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=roots, require_client_auth=roots is not None
+    )
 
 
 def load_tokens(settings: Settings) -> dict[bytes, str]:
@@ -76,11 +84,13 @@ def load_tokens(settings: Settings) -> dict[bytes, str]:
 
     def add(principal: str, token: str, where: str) -> None:
         if not _PRINCIPAL_RE.fullmatch(principal):
-            raise ConfigError(f"{where}: principal {principal!r} must be 1-128 characters of "
-                              "[A-Za-z0-9._@:-]")
+            raise ConfigError(
+                f"{where}: principal {principal!r} must be 1-128 characters of [A-Za-z0-9._@:-]"
+            )
         if len(token) < 16 or not (token.isascii() and token.isprintable()) or " " in token:
-            raise ConfigError(f"{where}: token must be 16 or more printable ASCII characters "
-                              "without spaces")
+            raise ConfigError(
+                f"{where}: token must be 16 or more printable ASCII characters without spaces"
+            )
         if token.encode() in tokens:
             raise ConfigError(f"{where}: token already given to another principal")
         tokens[token.encode()] = principal
@@ -112,7 +122,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.certificates = certificates  # mutual TLS: a verified client CN is a principal
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
@@ -156,9 +167,11 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
     raise AssertionError("abort returned")
 
 
-def _wrap(handler: grpc.RpcMethodHandler,
-          authenticate: Callable[[grpc.aio.ServicerContext], str | None], method: str
-          ) -> grpc.RpcMethodHandler:
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    authenticate: Callable[[grpc.aio.ServicerContext], str | None],
+    method: str,
+) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
         behavior = handler.unary_unary or handler.stream_unary
 
@@ -169,10 +182,16 @@ def _wrap(handler: grpc.RpcMethodHandler,
             _principal.set(principal)  # this call's task only
             return await behavior(request, context)
 
-        factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                   else grpc.stream_unary_rpc_method_handler)
-        return factory(unary, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     behavior = handler.unary_stream or handler.stream_stream
 
@@ -188,7 +207,13 @@ def _wrap(handler: grpc.RpcMethodHandler,
         else:  # a handler that writes with context.write()
             await result
 
-    factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-               else grpc.stream_stream_rpc_method_handler)
-    return factory(streaming, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(
+        streaming,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -30,8 +30,11 @@ class PendingBatch:
     """The result of a batch being filled in; ``future`` resolves once every entry settled."""
 
     def __init__(self, entries: int, classes: int) -> None:
-        self.result = BatchResult(np.zeros((entries, classes), np.float32),
-                                  np.zeros(entries, np.uint64), np.zeros(entries, np.bool_))
+        self.result = BatchResult(
+            np.zeros((entries, classes), np.float32),
+            np.zeros(entries, np.uint64),
+            np.zeros(entries, np.bool_),
+        )
         self.future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._left = entries
         if not entries:
@@ -49,8 +52,7 @@ class PendingBatch:
         result.next_positions[index] = position
         self._settled()
 
-    def fill(self, rows: np.ndarray, probabilities: np.ndarray,
-             next_positions: np.ndarray) -> None:
+    def fill(self, rows: np.ndarray, probabilities: np.ndarray, next_positions: np.ndarray) -> None:
         """Many entries at once (the scheduler's fast lane)."""
         result = self.result
         result.probabilities[rows] = probabilities

@@ -62,17 +62,23 @@ class _Waiter:
 
 
 def _duplicate(session_id: str) -> BadRequest:
-    return BadRequest(f"session {session_id!r} appears twice in one batch",
-                      reason="duplicate_session")
+    return BadRequest(
+        f"session {session_id!r} appears twice in one batch", reason="duplicate_session"
+    )
 
 
 def make_store(settings: Settings, spec: ModelSpec) -> RedisStore | None:
     if settings.store == "memory":
         return None
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
-    return RedisStore(settings.store, namespace=f"seqserve:{spec.name}:{spec.version}",
-                      replica=replica, ttl=settings.session_idle_timeout,
-                      timeout=settings.store_timeout, retry_after=settings.store_retry)
+    return RedisStore(
+        settings.store,
+        namespace=f"seqserve:{spec.name}:{spec.version}",
+        replica=replica,
+        ttl=settings.session_idle_timeout,
+        timeout=settings.store_timeout,
+        retry_after=settings.store_retry,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,25 +91,39 @@ class SessionStatus:
 
 
 class Engine:
-    def __init__(self, spec: ModelSpec, runtime: Runtime, settings: Settings,
-                 observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        runtime: Runtime,
+        settings: Settings,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.settings = settings
         self.observer = observer or BatchObserver()
         self.bank = StateBank(spec, settings.max_sessions, settings.replay_window)
-        self.table = SessionTable(self.bank, max_sessions=settings.max_sessions,
-                                  idle_timeout=settings.session_idle_timeout,
-                                  max_per_owner=settings.max_sessions_per_principal)
+        self.table = SessionTable(
+            self.bank,
+            max_sessions=settings.max_sessions,
+            idle_timeout=settings.session_idle_timeout,
+            max_per_owner=settings.max_sessions_per_principal,
+        )
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
         self.store = make_store(settings, spec)
         if self.store is not None:
             self.store.observe = self.observer.store_call
-        self.scheduler = Scheduler(runtime, self.table, self.executor,
-                                   max_batch=settings.max_batch,
-                                   max_wait=settings.max_wait_ms / 1000.0,
-                                   inline_batch=settings.inline_batch, observer=self.observer,
-                                   store=self.store, checkpoint_every=settings.checkpoint_every)
+        self.scheduler = Scheduler(
+            runtime,
+            self.table,
+            self.executor,
+            max_batch=settings.max_batch,
+            max_wait=settings.max_wait_ms / 1000.0,
+            inline_batch=settings.inline_batch,
+            observer=self.observer,
+            store=self.store,
+            checkpoint_every=settings.checkpoint_every,
+        )
         # Sessions being claimed from the store: what to admit, in arrival order, once it is.
         self._claims: dict[str, list[_Waiter]] = {}
         self._to_claim: list[tuple[str, str]] = []  # (id, principal) for the next store call
@@ -144,8 +164,10 @@ class Engine:
         commits, _ = checkpoint_commits(sessions, self.bank, 1)
         written = await self.store.commit(commits)
         if written is None:
-            log.error("drain: the session store is unreachable; %d sessions were not saved "
-                      "there", len(sessions))
+            log.error(
+                "drain: the session store is unreachable; %d sessions were not saved there",
+                len(sessions),
+            )
             return 0
         return written.count("1")
 
@@ -166,18 +188,23 @@ class Engine:
 
     # -- validation ---------------------------------------------------------------------------
 
-    def check_frames(self, frames: np.ndarray, what: str = "frames", *,
-                     finite: bool = True) -> np.ndarray:
+    def check_frames(
+        self, frames: np.ndarray, what: str = "frames", *, finite: bool = True
+    ) -> np.ndarray:
         if frames.ndim != 2 or frames.shape[0] < 1:
             raise BadRequest(f"{what}: need at least one frame", reason="bad_frames")
         if frames.shape[1] != self.spec.features:
-            raise BadRequest(f"{what}: {frames.shape[1]} features per frame, model "
-                             f"{self.spec.name!r} expects {self.spec.features}",
-                             reason="feature_count")
+            raise BadRequest(
+                f"{what}: {frames.shape[1]} features per frame, model "
+                f"{self.spec.name!r} expects {self.spec.features}",
+                reason="feature_count",
+            )
         if frames.shape[0] > self.settings.max_frames_per_request:
-            raise BadRequest(f"{what}: {frames.shape[0]} frames, at most "
-                             f"{self.settings.max_frames_per_request} per request",
-                             reason="too_many_frames")
+            raise BadRequest(
+                f"{what}: {frames.shape[0]} frames, at most "
+                f"{self.settings.max_frames_per_request} per request",
+                reason="too_many_frames",
+            )
         if finite and not np.isfinite(frames).all():
             bad = int(np.argwhere(~np.isfinite(frames))[0][0])
             raise BadRequest(f"{what}: frame {bad} holds NaN or Inf", reason="non_finite")
@@ -190,9 +217,13 @@ class Engine:
     # -- sessions -----------------------------------------------------------------------------
 
     def status(self, session: Session) -> SessionStatus:
-        return SessionStatus(session.id, session.position,
-                             max(0.0, self.table.clock() - session.last_used),
-                             self.table.expires_in(session), bool(session.ended))
+        return SessionStatus(
+            session.id,
+            session.position,
+            max(0.0, self.table.clock() - session.last_used),
+            self.table.expires_in(session),
+            bool(session.ended),
+        )
 
     def open(self, session_id: str | None = None, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
@@ -222,10 +253,12 @@ class Engine:
             return self.get(session_id, principal)  # unknown, or a tombstone here
         head, closed, expires_in = found
         if closed:
-            raise SessionNotFound(f"session {session_id!r} closed at position {head}",
-                                  reason="closed", position=head)
-        return SessionStatus(session_id, head, max(0.0, self.settings.session_idle_timeout
-                                                   - expires_in), expires_in)
+            raise SessionNotFound(
+                f"session {session_id!r} closed at position {head}", reason="closed", position=head
+            )
+        return SessionStatus(
+            session_id, head, max(0.0, self.settings.session_idle_timeout - expires_in), expires_in
+        )
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
@@ -246,8 +279,16 @@ class Engine:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def submit(self, session_id: str, position: int, frames: np.ndarray, *, start: bool = False,
-               end: bool = False, principal: str = "") -> asyncio.Future[StepResult]:
+    def submit(
+        self,
+        session_id: str,
+        position: int,
+        frames: np.ndarray,
+        *,
+        start: bool = False,
+        end: bool = False,
+        principal: str = "",
+    ) -> asyncio.Future[StepResult]:
         """Queue frames for a session; the future gives the outputs or a SeqServeError."""
         self._refuse_if_draining()
         self.check_frames(frames)
@@ -262,8 +303,9 @@ class Engine:
             self.scheduler.submit(Work(session, position, frames, future, end=end))
 
         if self._must_claim(session_id):
-            self._after_claim(session_id, principal, start and position == 0, admit,
-                              future.set_exception)
+            self._after_claim(
+                session_id, principal, start and position == 0, admit, future.set_exception
+            )
         else:
             try:
                 admit()
@@ -271,21 +313,31 @@ class Engine:
                 self._recheck(session_id, principal, exc, admit, future.set_exception)
         return future
 
-    def submit_batch(self, session_ids: Sequence[str], positions: Sequence[int],
-                     frames: np.ndarray, *, start: bool = False,
-                     principal: str = "") -> asyncio.Future[BatchResult]:
+    def submit_batch(
+        self,
+        session_ids: Sequence[str],
+        positions: Sequence[int],
+        frames: np.ndarray,
+        *,
+        start: bool = False,
+        principal: str = "",
+    ) -> asyncio.Future[BatchResult]:
         """One frame for each of many sessions. A malformed batch raises; otherwise every entry
         is admitted or failed on its own and the future gives the columnar results."""
         self._refuse_if_draining()
         entries = len(session_ids)
         if len(positions) != entries:
-            raise BadRequest(f"{entries} session ids but {len(positions)} positions",
-                             reason="bad_request")
+            raise BadRequest(
+                f"{entries} session ids but {len(positions)} positions", reason="bad_request"
+            )
         if entries:
             self.check_frames(frames, finite=False)  # a NaN fails its own entry only
         if frames.shape[0] != entries:
-            raise BadRequest(f"{frames.shape[0]} frames for {entries} session ids: a batch has "
-                             "one frame per entry", reason="bad_frames")
+            raise BadRequest(
+                f"{frames.shape[0]} frames for {entries} session ids: a batch has "
+                "one frame per entry",
+                reason="bad_frames",
+            )
         finite = np.isfinite(frames).all(axis=1).tolist() if entries else []
         ids, wanted = list(session_ids), list(positions)
         batch = PendingBatch(entries, self.spec.classes)
@@ -293,13 +345,22 @@ class Engine:
             missing = {i for i in ids if i in self._claims or self.table.find(i) is None}
             if missing or self._backlog:
                 # Claim what is not held here first; batches are admitted in arrival order.
-                waiting = _Backlogged(len(missing), {}, lambda errors: self._admit_batch(
-                    batch, ids, wanted, frames, finite, start, principal, errors))
+                waiting = _Backlogged(
+                    len(missing),
+                    {},
+                    lambda errors: self._admit_batch(
+                        batch, ids, wanted, frames, finite, start, principal, errors
+                    ),
+                )
                 self._backlog.append(waiting)
                 for session_id in missing:
-                    self._after_claim(session_id, principal, False,
-                                      functools.partial(self._unblock, waiting, session_id, None),
-                                      functools.partial(self._unblock, waiting, session_id))
+                    self._after_claim(
+                        session_id,
+                        principal,
+                        False,
+                        functools.partial(self._unblock, waiting, session_id, None),
+                        functools.partial(self._unblock, waiting, session_id),
+                    )
                 self._pump()
                 return batch.future
         self._admit_batch(batch, ids, wanted, frames, finite, start, principal, {})
@@ -316,9 +377,17 @@ class Engine:
             waiting = self._backlog.popleft()
             waiting.admit(waiting.errors)
 
-    def _admit_batch(self, batch: PendingBatch, ids: list[str], wanted: list[int],
-                     frames: np.ndarray, finite: list[bool], start: bool, principal: str,
-                     errors: dict[str, Exception]) -> None:
+    def _admit_batch(
+        self,
+        batch: PendingBatch,
+        ids: list[str],
+        wanted: list[int],
+        frames: np.ndarray,
+        finite: list[bool],
+        start: bool,
+        principal: str,
+        errors: dict[str, Exception],
+    ) -> None:
         entries = len(ids)
         check_dups = len(set(ids)) != entries
         seen: set[str] = set()
@@ -352,8 +421,14 @@ class Engine:
                     batch.fail(i, _duplicate(session_id))
                     continue
                 seen.add(session_id)
-            if (session is not None and position == session.accepted and not session.pending
-                    and not session.scheduled and session.owner == principal and finite[i]):
+            if (
+                session is not None
+                and position == session.accepted
+                and not session.pending
+                and not session.scheduled
+                and session.owner == principal
+                and finite[i]
+            ):
                 session.accepted = position + 1
                 session.holds += 1
                 if session.last_group > after:
@@ -365,8 +440,9 @@ class Engine:
                 slots.append(session.slot)
                 continue
             if claiming:
-                self._defer_entry(batch, i, session_id, position, frames, start, principal,
-                                  bool(finite[i]))
+                self._defer_entry(
+                    batch, i, session_id, position, frames, start, principal, bool(finite[i])
+                )
                 continue
             try:
                 if not finite[i]:
@@ -379,16 +455,33 @@ class Engine:
         if fast:
             self.table.touch_many(fast)
             index = np.array(rows, np.intp)
-            self.scheduler.submit_group(Group(
-                fast, np.array(slots, np.intp), np.array(at, np.int64),
-                frames if len(rows) == entries else frames[index], index, batch, seq, after))
+            self.scheduler.submit_group(
+                Group(
+                    fast,
+                    np.array(slots, np.intp),
+                    np.array(at, np.int64),
+                    frames if len(rows) == entries else frames[index],
+                    index,
+                    batch,
+                    seq,
+                    after,
+                )
+            )
 
-    def _defer_entry(self, batch: PendingBatch, i: int, session_id: str, position: int,
-                     frames: np.ndarray, start: bool, principal: str, finite: bool) -> None:
+    def _defer_entry(
+        self,
+        batch: PendingBatch,
+        i: int,
+        session_id: str,
+        position: int,
+        frames: np.ndarray,
+        start: bool,
+        principal: str,
+        finite: bool,
+    ) -> None:
         """A batch entry for a session not held here: admitted on its own once claimed."""
         if not finite:
-            batch.fail(i, BadRequest(f"entry {i}: the frame holds NaN or Inf",
-                                     reason="non_finite"))
+            batch.fail(i, BadRequest(f"entry {i}: the frame holds NaN or Inf", reason="non_finite"))
             return
 
         def admit() -> None:
@@ -411,18 +504,30 @@ class Engine:
     # -- the shared store ---------------------------------------------------------------------
 
     def _must_claim(self, session_id: str) -> bool:
-        return self.store is not None and (session_id in self._claims
-                                           or self.table.find(session_id) is None)
+        return self.store is not None and (
+            session_id in self._claims or self.table.find(session_id) is None
+        )
 
-    def _recheck(self, session_id: str, principal: str, error: PositionError,
-                 admit: Callable[[], None], fail: Callable[[Exception], None]) -> None:
+    def _recheck(
+        self,
+        session_id: str,
+        principal: str,
+        error: PositionError,
+        admit: Callable[[], None],
+        fail: Callable[[Exception], None],
+    ) -> None:
         """A request ahead of this replica's copy may mean another replica took the session
         over and moved it on. Ask the store (requests for the session queue meanwhile): if it
         names another owner, the copy is dropped and the session claimed back; otherwise the
         gap is real and the request fails with it."""
         session = self.table.find(session_id)
-        if (session is None or error.reason != "position_gap" or session.pending
-                or session.scheduled or session.holds):
+        if (
+            session is None
+            or error.reason != "position_gap"
+            or session.pending
+            or session.scheduled
+            or session.holds
+        ):
             fail(error)
             return
         self._after_claim(session_id, principal, False, admit, fail, probe=session)
@@ -431,13 +536,21 @@ class Engine:
         """With a store: claim the session first if it is not held here."""
         if self._must_claim(session_id):
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._after_claim(session_id, principal, False, lambda: done.set_result(None),
-                              done.set_exception)
+            self._after_claim(
+                session_id, principal, False, lambda: done.set_result(None), done.set_exception
+            )
             await done
 
-    def _after_claim(self, session_id: str, principal: str, creating: bool,
-                     admit: Callable[[], None], fail: Callable[[Exception], None], *,
-                     probe: Session | None = None) -> None:
+    def _after_claim(
+        self,
+        session_id: str,
+        principal: str,
+        creating: bool,
+        admit: Callable[[], None],
+        fail: Callable[[Exception], None],
+        *,
+        probe: Session | None = None,
+    ) -> None:
         """Run ``admit`` once the store was asked for the session (and it was taken over if
         there), after every request for it that came earlier; errors go to ``fail``. Claims
         asked for in one loop turn go to the store in one round trip."""
@@ -485,8 +598,14 @@ class Engine:
         self.observer.session_event("moved")
         await self._claim([(session_id, principal)])
 
-    def _claimed(self, session_id: str, principal: str, kind: str,
-                 found: Checkpoint | int | None, error: Exception | None) -> None:
+    def _claimed(
+        self,
+        session_id: str,
+        principal: str,
+        kind: str,
+        found: Checkpoint | int | None,
+        error: Exception | None,
+    ) -> None:
         """Take on what the store said, then admit every waiting request in arrival order."""
         try:
             if kind == "ok":
@@ -499,17 +618,21 @@ class Engine:
             error = exc
         except Exception as exc:  # a corrupt checkpoint: say so, never INTERNAL
             log.exception("resuming session %r from the store failed", session_id)
-            error = StoreUnavailable(f"session {session_id!r} could not be resumed from the "
-                                     f"shared store: {exc}")
+            error = StoreUnavailable(
+                f"session {session_id!r} could not be resumed from the shared store: {exc}"
+            )
         for waiter in self._claims.pop(session_id, []):
             problem = error
             if isinstance(error, StoreUnavailable) and (
-                    waiter.creating or self.table.find(session_id) is not None):
+                waiter.creating or self.table.find(session_id) is not None
+            ):
                 problem = None  # a new session starts in memory; the store catches up
             elif kind == "foreign":
-                problem = (SessionExists(f"session {session_id!r} already exists")
-                           if waiter.creating else
-                           SessionNotFound(f"session {session_id!r} is unknown"))
+                problem = (
+                    SessionExists(f"session {session_id!r} already exists")
+                    if waiter.creating
+                    else SessionNotFound(f"session {session_id!r} is unknown")
+                )
             try:
                 if problem is not None:
                     raise problem
@@ -522,8 +645,10 @@ class Engine:
         data = np.frombuffer(found.data, np.float32)
         ring = self.bank.ring.shape[1] * self.bank.ring.shape[2]
         if data.size != self.spec.state_floats + ring:
-            raise ValueError(f"checkpoint holds {data.size} values; this model and replay "
-                             f"window need {self.spec.state_floats} + {ring}")
+            raise ValueError(
+                f"checkpoint holds {data.size} values; this model and replay "
+                f"window need {self.spec.state_floats} + {ring}"
+            )
         session = self.table.create(session_id, position=found.position, owner=principal)
         at = self.spec.state_floats
         self.bank.states[session.slot] = data[:at]
@@ -531,11 +656,16 @@ class Engine:
         session.synced = session.saved = found.position
         session.restored = found.head > found.position
         self.observer.session_event("claimed")
-        log.debug("claimed session %r at position %d (head was %d)", session_id,
-                  found.position, found.head)
+        log.debug(
+            "claimed session %r at position %d (head was %d)",
+            session_id,
+            found.position,
+            found.head,
+        )
 
-    def _admit(self, session_id: str, position: int, count: int, start: bool,
-               principal: str) -> Session:
+    def _admit(
+        self, session_id: str, position: int, count: int, start: bool, principal: str
+    ) -> Session:
         """The session these frames go to (created when ``start``), after the checks that need
         no queue: ownership, and that ``position`` leaves no gap after what is accepted."""
         session = self.table.find(session_id)
@@ -547,8 +677,11 @@ class Engine:
             if not start:
                 self.table.get(session_id, principal)  # raises unknown / expired / closed
             if position != 0:
-                raise PositionError(f"a new session starts at position 0, not {position}",
-                                    reason="position_gap", expected=0)
+                raise PositionError(
+                    f"a new session starts at position 0, not {position}",
+                    reason="position_gap",
+                    expected=0,
+                )
             session = self._create(session_id, principal)
         elif position > session.accepted:
             raise gap_error(session, position)
@@ -557,10 +690,19 @@ class Engine:
             session.accepted = position + count
         return session
 
-    async def step(self, session_id: str, position: int, frames: np.ndarray, *,
-                   start: bool = False, end: bool = False, principal: str = "") -> StepResult:
-        return await self.submit(session_id, position, frames, start=start, end=end,
-                                 principal=principal)
+    async def step(
+        self,
+        session_id: str,
+        position: int,
+        frames: np.ndarray,
+        *,
+        start: bool = False,
+        end: bool = False,
+        principal: str = "",
+    ) -> StepResult:
+        return await self.submit(
+            session_id, position, frames, start=start, end=end, principal=principal
+        )
 
     # -- whole sequences ----------------------------------------------------------------------
 
@@ -574,8 +716,11 @@ class Engine:
             self.check_frames(frames, what=f"sequence {i}")
             total += len(frames)
         if total > self.settings.max_predict_frames:
-            raise BadRequest(f"{total} frames in all, at most {self.settings.max_predict_frames} "
-                             "per Predict call", reason="too_many_frames")
+            raise BadRequest(
+                f"{total} frames in all, at most {self.settings.max_predict_frames} "
+                "per Predict call",
+                reason="too_many_frames",
+            )
         by_length: dict[int, list[int]] = {}
         for i, frames in enumerate(sequences):
             by_length.setdefault(len(frames), []).append(i)
@@ -586,8 +731,11 @@ class Engine:
                 chunk = indices[lo : lo + self.settings.max_batch]
                 batch = np.stack([sequences[i] for i in chunk])
                 probs, _ = await loop.run_in_executor(
-                    self.executor, self.runtime.sequence, batch,
-                    self.runtime.zero_states(len(chunk)))
+                    self.executor,
+                    self.runtime.sequence,
+                    batch,
+                    self.runtime.zero_states(len(chunk)),
+                )
                 for row, i in enumerate(chunk):
                     results[i] = probs[row]
         return [r for r in results if r is not None]

@@ -21,39 +21,69 @@ class Metrics(BatchObserver):
         self.request_seconds = Histogram(
             "seqserve_request_duration_seconds",
             "Time from receiving a request (one stream message or unary call) to its response",
-            ["rpc"], buckets=LATENCY_BUCKETS, registry=registry)
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.requests = Counter(
-            "seqserve_requests", "Requests (stream messages and unary calls) by RPC and status",
-            ["rpc", "code"], registry=registry)
+            "seqserve_requests",
+            "Requests (stream messages and unary calls) by RPC and status",
+            ["rpc", "code"],
+            registry=registry,
+        )
         self.queue_seconds = Histogram(
-            "seqserve_queue_wait_seconds", "Wait of a batch's oldest request before its run",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "seqserve_queue_wait_seconds",
+            "Wait of a batch's oldest request before its run",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.inference_seconds = Histogram(
-            "seqserve_inference_seconds", "onnxruntime time per batch", ["graph"],
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "seqserve_inference_seconds",
+            "onnxruntime time per batch",
+            ["graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.batch_size = Histogram(
-            "seqserve_batch_size", "Sessions per onnxruntime call", ["graph"],
-            buckets=BATCH_BUCKETS, registry=registry)
+            "seqserve_batch_size",
+            "Sessions per onnxruntime call",
+            ["graph"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         self.steps = Counter("seqserve_steps", "Frames applied to sessions", registry=registry)
-        self.predict_frames = Counter("seqserve_predict_frames",
-                                      "Frames run by Predict (whole sequences)", registry=registry)
+        self.predict_frames = Counter(
+            "seqserve_predict_frames", "Frames run by Predict (whole sequences)", registry=registry
+        )
         self.session_events = Counter(
             "seqserve_session_events",
             "Session lifecycle events: opened, closed, expired, refused (cap reached), claimed "
             "(resumed from the shared store), moved (taken over by another replica)",
-            ["event"], registry=registry)
-        self.live_sessions = Gauge("seqserve_live_sessions", "Sessions holding state",
-                                   registry=registry)
-        self.state_bytes = Gauge("seqserve_state_bytes", "Bytes of recurrent state held",
-                                 registry=registry)
+            ["event"],
+            registry=registry,
+        )
+        self.live_sessions = Gauge(
+            "seqserve_live_sessions", "Sessions holding state", registry=registry
+        )
+        self.state_bytes = Gauge(
+            "seqserve_state_bytes", "Bytes of recurrent state held", registry=registry
+        )
         self.store_seconds = Histogram(
-            "seqserve_store_call_seconds", "Calls to the shared session store (commit: one "
-            "round's writes; claim: taking sessions over; peek, owner: reads)", ["call"],
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "seqserve_store_call_seconds",
+            "Calls to the shared session store (commit: one "
+            "round's writes; claim: taking sessions over; peek, owner: reads)",
+            ["call"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.store_calls = Counter(
-            "seqserve_store_calls", "Calls to the shared session store by outcome: ok, failed "
+            "seqserve_store_calls",
+            "Calls to the shared session store by outcome: ok, failed "
             "(unreachable, timed out), skipped (backing off after a failure: serving from "
-            "memory)", ["call", "outcome"], registry=registry)
+            "memory)",
+            ["call", "outcome"],
+            registry=registry,
+        )
         self._inference = {g: self.inference_seconds.labels(g) for g in ("step", "sequence")}
         self._batch = {g: self.batch_size.labels(g) for g in ("step", "sequence")}
         for event in ("opened", "closed", "expired", "refused", "claimed", "moved"):

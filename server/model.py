@@ -107,8 +107,10 @@ def _check_external_data(path: Path, directory: Path) -> None:
         location = ExternalDataInfo(tensor).location
         target = (path.parent / location).resolve()
         if not location or not target.is_relative_to(directory):
-            raise ModelError(f"{path.name}: tensor {tensor.name!r} keeps its data in "
-                             f"{location!r}, outside the model directory {directory}")
+            raise ModelError(
+                f"{path.name}: tensor {tensor.name!r} keeps its data in "
+                f"{location!r}, outside the model directory {directory}"
+            )
 
 
 def _graph_path(directory: Path, graphs: dict[str, Any], key: str) -> Path:
@@ -144,9 +146,14 @@ def load_model_spec(directory: str | Path | None = None) -> ModelSpec:
             for s in meta["states"]
         )
         layers = tuple(
-            LayerSpec(layer["name"], layer["type"], int(layer.get("units", 0)),
-                      int(layer.get("input_size", 0)), int(layer.get("params", 0)),
-                      str(layer.get("activation", "")))
+            LayerSpec(
+                layer["name"],
+                layer["type"],
+                int(layer.get("units", 0)),
+                int(layer.get("input_size", 0)),
+                int(layer.get("params", 0)),
+                str(layer.get("activation", "")),
+            )
             for layer in meta.get("layers", [])
         )
         graphs = meta["graphs"]

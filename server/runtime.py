@@ -36,14 +36,17 @@ def _options(threads: int, spinning: bool, cuda: bool) -> ort.SessionOptions:
 
 
 class Runtime:
-    def __init__(self, spec: ModelSpec, *, device: str = "cpu", threads: int = 1,
-                 spinning: bool = False) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, device: str = "cpu", threads: int = 1, spinning: bool = False
+    ) -> None:
         self.spec = spec
         self.device = device
         cuda = device == "cuda"
         if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ModelError("--device cuda: this onnxruntime has no CUDAExecutionProvider "
-                             "(install seqserve[gpu], i.e. onnxruntime-gpu)")
+            raise ModelError(
+                "--device cuda: this onnxruntime has no CUDAExecutionProvider "
+                "(install seqserve[gpu], i.e. onnxruntime-gpu)"
+            )
         providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         opts = _options(threads, spinning, cuda)
         self._step = self._load(spec.step_graph, opts, providers, rank=2)
@@ -53,13 +56,19 @@ class Runtime:
         self._state_inputs = [s.input for s in spec.states]
         self._outputs = ["probabilities", *(s.output for s in spec.states)]
         self.providers = self._step.get_providers()
-        log.info("model %s v%s on %s: providers %s", spec.name, spec.version, device,
-                 ", ".join(self.providers))
+        log.info(
+            "model %s v%s on %s: providers %s",
+            spec.name,
+            spec.version,
+            device,
+            ", ".join(self.providers),
+        )
         if cuda and self.providers[0] != "CUDAExecutionProvider":
             raise ModelError(f"--device cuda: nodes would run on {self.providers}, refusing")
 
-    def _load(self, path: Path, opts: ort.SessionOptions, providers: list[str],
-              rank: int) -> ort.InferenceSession:
+    def _load(
+        self, path: Path, opts: ort.SessionOptions, providers: list[str], rank: int
+    ) -> ort.InferenceSession:
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors

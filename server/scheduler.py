@@ -95,10 +95,19 @@ class BatchObserver:
 
 
 class Scheduler:
-    def __init__(self, runtime: Runtime, table: SessionTable, executor: Executor, *,
-                 max_batch: int, max_wait: float = 0.0, inline_batch: int = 0,
-                 observer: BatchObserver | None = None, store: RedisStore | None = None,
-                 checkpoint_every: int = 1) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        table: SessionTable,
+        executor: Executor,
+        *,
+        max_batch: int,
+        max_wait: float = 0.0,
+        inline_batch: int = 0,
+        observer: BatchObserver | None = None,
+        store: RedisStore | None = None,
+        checkpoint_every: int = 1,
+    ) -> None:
         self.runtime = runtime
         self.table = table
         self.bank = table.bank
@@ -248,8 +257,7 @@ class Scheduler:
         """A group's frames were admitted against positions that work ahead of it would reach;
         if that work failed (inference error), the entries it would have continued fail too."""
         for i, lane in enumerate(fast):
-            actual = np.fromiter((s.position for s in lane.sessions), np.int64,
-                                 len(lane.sessions))
+            actual = np.fromiter((s.position for s in lane.sessions), np.int64, len(lane.sessions))
             wrong = np.flatnonzero(actual != lane.positions)
             if not len(wrong):
                 continue
@@ -260,9 +268,17 @@ class Scheduler:
             keep = np.flatnonzero(actual == lane.positions)
             for j in wrong.tolist():
                 lane.sessions[j].holds -= 1
-            fast[i] = Group([lane.sessions[j] for j in keep.tolist()], lane.slots[keep],
-                            lane.positions[keep], lane.frames[keep], lane.rows[keep], lane.batch,
-                            lane.seq, lane.after, lane.queued_at)
+            fast[i] = Group(
+                [lane.sessions[j] for j in keep.tolist()],
+                lane.slots[keep],
+                lane.positions[keep],
+                lane.frames[keep],
+                lane.rows[keep],
+                lane.batch,
+                lane.seq,
+                lane.after,
+                lane.queued_at,
+            )
         fast[:] = [lane for lane in fast if lane.sessions]
 
     def _prepare(self, work: Work) -> bool:
@@ -290,27 +306,37 @@ class Scheduler:
         if position < applied:
             done = min(count, applied - position)
             if position < applied - self.bank.window:
-                _fail(future, PositionError(
-                    f"position {position} is older than the replay window "
-                    f"({self.bank.window} frames before {applied})",
-                    reason="stale_position", expected=applied))
+                _fail(
+                    future,
+                    PositionError(
+                        f"position {position} is older than the replay window "
+                        f"({self.bank.window} frames before {applied})",
+                        reason="stale_position",
+                        expected=applied,
+                    ),
+                )
                 return False
             work.prefix = self.bank.replay(session.slot, position, position + done)
             if done == count:
-                _resolve(future, StepResult(session.id, position, work.prefix, applied,
-                                            replayed=True))
+                _resolve(
+                    future, StepResult(session.id, position, work.prefix, applied, replayed=True)
+                )
                 return False
             work.frames = work.frames[done:]
         return True
 
-    async def _compute(self, steps: list[Work], groups: list[list[Work]],
-                       fast: list[Group]) -> None:
+    async def _compute(
+        self, steps: list[Work], groups: list[list[Work]], fast: list[Group]
+    ) -> None:
         bank = self.bank
         jobs: list[tuple[str, list[Work], np.ndarray, np.ndarray, list[np.ndarray]]] = []
         if steps or fast:
             slots = np.fromiter((w.session.slot for w in steps), np.intp, len(steps))
-            frames = (np.stack([w.frames[0] for w in steps])  # type: ignore[index]
-                      if steps else np.empty((0, self.runtime.spec.features), np.float32))
+            frames = (
+                np.stack([w.frames[0] for w in steps])  # type: ignore[index]
+                if steps
+                else np.empty((0, self.runtime.spec.features), np.float32)
+            )
             if fast:
                 slots = np.concatenate([slots, *(g.slots for g in fast)])
                 frames = np.concatenate([frames, *(g.frames for g in fast)])
@@ -328,10 +354,10 @@ class Scheduler:
                 outputs = _run_jobs(self.runtime, inputs)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, _run_jobs, self.runtime, inputs)
+                    self.executor, _run_jobs, self.runtime, inputs
+                )
         except Exception:
-            log.exception("inference failed for %d requests",
-                          sum(len(j[1]) for j in jobs))
+            log.exception("inference failed for %d requests", sum(len(j[1]) for j in jobs))
             self._unsure = True
             for job in jobs:
                 for work in job[1]:
@@ -342,12 +368,18 @@ class Scheduler:
         if self.store is not None:
             jobs, outputs = self._drop_moved(jobs, outputs, fast)
         for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
-                jobs, outputs, strict=True):
+            jobs, outputs, strict=True
+        ):
             if not len(slots):
                 continue
             waited = started - min([w.queued_at for w in works] + [g.queued_at for g in fast])
-            self.observer.batch(graph, len(slots), frames.shape[0] * (
-                1 if graph == "step" else frames.shape[1]), seconds, waited)
+            self.observer.batch(
+                graph,
+                len(slots),
+                frames.shape[0] * (1 if graph == "step" else frames.shape[1]),
+                seconds,
+                waited,
+            )
             bank.scatter(slots, states)
             if graph == "step":
                 positions = np.fromiter((w.session.position for w in works), np.int64, len(works))
@@ -365,8 +397,9 @@ class Scheduler:
                     bank.record(work.session.slot, work.session.position, probs[i])
                     self._finish(work, probs[i])
 
-    def _drop_moved(self, jobs: list[Any], outputs: list[Any], fast: list[Group]
-                    ) -> tuple[list[Any], list[Any]]:
+    def _drop_moved(
+        self, jobs: list[Any], outputs: list[Any], fast: list[Group]
+    ) -> tuple[list[Any], list[Any]]:
         """Sessions the previous round's store write found taken over (ended while this round
         ran): their slots may be reused already, so none of their results is written back."""
         out_jobs, out_outputs = [], []
@@ -385,21 +418,35 @@ class Scheduler:
                     _fail(work.future, self._gone(work.session))
             if graph == "step":
                 for i, lane in enumerate(fast):
-                    alive = np.fromiter((not s.ended for s in lane.sessions), np.bool_,
-                                        len(lane.sessions))
+                    alive = np.fromiter(
+                        (not s.ended for s in lane.sessions), np.bool_, len(lane.sessions)
+                    )
                     if alive.all():
                         continue
                     for j in np.flatnonzero(~alive).tolist():
                         lane.sessions[j].holds -= 1
-                        lane.batch.fail_rows(lane.rows[j : j + 1],
-                                             self._gone(lane.sessions[j]))
-                    fast[i] = Group([s for s in lane.sessions if not s.ended],
-                                    lane.slots[alive], lane.positions[alive], lane.frames[alive],
-                                    lane.rows[alive], lane.batch, lane.seq, lane.after,
-                                    lane.queued_at)
+                        lane.batch.fail_rows(lane.rows[j : j + 1], self._gone(lane.sessions[j]))
+                    fast[i] = Group(
+                        [s for s in lane.sessions if not s.ended],
+                        lane.slots[alive],
+                        lane.positions[alive],
+                        lane.frames[alive],
+                        lane.rows[alive],
+                        lane.batch,
+                        lane.seq,
+                        lane.after,
+                        lane.queued_at,
+                    )
             probs, states, seconds = output
-            out_jobs.append((graph, [w for w in works if not w.session.ended], slots[keep],
-                             frames[keep], inputs))
+            out_jobs.append(
+                (
+                    graph,
+                    [w for w in works if not w.session.ended],
+                    slots[keep],
+                    frames[keep],
+                    inputs,
+                )
+            )
             out_outputs.append((probs[keep], [st[keep] for st in states], seconds))
         return out_jobs, out_outputs
 
@@ -415,8 +462,11 @@ class Scheduler:
             first -= len(work.prefix)
         if work.end:
             self._end(session, "closed")
-        self._answer(work.future, StepResult(session.id, first, probs, session.position,
-                                             ended=work.end), session)
+        self._answer(
+            work.future,
+            StepResult(session.id, first, probs, session.position, ended=work.end),
+            session,
+        )
 
     def _finish_group(self, group: Group, probs: np.ndarray) -> None:
         for session in group.sessions:
@@ -455,12 +505,19 @@ class Scheduler:
             finally:  # cancelled (stopping): answer from memory
                 self._written(touched, heads, full, written, answers, filled)
 
-    def _written(self, touched: list[Session], heads: list[int], full: list[bool],
-                 written: str | None, answers: list[tuple[Sink, Any, Session]],
-                 filled: list[tuple[Group, np.ndarray]]) -> None:
+    def _written(
+        self,
+        touched: list[Session],
+        heads: list[int],
+        full: list[bool],
+        written: str | None,
+        answers: list[tuple[Sink, Any, Session]],
+        filled: list[tuple[Group, np.ndarray]],
+    ) -> None:
         moved: set[Session] = set()
-        for session, outcome, head, is_full in zip(touched, written or "", heads, full,
-                                                   strict=False):
+        for session, outcome, head, is_full in zip(
+            touched, written or "", heads, full, strict=False
+        ):
             if outcome == "1":
                 session.synced = head
                 if is_full:
@@ -496,11 +553,15 @@ class Scheduler:
 
     def _gone(self, session: Session) -> SeqServeError:
         if session.ended == "moved":
-            return SessionMoved(f"session {session.id!r} was taken over by another replica; "
-                                "retry (it resumes where that replica left it)")
-        return SessionNotFound(f"session {session.id!r} {session.ended} at position "
-                               f"{session.position}", reason=session.ended,
-                               position=session.position)
+            return SessionMoved(
+                f"session {session.id!r} was taken over by another replica; "
+                "retry (it resumes where that replica left it)"
+            )
+        return SessionNotFound(
+            f"session {session.id!r} {session.ended} at position {session.position}",
+            reason=session.ended,
+            position=session.position,
+        )
 
     def _fail_pending(self, session: Session) -> None:
         while session.pending:
@@ -518,18 +579,25 @@ def gap_error(session: Session, position: int) -> PositionError:
             f"session {session.id!r} was restored from its last checkpoint, at position "
             f"{expected}, after an unclean stop; frames from {expected} on were lost: resend "
             f"from {expected}",
-            reason="rolled_back", expected=expected)
-    return PositionError(f"position {position} leaves a gap: session {session.id!r} expects "
-                         f"{expected}", reason="position_gap", expected=expected)
+            reason="rolled_back",
+            expected=expected,
+        )
+    return PositionError(
+        f"position {position} leaves a gap: session {session.id!r} expects {expected}",
+        reason="position_gap",
+        expected=expected,
+    )
 
 
-def _run_jobs(runtime: Runtime, jobs: list[tuple[str, np.ndarray, list[np.ndarray]]]
-              ) -> list[tuple[np.ndarray, list[np.ndarray], float]]:
+def _run_jobs(
+    runtime: Runtime, jobs: list[tuple[str, np.ndarray, list[np.ndarray]]]
+) -> list[tuple[np.ndarray, list[np.ndarray], float]]:
     out = []
     for graph, frames, states in jobs:
         started = time.perf_counter()
         run: Callable[..., tuple[np.ndarray, list[np.ndarray]]] = (
-            runtime.step if graph == "step" else runtime.sequence)
+            runtime.step if graph == "step" else runtime.sequence
+        )
         probs, new_states = run(frames, states)
         out.append((probs, new_states, time.perf_counter() - started))
     return out

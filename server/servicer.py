@@ -58,8 +58,9 @@ def decode_matrix(m: pb.Matrix, features: int, what: str = "frames") -> np.ndarr
     try:
         return from_matrix(m, features)
     except ValueError as exc:
-        raise BadRequest(f"{what}: {exc} (model has {features} features)",
-                         reason="bad_frames") from None
+        raise BadRequest(
+            f"{what}: {exc} (model has {features} features)", reason="bad_frames"
+        ) from None
 
 
 def _status_code(exc: Exception) -> grpc.StatusCode:
@@ -73,10 +74,15 @@ def _status_code(exc: Exception) -> grpc.StatusCode:
 def _error(exc: Exception) -> pb.Error:
     if not isinstance(exc, SeqServeError):
         log.error("unexpected error", exc_info=exc)
-        return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], reason="internal",
-                        message="internal error")
-    return pb.Error(code=_status_code(exc).value[0], reason=exc.reason, message=str(exc),
-                    expected_position=_expected(exc))
+        return pb.Error(
+            code=grpc.StatusCode.INTERNAL.value[0], reason="internal", message="internal error"
+        )
+    return pb.Error(
+        code=_status_code(exc).value[0],
+        reason=exc.reason,
+        message=str(exc),
+        expected_position=_expected(exc),
+    )
 
 
 def _expected(exc: Exception) -> int:
@@ -88,9 +94,13 @@ def _expected(exc: Exception) -> int:
 
 
 def _session_info(status: SessionStatus) -> pb.SessionInfo:
-    return pb.SessionInfo(session_id=status.session_id, position=status.position,
-                          idle_seconds=status.idle_seconds,
-                          expires_in_seconds=status.expires_in_seconds, closed=status.closed)
+    return pb.SessionInfo(
+        session_id=status.session_id,
+        position=status.position,
+        idle_seconds=status.idle_seconds,
+        expires_in_seconds=status.expires_in_seconds,
+        closed=status.closed,
+    )
 
 
 class SeqServeServicer(pb_grpc.SeqServeServicer):
@@ -99,12 +109,27 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self.metrics = metrics
         self.features = engine.spec.features
         self._streams: set[asyncio.Queue[Any]] = set()
-        self._observe = {rpc: metrics.request_seconds.labels(rpc) for rpc in (
-            "Stream", "Step", "StepBatch", "StreamBatch", "Predict", "OpenSession", "GetSession",
-            "ResetSession", "CloseSession", "GetModel")}
+        self._observe = {
+            rpc: metrics.request_seconds.labels(rpc)
+            for rpc in (
+                "Stream",
+                "Step",
+                "StepBatch",
+                "StreamBatch",
+                "Predict",
+                "OpenSession",
+                "GetSession",
+                "ResetSession",
+                "CloseSession",
+                "GetModel",
+            )
+        }
         # Every (rpc, code) series exists from the start, so rate() sees the first error too.
-        self._counted = {(rpc, code.name): metrics.requests.labels(rpc, code.name)
-                         for rpc in self._observe for code in _REPORTED_CODES}
+        self._counted = {
+            (rpc, code.name): metrics.requests.labels(rpc, code.name)
+            for rpc in self._observe
+            for code in _REPORTED_CODES
+        }
 
     def drain(self) -> None:
         """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
@@ -115,31 +140,38 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self._observe[rpc].observe(time.perf_counter() - started)
         counter = self._counted.get((rpc, code.name))
         if counter is None:
-            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(
-                rpc, code.name)
+            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(rpc, code.name)
         counter.inc()
 
-    async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, started: float,
-                     exc: Exception) -> None:
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, rpc: str, started: float, exc: Exception
+    ) -> None:
         code = _status_code(exc)
         self._done(rpc, started, code)
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed", rpc, exc_info=exc)
             await context.abort(code, "internal error")
         assert isinstance(exc, SeqServeError)
-        context.set_trailing_metadata((
-            ("seqserve-reason", exc.reason),
-            ("seqserve-expected-position", str(_expected(exc))),
-        ))
+        context.set_trailing_metadata(
+            (
+                ("seqserve-reason", exc.reason),
+                ("seqserve-expected-position", str(_expected(exc))),
+            )
+        )
         await context.abort(code, str(exc))
 
     # -- steps --------------------------------------------------------------------------------
 
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         frames = decode_matrix(request.frames, self.features)
-        return self.engine.submit(request.session_id, request.position, frames,
-                                  start=request.start, end=request.end,
-                                  principal=current_principal())
+        return self.engine.submit(
+            request.session_id,
+            request.position,
+            frames,
+            start=request.start,
+            end=request.end,
+            principal=current_principal(),
+        )
 
     @staticmethod
     def _response(request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
@@ -147,28 +179,45 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         if request.output == pb.LAST_FRAME:
             probs = probs[-1:]
         return pb.StepResponse(
-            session_id=result.session_id, position=result.position,
-            frames=len(result.probabilities), probabilities=to_matrix(probs),
-            top_class=probs.argmax(axis=1).tolist(), next_position=result.next_position,
-            replayed=result.replayed, ended=result.ended, tag=request.tag)
+            session_id=result.session_id,
+            position=result.position,
+            frames=len(result.probabilities),
+            probabilities=to_matrix(probs),
+            top_class=probs.argmax(axis=1).tolist(),
+            next_position=result.next_position,
+            replayed=result.replayed,
+            ended=result.ended,
+            tag=request.tag,
+        )
 
-    async def Step(self, request: pb.StepRequest,
-                   context: grpc.aio.ServicerContext) -> pb.StepResponse:
+    async def Step(
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
         return await self._unary("Step", request, context, self._submit, self._response)
 
-    async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
-        async for response in self._stream("Stream", request_iterator, context, self._submit,
-                                           self._response, self._step_error):
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        async for response in self._stream(
+            "Stream", request_iterator, context, self._submit, self._response, self._step_error
+        ):
             yield response
 
-    async def StepBatch(self, request: pb.StepBatchRequest,
-                        context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
-        return await self._unary("StepBatch", request, context, self._submit_batch,
-                                 self._batch_response)
+    async def StepBatch(
+        self, request: pb.StepBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepBatchResponse:
+        return await self._unary(
+            "StepBatch", request, context, self._submit_batch, self._batch_response
+        )
 
-    async def _unary(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
-                     submit: Callable[[Any], Any], respond: Callable[[Any, Any], Any]) -> Any:
+    async def _unary(
+        self,
+        rpc: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        submit: Callable[[Any], Any],
+        respond: Callable[[Any, Any], Any],
+    ) -> Any:
         started = time.perf_counter()
         try:
             result = await submit(request)
@@ -177,40 +226,61 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self._done(rpc, started, grpc.StatusCode.OK)
         return respond(request, result)
 
-    async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatchRequest],
-                          context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[pb.StepBatchResponse]:
-        async for response in self._stream("StreamBatch", request_iterator, context,
-                                           self._submit_batch, self._batch_response,
-                                           self._batch_error):
+    async def StreamBatch(
+        self,
+        request_iterator: AsyncIterator[pb.StepBatchRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StepBatchResponse]:
+        async for response in self._stream(
+            "StreamBatch",
+            request_iterator,
+            context,
+            self._submit_batch,
+            self._batch_response,
+            self._batch_error,
+        ):
             yield response
 
     def _submit_batch(self, request: pb.StepBatchRequest) -> asyncio.Future[BatchResult]:
         entries = len(request.session_ids)
-        frames = (decode_matrix(request.frames, self.features) if entries or request.frames.data
-                  else np.zeros((0, self.features), np.float32))
-        return self.engine.submit_batch(request.session_ids, request.positions, frames,
-                                        start=request.start, principal=current_principal())
+        frames = (
+            decode_matrix(request.frames, self.features)
+            if entries or request.frames.data
+            else np.zeros((0, self.features), np.float32)
+        )
+        return self.engine.submit_batch(
+            request.session_ids,
+            request.positions,
+            frames,
+            start=request.start,
+            principal=current_principal(),
+        )
 
     @staticmethod
-    def _batch_response(request: pb.StepBatchRequest,
-                        result: BatchResult) -> pb.StepBatchResponse:
+    def _batch_response(request: pb.StepBatchRequest, result: BatchResult) -> pb.StepBatchResponse:
         probs = result.probabilities
         response = pb.StepBatchResponse(
-            probabilities=to_matrix(probs), top_class=probs.argmax(axis=1).tolist(),
-            next_positions=result.next_positions.tolist(), replayed=result.replayed.tolist(),
-            tag=request.tag)
+            probabilities=to_matrix(probs),
+            top_class=probs.argmax(axis=1).tolist(),
+            next_positions=result.next_positions.tolist(),
+            replayed=result.replayed.tolist(),
+            tag=request.tag,
+        )
         for index, exc in sorted(result.errors.items()):
             response.errors.add(index=index, error=_error(exc))
         return response
 
     # -- streams ------------------------------------------------------------------------------
 
-    async def _stream(self, rpc: str, requests: AsyncIterator[Any],
-                      context: grpc.aio.ServicerContext, submit: Callable[[Any], Any],
-                      respond: Callable[[Any, Any], Any],
-                      failed: Callable[[str, Any, float, Exception], Any]
-                      ) -> AsyncIterator[Any]:
+    async def _stream(
+        self,
+        rpc: str,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        submit: Callable[[Any], Any],
+        respond: Callable[[Any, Any], Any],
+        failed: Callable[[str, Any, float, Exception], Any],
+    ) -> AsyncIterator[Any]:
         """Read requests, submit each at once (clients pipeline), write answers as they settle.
         ``failed`` turns an error into that RPC's response message; the stream goes on."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -219,8 +289,9 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         # Requests read and not yet answered; the reader counts them here rather than through
         # the queue, so a request wakes this writer once (its answer), not twice.
         outstanding = [0]
-        reader = asyncio.create_task(self._read(rpc, requests, queue, slots, outstanding,
-                                                submit, respond, failed))
+        reader = asyncio.create_task(
+            self._read(rpc, requests, queue, slots, outstanding, submit, respond, failed)
+        )
         reading = True
         draining = self.engine.draining
         try:
@@ -238,19 +309,28 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                     yield item
             if draining:
                 context.set_trailing_metadata((("seqserve-reason", "draining"),))
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    "server is draining; resume from your last acknowledged "
-                                    "position after it restarts")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "server is draining; resume from your last acknowledged "
+                    "position after it restarts",
+                )
         finally:
             self._streams.discard(queue)
             reader.cancel()
         if not reader.cancelled() and reader.done() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
 
-    async def _read(self, rpc: str, requests: AsyncIterator[Any], queue: asyncio.Queue[Any],
-                    slots: asyncio.Semaphore, outstanding: list[int],
-                    submit: Callable[[Any], Any], respond: Callable[[Any, Any], Any],
-                    failed: Callable[[str, Any, float, Exception], Any]) -> None:
+    async def _read(
+        self,
+        rpc: str,
+        requests: AsyncIterator[Any],
+        queue: asyncio.Queue[Any],
+        slots: asyncio.Semaphore,
+        outstanding: list[int],
+        submit: Callable[[Any], Any],
+        respond: Callable[[Any, Any], Any],
+        failed: Callable[[str, Any, float, Exception], Any],
+    ) -> None:
         try:
             async for request in requests:
                 await slots.acquire()
@@ -261,15 +341,22 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 except Exception as exc:
                     queue.put_nowait(failed(rpc, request, started, exc))
                     continue
-                future.add_done_callback(functools.partial(
-                    self._answer, rpc, queue, request, started, respond, failed))
+                future.add_done_callback(
+                    functools.partial(self._answer, rpc, queue, request, started, respond, failed)
+                )
         finally:
             queue.put_nowait(_END)
 
-    def _answer(self, rpc: str, queue: asyncio.Queue[Any], request: Any, started: float,
-                respond: Callable[[Any, Any], Any],
-                failed: Callable[[str, Any, float, Exception], Any],
-                future: asyncio.Future[Any]) -> None:
+    def _answer(
+        self,
+        rpc: str,
+        queue: asyncio.Queue[Any],
+        request: Any,
+        started: float,
+        respond: Callable[[Any, Any], Any],
+        failed: Callable[[str, Any, float, Exception], Any],
+        future: asyncio.Future[Any],
+    ) -> None:
         exc = future.exception() if not future.cancelled() else Draining("cancelled")
         if exc is not None:
             queue.put_nowait(failed(rpc, request, started, exc))  # type: ignore[arg-type]
@@ -277,35 +364,50 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self._done(rpc, started, grpc.StatusCode.OK)
         queue.put_nowait(respond(request, future.result()))
 
-    def _step_error(self, rpc: str, request: pb.StepRequest, started: float,
-                    exc: Exception) -> pb.StepResponse:
+    def _step_error(
+        self, rpc: str, request: pb.StepRequest, started: float, exc: Exception
+    ) -> pb.StepResponse:
         error = _error(exc)
         self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
-        return pb.StepResponse(session_id=request.session_id, position=request.position,
-                               tag=request.tag, error=error,
-                               next_position=_expected(exc))
+        return pb.StepResponse(
+            session_id=request.session_id,
+            position=request.position,
+            tag=request.tag,
+            error=error,
+            next_position=_expected(exc),
+        )
 
-    def _batch_error(self, rpc: str, request: pb.StepBatchRequest, started: float,
-                     exc: Exception) -> pb.StepBatchResponse:
+    def _batch_error(
+        self, rpc: str, request: pb.StepBatchRequest, started: float, exc: Exception
+    ) -> pb.StepBatchResponse:
         """The whole message failed (malformed, draining): every entry carries the error."""
         error = _error(exc)
         self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
         entries = len(request.session_ids)
         return pb.StepBatchResponse(
-            probabilities=pb.Matrix(rows=entries, cols=self.engine.spec.classes,
-                                    data=bytes(4 * entries * self.engine.spec.classes)),
-            top_class=[0] * entries, next_positions=[_expected(exc)] * entries,
-            replayed=[False] * entries, tag=request.tag,
-            errors=[pb.EntryError(index=i, error=error) for i in range(max(entries, 1))])
+            probabilities=pb.Matrix(
+                rows=entries,
+                cols=self.engine.spec.classes,
+                data=bytes(4 * entries * self.engine.spec.classes),
+            ),
+            top_class=[0] * entries,
+            next_positions=[_expected(exc)] * entries,
+            replayed=[False] * entries,
+            tag=request.tag,
+            errors=[pb.EntryError(index=i, error=error) for i in range(max(entries, 1))],
+        )
 
     # -- whole sequences ----------------------------------------------------------------------
 
-    async def Predict(self, request: pb.PredictRequest,
-                      context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
         started = time.perf_counter()
         try:
-            sequences = [decode_matrix(s.frames, self.features, f"sequence {i}")
-                         for i, s in enumerate(request.sequences)]
+            sequences = [
+                decode_matrix(s.frames, self.features, f"sequence {i}")
+                for i, s in enumerate(request.sequences)
+            ]
             outputs = await self.engine.predict(sequences)
         except Exception as exc:
             await self._abort(context, "Predict", started, exc)
@@ -313,7 +415,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         response = pb.PredictResponse()
         for probs in outputs:
             prediction = response.predictions.add(
-                probabilities=to_matrix(probs[-1:]), top_class=int(probs[-1].argmax()))
+                probabilities=to_matrix(probs[-1:]), top_class=int(probs[-1].argmax())
+            )
             if request.per_step:
                 prediction.per_step.CopyFrom(to_matrix(probs))
         self._done("Predict", started, grpc.StatusCode.OK)
@@ -321,8 +424,9 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     # -- sessions and model -------------------------------------------------------------------
 
-    async def _session_call(self, rpc: str, call: Any, context: grpc.aio.ServicerContext,
-                            *args: Any) -> pb.SessionInfo:
+    async def _session_call(
+        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, *args: Any
+    ) -> pb.SessionInfo:
         started = time.perf_counter()
         try:
             status = call(*args, current_principal())
@@ -333,42 +437,66 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self._done(rpc, started, grpc.StatusCode.OK)
         return _session_info(status)
 
-    async def OpenSession(self, request: pb.OpenSessionRequest,
-                          context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self._session_call("OpenSession", self.engine.open, context,
-                                        request.session_id)
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        return await self._session_call(
+            "OpenSession", self.engine.open, context, request.session_id
+        )
 
-    async def GetSession(self, request: pb.SessionRef,
-                         context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self._session_call("GetSession", self.engine.lookup, context,
-                                        request.session_id)
+    async def GetSession(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        return await self._session_call(
+            "GetSession", self.engine.lookup, context, request.session_id
+        )
 
-    async def ResetSession(self, request: pb.SessionRef,
-                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self._session_call("ResetSession", self.engine.reset, context,
-                                        request.session_id)
+    async def ResetSession(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        return await self._session_call(
+            "ResetSession", self.engine.reset, context, request.session_id
+        )
 
-    async def CloseSession(self, request: pb.SessionRef,
-                           context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self._session_call("CloseSession", self.engine.close, context,
-                                        request.session_id)
+    async def CloseSession(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+    ) -> pb.SessionInfo:
+        return await self._session_call(
+            "CloseSession", self.engine.close, context, request.session_id
+        )
 
-    async def GetModel(self, request: pb.ModelRequest,
-                       context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModel(
+        self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         spec, settings = self.engine.spec, self.engine.settings
         self._done("GetModel", time.perf_counter(), grpc.StatusCode.OK)
         return pb.ModelInfo(
-            name=spec.name, version=spec.version, features=spec.features, labels=spec.labels,
-            states=[pb.StateSpec(name=s.name, layer=s.layer, kind=s.kind, size=s.size)
-                    for s in spec.states],
-            layers=[pb.LayerSpec(name=la.name, type=la.type, units=la.units,
-                                 input_size=la.input_size, parameters=la.params,
-                                 activation=la.activation) for la in spec.layers],
-            parameters=spec.parameters, state_bytes=4 * spec.state_floats,
+            name=spec.name,
+            version=spec.version,
+            features=spec.features,
+            labels=spec.labels,
+            states=[
+                pb.StateSpec(name=s.name, layer=s.layer, kind=s.kind, size=s.size)
+                for s in spec.states
+            ],
+            layers=[
+                pb.LayerSpec(
+                    name=la.name,
+                    type=la.type,
+                    units=la.units,
+                    input_size=la.input_size,
+                    parameters=la.params,
+                    activation=la.activation,
+                )
+                for la in spec.layers
+            ],
+            parameters=spec.parameters,
+            state_bytes=4 * spec.state_floats,
             device=self.engine.runtime.device,
             max_frames_per_request=settings.max_frames_per_request,
             session_idle_timeout_seconds=settings.session_idle_timeout,
-            replay_window=settings.replay_window)
+            replay_window=settings.replay_window,
+        )
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -26,8 +26,10 @@ _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 def check_session_id(session_id: str) -> str:
     if not _ID.fullmatch(session_id):
         shown = session_id if len(session_id) <= 40 else session_id[:40] + "…"
-        raise BadRequest(f"session id {shown!r} must be 1-128 characters of [A-Za-z0-9._:@-]",
-                         reason="bad_session_id")
+        raise BadRequest(
+            f"session id {shown!r} must be 1-128 characters of [A-Za-z0-9._:@-]",
+            reason="bad_session_id",
+        )
     return session_id
 
 
@@ -60,9 +62,16 @@ class Tombstone:
 
 
 class SessionTable:
-    def __init__(self, bank: StateBank, *, max_sessions: int, idle_timeout: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 max_tombstones: int = 100_000, max_per_owner: int = 0) -> None:
+    def __init__(
+        self,
+        bank: StateBank,
+        *,
+        max_sessions: int,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_tombstones: int = 100_000,
+        max_per_owner: int = 0,
+    ) -> None:
         self.bank = bank
         self.max_sessions = min(max_sessions, bank.capacity)
         self.idle_timeout = idle_timeout
@@ -81,9 +90,15 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._live.values()))
 
-    def create(self, session_id: str | None = None, *, position: int = 0,
-               last_used: float | None = None, owner: str = "",
-               per_owner_limit: bool = True) -> Session:
+    def create(
+        self,
+        session_id: str | None = None,
+        *,
+        position: int = 0,
+        last_used: float | None = None,
+        owner: str = "",
+        per_owner_limit: bool = True,
+    ) -> Session:
         if session_id is None:
             session_id = uuid.uuid4().hex
         check_session_id(session_id)
@@ -93,12 +108,20 @@ class SessionTable:
             raise CapacityExceeded(f"session limit reached ({self.max_sessions} live sessions)")
         owned = self._owned.get(owner, 0)
         if per_owner_limit and self.max_per_owner and owned >= self.max_per_owner:
-            raise CapacityExceeded(f"this principal already has {owned} live sessions (at most "
-                                   f"{self.max_per_owner}); close one first",
-                                   reason="principal_session_limit")
+            raise CapacityExceeded(
+                f"this principal already has {owned} live sessions (at most "
+                f"{self.max_per_owner}); close one first",
+                reason="principal_session_limit",
+            )
         now = self.clock()
-        session = Session(session_id, self.bank.allocate(), position, position,
-                          now if last_used is None else last_used, owner=owner)
+        session = Session(
+            session_id,
+            self.bank.allocate(),
+            position,
+            position,
+            now if last_used is None else last_used,
+            owner=owner,
+        )
         self._live[session_id] = session
         self._owned[owner] = owned + 1
         self._ended.pop(session_id, None)
@@ -117,7 +140,8 @@ class SessionTable:
         raise SessionNotFound(
             f"session {session_id!r} {tomb.reason} at position {tomb.position}; "
             "start a new one (position 0, start=true)",
-            reason=tomb.reason, position=tomb.position,
+            reason=tomb.reason,
+            position=tomb.position,
         )
 
     def touch(self, session: Session) -> None:
@@ -150,8 +174,7 @@ class SessionTable:
         else:
             del self._owned[session.owner]
         self.bank.release(session.slot)
-        self._ended[session.id] = Tombstone(reason, session.position, self.clock(),
-                                            session.owner)
+        self._ended[session.id] = Tombstone(reason, session.position, self.clock(), session.owner)
         while len(self._ended) > self._max_tombstones:
             self._ended.popitem(last=False)
 

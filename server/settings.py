@@ -27,57 +27,95 @@ class Settings:
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _opt(8081, "Prometheus /metrics HTTP port (0 picks a free one, -1 off)")
     model_dir: str = _opt("", "model directory (seqserve-model/1); empty = bundled basicmotions")
-    device: str = _opt("cpu", "cpu, or cuda (onnxruntime-gpu; refuses to start on CPU fallback)",
-                       choices=("cpu", "cuda"))
+    device: str = _opt(
+        "cpu",
+        "cpu, or cuda (onnxruntime-gpu; refuses to start on CPU fallback)",
+        choices=("cpu", "cuda"),
+    )
     max_sessions: int = _opt(100_000, "cap on live sessions; opening more is refused at once")
     session_idle_timeout: float = _opt(600.0, "seconds without a request before a session expires")
     max_batch: int = _opt(256, "most session steps in one onnxruntime call")
-    max_wait_ms: float = _opt(0.0, "wait up to this long for a step batch to fill (0: take what "
-                              "queued while the previous batch ran)")
-    inline_batch: int = _opt(8, "batches of at most this many frames in all run on the event "
-                             "loop thread; larger ones in a worker thread (0: always the worker)")
+    max_wait_ms: float = _opt(
+        0.0,
+        "wait up to this long for a step batch to fill (0: take what "
+        "queued while the previous batch ran)",
+    )
+    inline_batch: int = _opt(
+        8,
+        "batches of at most this many frames in all run on the event "
+        "loop thread; larger ones in a worker thread (0: always the worker)",
+    )
     max_frames_per_request: int = _opt(4096, "most frames in one step request or one sequence")
     max_message_bytes: int = _opt(16 * 1024 * 1024, "largest gRPC message accepted or sent")
     max_predict_frames: int = _opt(1_048_576, "most frames in all sequences of one Predict call")
     replay_window: int = _opt(64, "frames of recent outputs kept per session to answer retries")
     stream_inflight: int = _opt(1024, "requests one stream may have queued before reads pause")
-    snapshot_path: str = _opt("seqserve-sessions.npz", "where sessions are saved on drain and "
-                              "restored at start; empty disables")
-    snapshot_interval: float = _opt(30.0, "also save sessions every this many seconds while "
-                                    "serving, bounding what a crash (kill -9) loses; 0: only "
-                                    "on drain")
-    ignore_bad_snapshot: bool = _opt(False, "start empty when the snapshot cannot be restored "
-                                     "(default: refuse to start)")
+    snapshot_path: str = _opt(
+        "seqserve-sessions.npz",
+        "where sessions are saved on drain and restored at start; empty disables",
+    )
+    snapshot_interval: float = _opt(
+        30.0,
+        "also save sessions every this many seconds while "
+        "serving, bounding what a crash (kill -9) loses; 0: only "
+        "on drain",
+    )
+    ignore_bad_snapshot: bool = _opt(
+        False, "start empty when the snapshot cannot be restored (default: refuse to start)"
+    )
     drain_grace: float = _opt(20.0, "seconds to finish in-flight requests on SIGTERM/SIGINT")
     ort_threads: int = _opt(1, "onnxruntime intra-op threads per graph")
     ort_spinning: bool = _opt(False, "let onnxruntime threads spin-wait (raises p99 under load)")
-    reflection: bool = _opt(True, "enable gRPC server reflection (behind authentication when "
-                            "it is on)")
+    reflection: bool = _opt(
+        True, "enable gRPC server reflection (behind authentication when it is on)"
+    )
     tls_cert: str = _opt("", "PEM certificate chain of the server; with --tls-key serves TLS")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
-    tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates signed by it "
-                              "(mutual TLS; the certificate's CN names the caller when it "
-                              "sends no token)")
-    tokens_file: str = _opt("", "file of 'principal:token' lines ('#' comments): a call must "
-                            "send 'authorization: Bearer <token>' and acts as that principal")
-    auth_token: str = _opt("", "one accepted bearer token, principal 'default' (prefer the "
-                           "environment variable: flags show in ps)")
+    tls_client_ca: str = _opt(
+        "",
+        "PEM CA bundle: require client certificates signed by it "
+        "(mutual TLS; the certificate's CN names the caller when it "
+        "sends no token)",
+    )
+    tokens_file: str = _opt(
+        "",
+        "file of 'principal:token' lines ('#' comments): a call must "
+        "send 'authorization: Bearer <token>' and acts as that principal",
+    )
+    auth_token: str = _opt(
+        "",
+        "one accepted bearer token, principal 'default' (prefer the "
+        "environment variable: flags show in ps)",
+    )
     max_sessions_per_principal: int = _opt(0, "cap on one principal's live sessions (0: none)")
-    store: str = _opt("memory", "where sessions live: 'memory' (this process only) or "
-                      "redis://HOST:PORT/DB, checkpoints shared by every replica so any of "
-                      "them can resume a session")
-    checkpoint_every: int = _opt(1, "with a shared store: save a session's state every this many "
-                                 "frames (1: every frame, nothing is ever lost; K: a replica "
-                                 "dying loses at most the last K-1 frames, and says so)")
+    store: str = _opt(
+        "memory",
+        "where sessions live: 'memory' (this process only) or "
+        "redis://HOST:PORT/DB, checkpoints shared by every replica so any of "
+        "them can resume a session",
+    )
+    checkpoint_every: int = _opt(
+        1,
+        "with a shared store: save a session's state every this many "
+        "frames (1: every frame, nothing is ever lost; K: a replica "
+        "dying loses at most the last K-1 frames, and says so)",
+    )
     replica_id: str = _opt("", "this replica's name in the shared store (default host:pid)")
     store_timeout: float = _opt(0.5, "seconds to wait for the shared store per call")
-    store_retry: float = _opt(1.0, "after the store failed, serve from memory this many seconds "
-                              "before trying it again")
-    workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT); more than one "
-                        "needs --store redis://... so a session can move between them")
-    reuse_port: bool = _opt(False, "bind with SO_REUSEPORT, sharing the port with other "
-                            "processes (what --workers does for its workers; they must share "
-                            "a --store)")
+    store_retry: float = _opt(
+        1.0, "after the store failed, serve from memory this many seconds before trying it again"
+    )
+    workers: int = _opt(
+        1,
+        "worker processes sharing the port (SO_REUSEPORT); more than one "
+        "needs --store redis://... so a session can move between them",
+    )
+    reuse_port: bool = _opt(
+        False,
+        "bind with SO_REUSEPORT, sharing the port with other "
+        "processes (what --workers does for its workers; they must share "
+        "a --store)",
+    )
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def replace(self, **changes: Any) -> Settings:
@@ -114,16 +152,28 @@ def build_parser(prog: str = "seqserve-server") -> argparse.ArgumentParser:
         kind = type(f.default)
         help_text = f"{f.metadata['help']} [{_env_name(f.name)}]"
         if kind is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), help=help_text)
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=kind,
+                default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
     return parser
 
 
-def parse_settings(argv: Sequence[str] | None = None,
-                   environ: Mapping[str, str] | None = None) -> Settings:
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Settings from flags and ``SEQSERVE_*`` variables; bad values exit with a usage error."""
     parser = build_parser()
     environ = os.environ if environ is None else environ
@@ -150,9 +200,18 @@ def parse_settings(argv: Sequence[str] | None = None,
 
 def validate(settings: Settings) -> list[str]:
     problems = []
-    for name in ("max_sessions", "max_batch", "max_frames_per_request", "max_message_bytes",
-                 "replay_window", "stream_inflight", "ort_threads", "max_predict_frames",
-                 "checkpoint_every", "workers"):
+    for name in (
+        "max_sessions",
+        "max_batch",
+        "max_frames_per_request",
+        "max_message_bytes",
+        "replay_window",
+        "stream_inflight",
+        "ort_threads",
+        "max_predict_frames",
+        "checkpoint_every",
+        "workers",
+    ):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     for name in ("session_idle_timeout", "drain_grace"):
@@ -168,15 +227,18 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--tls-cert and --tls-key go together")
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("--tls-client-ca needs --tls-cert and --tls-key")
-    if settings.store != "memory" and not settings.store.startswith(("redis://", "rediss://",
-                                                                     "unix://")):
+    if settings.store != "memory" and not settings.store.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
         problems.append("--store must be 'memory' or a redis://, rediss:// or unix:// URL")
     if settings.workers > 1 and settings.port == 0:
         problems.append("--workers above 1 needs a fixed --port for the workers to share")
     if (settings.workers > 1 or settings.reuse_port) and settings.store == "memory":
-        problems.append("--workers above 1 (and --reuse-port) need --store redis://...: a "
-                        "client reconnecting may reach another process, which must be able to "
-                        "resume its session")
+        problems.append(
+            "--workers above 1 (and --reuse-port) need --store redis://...: a "
+            "client reconnecting may reach another process, which must be able to "
+            "resume its session"
+        )
     for name in ("store_timeout", "store_retry"):
         if getattr(settings, name) <= 0:
             problems.append(f"{_flag(name)} must be positive")

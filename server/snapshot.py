@@ -99,19 +99,28 @@ def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
         ids = arrays.get("ids", np.empty(0))
         arrays["owners"] = np.full(ids.shape, "", dtype="U128")
     if header.get("fingerprint") != spec.fingerprint:
-        raise SnapshotError(f"{path}: saved for model {header.get('model')!r} "
-                            f"v{header.get('version')}, not this {spec.name!r} v{spec.version}")
+        raise SnapshotError(
+            f"{path}: saved for model {header.get('model')!r} "
+            f"v{header.get('version')}, not this {spec.name!r} v{spec.version}"
+        )
     n = int(header.get("sessions", -1))
-    expected = {"ids": (n,), "owners": (n,), "positions": (n,), "idle": (n,),
-                "ring": (n, int(header.get("window", -1)), spec.classes)}
+    expected = {
+        "ids": (n,),
+        "owners": (n,),
+        "positions": (n,),
+        "idle": (n,),
+        "ring": (n, int(header.get("window", -1)), spec.classes),
+    }
     for i, state in enumerate(spec.states):
         expected[f"state{i}"] = (n, state.size)
     for name, shape in expected.items():
         if name not in arrays or arrays[name].shape != shape:
             raise SnapshotError(f"{path}: array {name!r} missing or not of shape {shape}")
     if header["window"] != window:
-        raise SnapshotError(f"{path}: saved with --replay-window {header['window']}, the server "
-                            f"runs with {window}; restart with the same window")
+        raise SnapshotError(
+            f"{path}: saved with --replay-window {header['window']}, the server "
+            f"runs with {window}; restart with the same window"
+        )
     if (arrays["positions"] < 0).any():
         raise SnapshotError(f"{path}: negative positions")
     for name in expected:
@@ -131,14 +140,19 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     if len(set(ids)) != len(ids):
         raise SnapshotError(f"{path}: duplicate session ids")
     if len(ids) > table.max_sessions:
-        raise SnapshotError(f"{path}: {len(ids)} sessions, more than --max-sessions "
-                            f"{table.max_sessions}")
+        raise SnapshotError(
+            f"{path}: {len(ids)} sessions, more than --max-sessions {table.max_sessions}"
+        )
     now = table.clock()
     order = np.argsort(-arrays["idle"], kind="stable")  # oldest first keeps LRU order
     for k in order:
-        session = table.create(ids[k], position=int(arrays["positions"][k]),
-                               last_used=now - float(arrays["idle"][k]), owner=owners[k],
-                               per_owner_limit=False)
+        session = table.create(
+            ids[k],
+            position=int(arrays["positions"][k]),
+            last_used=now - float(arrays["idle"][k]),
+            owner=owners[k],
+            per_owner_limit=False,
+        )
         session.restored = True
         for i, slab in enumerate(bank.slabs):
             slab[session.slot] = arrays[f"state{i}"][k]

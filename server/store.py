@@ -35,8 +35,14 @@ from .errors import SeqServeError
 from .sessions import Session
 from .states import StateBank
 
-__all__ = ["Checkpoint", "Commits", "RedisStore", "SessionMoved", "StoreUnavailable",
-           "checkpoint_commits"]
+__all__ = [
+    "Checkpoint",
+    "Commits",
+    "RedisStore",
+    "SessionMoved",
+    "StoreUnavailable",
+    "checkpoint_commits",
+]
 
 log = logging.getLogger("seqserve.store")
 
@@ -139,29 +145,44 @@ return string.match(h, '^(.*)|')
 """
 
 
-def checkpoint_commits(sessions: list[Session], bank: StateBank, every: int
-                       ) -> tuple[Commits, list[bool]]:
+def checkpoint_commits(
+    sessions: list[Session], bank: StateBank, every: int
+) -> tuple[Commits, list[bool]]:
     """What a store write records for these sessions: the head always; the state and output
     ring when the session is new there, was reset, or ran ``every`` frames since its last full
     checkpoint. Also says which are full checkpoints."""
-    full = [not s.ended and (s.synced < 0 or s.position - s.saved >= every
-                             or s.position < s.saved) for s in sessions]
+    full = [
+        not s.ended and (s.synced < 0 or s.position - s.saved >= every or s.position < s.saved)
+        for s in sessions
+    ]
     record = 4 * (bank.states.shape[1] + bank.ring.shape[1] * bank.ring.shape[2])
     data = b""
     if any(full):
         slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
-        data = np.concatenate([bank.states[slots], bank.ring[slots].reshape(len(slots), -1)],
-                              axis=1).tobytes()
-    lines = "".join([
-        f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
-        for s, f in zip(sessions, full, strict=True)])
+        data = np.concatenate(
+            [bank.states[slots], bank.ring[slots].reshape(len(slots), -1)], axis=1
+        ).tobytes()
+    lines = "".join(
+        [
+            f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
+            for s, f in zip(sessions, full, strict=True)
+        ]
+    )
     return Commits(lines, data, record, len(sessions)), full
 
 
 class RedisStore:
-    def __init__(self, url: str, *, namespace: str, replica: str, ttl: float,
-                 timeout: float = 0.25, retry_after: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str,
+        replica: str,
+        ttl: float,
+        timeout: float = 0.25,
+        retry_after: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url = url
         self.namespace = namespace
         self.replica = replica
@@ -171,8 +192,14 @@ class RedisStore:
         # A bounded pool that makes callers wait for a connection (within the timeout): a burst
         # of claims (a replica taking over many sessions at once) must not open one each.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=timeout, socket_timeout=timeout,
-            socket_connect_timeout=timeout, retry_on_timeout=False, health_check_interval=0)
+            url,
+            max_connections=32,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
         self._pool = pool
         self._redis = aioredis.Redis(connection_pool=pool)
         self._commit = self._redis.register_script(_COMMIT)
@@ -201,8 +228,9 @@ class RedisStore:
         except (RedisError, OSError):
             return False
 
-    async def claim(self, items: Sequence[tuple[str, str]]
-                    ) -> list[tuple[str, Checkpoint | int | None]]:
+    async def claim(
+        self, items: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, Checkpoint | int | None]]:
         """Take sessions over, one pipelined round trip for all of ``items`` (id, principal).
         Per item: ("ok", Checkpoint), ("none", None), ("foreign", None) for another principal's
         session, or ("closed", final position). StoreUnavailable when Redis cannot answer."""
@@ -210,20 +238,31 @@ class RedisStore:
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for session_id, principal in items:
-                    await self._claim(keys=[self.key(session_id)],
-                                      args=[self.replica, principal, self.ttl_ms], client=pipe)
+                    await self._claim(
+                        keys=[self.key(session_id)],
+                        args=[self.replica, principal, self.ttl_ms],
+                        client=pipe,
+                    )
                 return await pipe.execute()  # type: ignore[no-any-return]
 
         replies = await self._guard(run, "claim")
         if replies is None:
-            raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to resume "
-                                   "a session not held by this replica; retry shortly")
+            raise StoreUnavailable(
+                f"the session store ({self.url}) cannot be reached to resume "
+                "a session not held by this replica; retry shortly"
+            )
         out: list[tuple[str, Checkpoint | int | None]] = []
         for reply in replies:
             kind = reply[0].decode()
             if kind == "ok":
-                out.append((kind, Checkpoint(position=int(reply[2]), head=int(reply[1]),
-                                             data=bytes(reply[3]))))
+                out.append(
+                    (
+                        kind,
+                        Checkpoint(
+                            position=int(reply[2]), head=int(reply[1]), data=bytes(reply[3])
+                        ),
+                    )
+                )
             elif kind == "closed":
                 out.append((kind, int(reply[1])))
             else:
@@ -236,9 +275,11 @@ class RedisStore:
         Redis cannot answer."""
         reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]), "peek")
         if reply is None:
-            raise StoreUnavailable(f"the session store ({self.url}) cannot be reached to look "
-                                   f"up session {session_id!r}, which this replica does not "
-                                   "hold; retry shortly")
+            raise StoreUnavailable(
+                f"the session store ({self.url}) cannot be reached to look "
+                f"up session {session_id!r}, which this replica does not "
+                "hold; retry shortly"
+            )
         h, closed, owner, ttl = reply
         if h is None or (owner or b"").decode() != principal:
             return None
@@ -257,9 +298,19 @@ class RedisStore:
         off from); nothing was written."""
         if not commits.count:
             return ""
-        reply = await self._guard(lambda: self._commit(args=[
-            self.ttl_ms, self.replica, commits.record_bytes, self.prefix, commits.lines,
-            commits.data]), "commit")
+        reply = await self._guard(
+            lambda: self._commit(
+                args=[
+                    self.ttl_ms,
+                    self.replica,
+                    commits.record_bytes,
+                    self.prefix,
+                    commits.lines,
+                    commits.data,
+                ]
+            ),
+            "commit",
+        )
         return None if reply is None else reply.decode()
 
     async def _guard(self, call: Callable[[], Awaitable[Any]], kind: str) -> Any:
@@ -273,8 +324,12 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             self.observe(kind, time.perf_counter() - started, "failed")
             if self._down_until == 0.0 or self.clock() >= self._down_until:
-                log.warning("session store %s unreachable (%s); serving from memory, retrying "
-                            "in %.1fs", self.url, exc, self.retry_after)
+                log.warning(
+                    "session store %s unreachable (%s); serving from memory, retrying in %.1fs",
+                    self.url,
+                    exc,
+                    self.retry_after,
+                )
             self._down_until = self.clock() + self.retry_after
             return None
         self.observe(kind, time.perf_counter() - started, "ok")

@@ -36,8 +36,12 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     if metrics > 0:
         metrics += index
     return settings.replace(
-        workers=1, reuse_port=True, replica_id=f"{base}-w{index}", metrics_port=metrics,
-        snapshot_path=f"{settings.snapshot_path}.w{index}" if settings.snapshot_path else "")
+        workers=1,
+        reuse_port=True,
+        replica_id=f"{base}-w{index}",
+        metrics_port=metrics,
+        snapshot_path=f"{settings.snapshot_path}.w{index}" if settings.snapshot_path else "",
+    )
 
 
 def _worker(settings: Settings) -> None:
@@ -77,13 +81,17 @@ def run_workers(settings: Settings) -> int:
                     break
                 failures[i] += 1
                 pause = min(30.0, 0.5 * 2 ** min(failures[i], 6))
-                log.error("worker %d exited with %s; restarting in %.1fs", i, process.exitcode,
-                          pause)
+                log.error(
+                    "worker %d exited with %s; restarting in %.1fs", i, process.exitcode, pause
+                )
                 restart_at[i] = time.monotonic() + pause
                 workers[i] = None
             if time.monotonic() >= restart_at[i]:
-                worker = context.Process(target=_worker, args=(worker_settings(settings, i),),
-                                         name=f"seqserve-worker-{i}")
+                worker = context.Process(
+                    target=_worker,
+                    args=(worker_settings(settings, i),),
+                    name=f"seqserve-worker-{i}",
+                )
                 worker.start()
                 workers[i], started[i] = worker, time.monotonic()
         time.sleep(0.2)

@@ -48,8 +48,10 @@ def need(binary: str, package: str) -> str:
     """The path of ``binary``, or skip the test saying which Debian package brings it."""
     path = shutil.which(binary) or shutil.which(binary, path=os.pathsep.join(_SBIN))
     if path is None:
-        pytest.skip(f"{binary} not installed (Debian package {package}; scripts/system-deps.sh "
-                    "installs it when run as root)")
+        pytest.skip(
+            f"{binary} not installed (Debian package {package}; scripts/system-deps.sh "
+            "installs it when run as root)"
+        )
     return path
 
 
@@ -70,9 +72,14 @@ class _Process:
 
     def _spawn(self, command: Sequence[str], env: dict[str, str] | None = None) -> None:
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                list(command),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
 
     @property
     def alive(self) -> bool:
@@ -114,8 +121,9 @@ class _Process:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"{self.name} did not stop within {timeout}s after SIGTERM:\n"
-                                 f"{_tail(self.log)}") from None
+            raise AssertionError(
+                f"{self.name} did not stop within {timeout}s after SIGTERM:\n{_tail(self.log)}"
+            ) from None
 
     def _check_running(self, what: str) -> None:
         if not self.alive:
@@ -139,8 +147,7 @@ class Redis(_Process):
         """One Redis command over a fresh connection (RESP2, enough for tests: PING, DBSIZE,
         KEYS, GET, FLUSHALL ...)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n"
-                                                    for a in args)
+            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
             sock.sendall(payload.encode())
             return _read_reply(sock.makefile("rb"))
 
@@ -150,10 +157,29 @@ class Redis(_Process):
         workdir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             self.port = port or free_port()
-            self._spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                         "--save", "", "--appendonly", "no", "--dir", str(workdir),
-                         "--logfile", "", "--daemonize", "no", "--protected-mode", "yes",
-                         "--enable-debug-command", "local"])  # DEBUG SLEEP: a slow Redis
+            self._spawn(
+                [
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(workdir),
+                    "--logfile",
+                    "",
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                    "--enable-debug-command",
+                    "local",
+                ]
+            )  # DEBUG SLEEP: a slow Redis
             if _wait(lambda: self._ping(), self, "starting", attempt < 2 and not port):
                 return
 
@@ -205,9 +231,22 @@ class Replica(_Process):
             self.port, self.metrics_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
         env["PYTHONWARNINGS"] = "ignore"
-        self._spawn([sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1",
-                     "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                     *self.args], env=env)
+        self._spawn(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "seqserve.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                str(self.metrics_port),
+                *self.args,
+            ],
+            env=env,
+        )
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Until grpc.health.v1 says SERVING (RuntimeError with the log if it exits)."""
@@ -227,13 +266,19 @@ class Replica(_Process):
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of ``name`` whose labels include ``labels``."""
-        return sum(v for (n, ls), v in self.metrics().items()
-                   if n == name and set(labels.items()) <= set(ls))
+        return sum(
+            v
+            for (n, ls), v in self.metrics().items()
+            if n == name and set(labels.items()) <= set(ls)
+        )
 
 
 def _serving(target: str) -> bool:
@@ -242,7 +287,8 @@ def _serving(target: str) -> bool:
     with grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1.0)
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -259,8 +305,9 @@ def nginx_site(listen: str, servers: Sequence[str], site: Path = NGINX_SITE) -> 
     listens = re.findall(r"^\s*listen\s+\S+", text, flags=re.M)
     upstreams = re.findall(r"^\s*upstream\s+\S+\s*\{", text, flags=re.M)
     if len(listens) != 1 or len(upstreams) != 1:
-        raise ValueError(f"{site}: expected one listen and one upstream, found {listens} and "
-                         f"{upstreams}")
+        raise ValueError(
+            f"{site}: expected one listen and one upstream, found {listens} and {upstreams}"
+        )
     text = re.sub(r"^(\s*listen\s+)\S+", rf"\g<1>{listen}", text, flags=re.M)
     lines = list(re.finditer(r"^(\s*)server\s+([^\s{;]+)([^;{]*);\n", text, flags=re.M))
     if not lines:
@@ -268,8 +315,10 @@ def nginx_site(listen: str, servers: Sequence[str], site: Path = NGINX_SITE) -> 
     start, end = lines[0].start(), lines[-1].end()
     rest = re.sub(r"^(\s*)server\s+([^\s{;]+)([^;{]*);\n", "", text[start:end], flags=re.M)
     if re.sub(r"^\s*(#.*)?$", "", rest, flags=re.M).strip():
-        raise ValueError(f"{site}: the upstream's server lines must be together, found "
-                         f"{rest.strip()!r} between them")
+        raise ValueError(
+            f"{site}: the upstream's server lines must be together, found "
+            f"{rest.strip()!r} between them"
+        )
     indent, _, params = lines[0].groups()
     new = "".join(f"{indent}server {s}{params};\n" for s in servers)
     return text[:start] + new + text[end:]
@@ -296,11 +345,22 @@ class Nginx(_Process):
         for attempt in range(3):
             self.port = free_port()
             self.config = workdir / "nginx.conf"
-            self.config.write_text(_nginx_conf(workdir, nginx_site(
-                f"127.0.0.1:{self.port}", servers)))
-            self._spawn([binary, "-p", str(workdir), "-c", str(self.config), "-e",
-                         str(self.log), "-g",
-                         f"daemon off; pid {workdir / 'nginx.pid'}; error_log {self.log} info;"])
+            self.config.write_text(
+                _nginx_conf(workdir, nginx_site(f"127.0.0.1:{self.port}", servers))
+            )
+            self._spawn(
+                [
+                    binary,
+                    "-p",
+                    str(workdir),
+                    "-c",
+                    str(self.config),
+                    "-e",
+                    str(self.log),
+                    "-g",
+                    f"daemon off; pid {workdir / 'nginx.pid'}; error_log {self.log} info;",
+                ]
+            )
             if _wait(lambda: _listening(self.port), self, "starting", attempt < 2):
                 return
 
@@ -308,14 +368,23 @@ class Nginx(_Process):
 def _nginx_conf(workdir: Path, site: str) -> str:
     # As root the workers would switch to `nobody`, who cannot enter pytest's tmp_path.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
-    temp = "".join(f"    {kind}_temp_path {workdir / sub};\n" for kind, sub in (
-        ("client_body", "client_body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"),
-        ("uwsgi", "uwsgi"), ("scgi", "scgi")))
+    temp = "".join(
+        f"    {kind}_temp_path {workdir / sub};\n"
+        for kind, sub in (
+            ("client_body", "client_body"),
+            ("proxy", "proxy"),
+            ("fastcgi", "fastcgi"),
+            ("uwsgi", "uwsgi"),
+            ("scgi", "scgi"),
+        )
+    )
     site = "\n".join("    " + line if line else line for line in site.splitlines())
-    return (f"{user}worker_processes 1;\nevents {{ worker_connections 4096; }}\nhttp {{\n"
-            "    log_format routed '$request_uri route=$http_seqserve_route "
-            "upstream=$upstream_addr status=$status grpc=$upstream_trailer_grpc_status';\n"
-            f"    access_log {workdir / 'access.log'} routed;\n{temp}{site}\n}}\n")
+    return (
+        f"{user}worker_processes 1;\nevents {{ worker_connections 4096; }}\nhttp {{\n"
+        "    log_format routed '$request_uri route=$http_seqserve_route "
+        "upstream=$upstream_addr status=$status grpc=$upstream_trailer_grpc_status';\n"
+        f"    access_log {workdir / 'access.log'} routed;\n{temp}{site}\n}}\n"
+    )
 
 
 # -- HAProxy ------------------------------------------------------------------------------------
@@ -371,8 +440,13 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _wait(ready: Callable[[], bool], proc: _Process, what: str, retry: bool,
-          timeout: float = START_TIMEOUT) -> bool:
+def _wait(
+    ready: Callable[[], bool],
+    proc: _Process,
+    what: str,
+    retry: bool,
+    timeout: float = START_TIMEOUT,
+) -> bool:
     """Poll ``ready()`` until true. If the process exits first: False when ``retry`` (the
     caller tries again, e.g. on another port), else RuntimeError with its log."""
     deadline = time.monotonic() + timeout
@@ -415,8 +489,7 @@ class Cluster:
         return found
 
     def processes(self) -> list[_Process]:
-        return [p for p in (self.nginx, self.haproxy, *self.replicas, self.redis)
-                if p is not None]
+        return [p for p in (self.nginx, self.haproxy, *self.replicas, self.redis) if p is not None]
 
     def stop(self) -> None:
         """SIGKILL everything still running (proxies first, then replicas, Redis last)."""
@@ -425,9 +498,17 @@ class Cluster:
                 proc.kill()
 
 
-def start_cluster(workdir: Path, model_dir: Path, *, replicas: int = 2, redis: bool = False,
-                  nginx: bool = True, haproxy: bool = False, args: Sequence[str] = (),
-                  cluster: Cluster | None = None) -> Cluster:
+def start_cluster(
+    workdir: Path,
+    model_dir: Path,
+    *,
+    replicas: int = 2,
+    redis: bool = False,
+    nginx: bool = True,
+    haproxy: bool = False,
+    args: Sequence[str] = (),
+    cluster: Cluster | None = None,
+) -> Cluster:
     """Start Redis (if ``redis``), ``replicas`` seqserve replicas, then nginx and HAProxy in
     front of them (if ``nginx``, ``haproxy``), each running the deployed config (deploy/) with
     only its addresses changed.
@@ -450,9 +531,17 @@ def start_cluster(workdir: Path, model_dir: Path, *, replicas: int = 2, redis: b
         name = f"replica-{i}"
         home = workdir / name
         home.mkdir(parents=True, exist_ok=True)
-        argv = ("--model-dir", str(model_dir), "--snapshot-path", str(home / "sessions.npz"),
-                "--snapshot-interval", "0", "--log-level", "info",
-                *(a.replace("{name}", name).replace("{redis}", redis_url) for a in args))
+        argv = (
+            "--model-dir",
+            str(model_dir),
+            "--snapshot-path",
+            str(home / "sessions.npz"),
+            "--snapshot-interval",
+            "0",
+            "--log-level",
+            "info",
+            *(a.replace("{name}", name).replace("{redis}", redis_url) for a in args),
+        )
         replica = Replica(name, workdir / f"{name}.log", args=argv)
         c.replicas.append(replica)
         replica.launch()

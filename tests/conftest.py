@@ -40,10 +40,16 @@ def settings(tmp_path: Path, model_dir: Path) -> Any:
     pytest.importorskip("onnxruntime")
     from seqserve.server import Settings
 
-    return Settings(host="127.0.0.1", port=0, metrics_port=0, model_dir=str(model_dir),
-                    snapshot_path=str(tmp_path / "sessions.npz"), snapshot_interval=0.0,
-                    drain_grace=5.0,
-                    log_level="debug")
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        model_dir=str(model_dir),
+        snapshot_path=str(tmp_path / "sessions.npz"),
+        snapshot_interval=0.0,
+        drain_grace=5.0,
+        log_level="debug",
+    )
 
 
 @pytest.fixture

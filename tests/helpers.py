@@ -11,10 +11,10 @@ from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto.codec import from_matrix, to_matrix
 
 
-def step_request(session_id: str, position: int, frames: np.ndarray, **kw: object
-                 ) -> pb.StepRequest:
-    return pb.StepRequest(session_id=session_id, position=position, frames=to_matrix(frames),
-                          **kw)  # type: ignore[arg-type]
+def step_request(
+    session_id: str, position: int, frames: np.ndarray, **kw: object
+) -> pb.StepRequest:
+    return pb.StepRequest(session_id=session_id, position=position, frames=to_matrix(frames), **kw)  # type: ignore[arg-type]
 
 
 def probs(response: pb.StepResponse) -> np.ndarray:

@@ -14,8 +14,15 @@ from pathlib import Path
 
 SUITE = Path(__file__).resolve().parent.parent / "bench" / "suite.py"
 PNG = b"\x89PNG\r\n\x1a\n"
-SECTIONS = ("## Targets", "## 1. Limits", "## 2. Streaming", "## 3. Multiplexed",
-            "## 4. Batch RPC", "## 5. How people do it today", "## 6. Memory")
+SECTIONS = (
+    "## Targets",
+    "## 1. Limits",
+    "## 2. Streaming",
+    "## 3. Multiplexed",
+    "## 4. Batch RPC",
+    "## 5. How people do it today",
+    "## 6. Memory",
+)
 NUMBER = re.compile(r"-?[\d,]+(\.\d+)?")
 
 
@@ -37,13 +44,46 @@ def _tables(section: str) -> list[tuple[list[str], list[list[str]]]]:
 
 def test_quick_suite_writes_every_table_and_plot(tmp_path, model_dir):
     run = subprocess.run(
-        [sys.executable, "-P", str(SUITE), "--quick", "--out", str(tmp_path),
-         "--model-dir", str(model_dir), "--seconds", "0.3", "--warmup", "0.2",
-         "--concurrency", "1", "4", "--mux-entries", "8", "--mux-streams", "2",
-         "--ort-batches", "1", "8", "--ort-budget", "0.05", "--predict-sequences", "16",
-         "--predict-steps", "20", "--window", "20", "--keras-steps", "2",
-         "--memory-sessions", "2000"],
-        capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-P",
+            str(SUITE),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--model-dir",
+            str(model_dir),
+            "--seconds",
+            "0.3",
+            "--warmup",
+            "0.2",
+            "--concurrency",
+            "1",
+            "4",
+            "--mux-entries",
+            "8",
+            "--mux-streams",
+            "2",
+            "--ort-batches",
+            "1",
+            "8",
+            "--ort-budget",
+            "0.05",
+            "--predict-sequences",
+            "16",
+            "--predict-steps",
+            "20",
+            "--window",
+            "20",
+            "--keras-steps",
+            "2",
+            "--memory-sessions",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
     sections = {s.split("\n", 1)[0]: s for s in re.split(r"\n(?=## )", report)}

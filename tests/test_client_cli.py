@@ -29,10 +29,29 @@ def cli_server(model_dir: Path) -> Iterator[str]:
     port = free_port()
     target = f"127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1", "--port",
-         str(port), "--metrics-port", "-1", "--snapshot-path", "", "--model-dir",
-         str(model_dir), "--session-idle-timeout", str(IDLE_TIMEOUT), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "seqserve.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--snapshot-path",
+            "",
+            "--model-dir",
+            str(model_dir),
+            "--session-idle-timeout",
+            str(IDLE_TIMEOUT),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -68,10 +87,16 @@ def env(model_dir: Path) -> dict[str, str]:
     return env
 
 
-def seqserve(env: dict[str, str], *args: str, timeout: float = 60
-             ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-P", "-m", "seqserve.client", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+def seqserve(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "seqserve.client", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -93,13 +118,13 @@ def test_health_and_model(cli_server, env, samples):
     assert all(label in text.stdout for label in info["labels"])
 
 
-def test_stream_one_sample_prints_a_line_per_step_and_a_summary(cli_server, env, samples,
-                                                                model_dir):
+def test_stream_one_sample_prints_a_line_per_step_and_a_summary(
+    cli_server, env, samples, model_dir
+):
     result = seqserve(env, "--target", cli_server, "stream", "sample:0", "--rate", "0")
     assert result.returncode == 0, result.stderr
     n = int(samples["lengths"][0])
-    steps = [line for line in result.stdout.splitlines()
-             if re.match(r"sample:0 \d+/\d+ ", line)]
+    steps = [line for line in result.stdout.splitlines() if re.match(r"sample:0 \d+/\d+ ", line)]
     assert [line.split()[1] for line in steps] == [f"{t}/{n}" for t in range(1, n + 1)]
     labels = json.loads(seqserve(env, "--target", cli_server, "model", "--json").stdout)["labels"]
     expected = labels[int(solo_run(model_dir, samples["x"][0][:n])[-1].argmax())]
@@ -110,8 +135,7 @@ def test_stream_one_sample_prints_a_line_per_step_and_a_summary(cli_server, env,
 
 
 def test_stream_several_samples_multiplexed_as_json(cli_server, env, samples):
-    result = seqserve(env, "--target", cli_server, "stream", "samples:3", "--rate", "0",
-                      "--json")
+    result = seqserve(env, "--target", cli_server, "stream", "samples:3", "--rate", "0", "--json")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     summary = records.pop()["summary"]
@@ -133,15 +157,15 @@ def test_predict_csv_file_and_json(cli_server, env, samples, model_dir, tmp_path
         writer.writerow([f"f{i}" for i in range(x.shape[1])])  # a header is skipped
         writer.writerows(x.tolist())
     out = tmp_path / "out.csv"
-    result = seqserve(env, "--target", cli_server, "predict", str(path), "sample:1", "-o",
-                      str(out))
+    result = seqserve(env, "--target", cli_server, "predict", str(path), "sample:1", "-o", str(out))
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["source"] for r in rows] == ["walk.csv", "sample:1"]
     assert rows[0]["label"] == rows[1]["label"]
     solo = solo_run(model_dir, x)
-    per_step = seqserve(env, "--target", cli_server, "predict", "sample:1", "--per-step",
-                        "--format", "json")
+    per_step = seqserve(
+        env, "--target", cli_server, "predict", "sample:1", "--per-step", "--format", "json"
+    )
     assert per_step.returncode == 0, per_step.stderr
     record = json.loads(per_step.stdout)[0]
     assert np.abs(np.array(record["per_step"]) - solo).max() <= 1e-5
@@ -155,8 +179,7 @@ def test_unreachable_server_is_one_line(env):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_wrong_feature_count_and_missing_file_are_one_line(cli_server, env, samples,
-                                                           tmp_path):
+def test_wrong_feature_count_and_missing_file_are_one_line(cli_server, env, samples, tmp_path):
     features = samples["x"].shape[2]
     path = tmp_path / "short.csv"
     path.write_text("\n".join(",".join(["0.5"] * (features - 1)) for _ in range(5)) + "\n")

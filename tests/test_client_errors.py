@@ -38,20 +38,35 @@ class _Rpc(grpc.RpcError):
 
 
 def test_status_codes_and_reasons_map_to_exceptions():
-    gap = error_from_rpc(_Rpc(grpc.StatusCode.FAILED_PRECONDITION, "position 9 leaves a gap",
-                              (("seqserve-reason", "position_gap"),
-                               ("seqserve-expected-position", "7"))))
+    gap = error_from_rpc(
+        _Rpc(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "position 9 leaves a gap",
+            (("seqserve-reason", "position_gap"), ("seqserve-expected-position", "7")),
+        )
+    )
     assert isinstance(gap, PositionConflict) and (gap.reason, gap.position) == ("position_gap", 7)
-    lost = error_from_status(5, "session 'a' expired at position 3", reason="expired",
-                             session_id="a", position=3, in_session=True)
+    lost = error_from_status(
+        5,
+        "session 'a' expired at position 3",
+        reason="expired",
+        session_id="a",
+        position=3,
+        in_session=True,
+    )
     assert isinstance(lost, SessionLost) and isinstance(lost, SessionNotFound)
     assert isinstance(error_from_status(8, "session limit reached"), ServerBusy)
     assert isinstance(error_from_status(3, "bad"), InvalidInput)
     assert isinstance(error_from_status(3, "bad"), ValueError)
-    down = error_from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE,
-                               "failed to connect to all addresses; last error: UNKNOWN: "
-                               "ipv4:127.0.0.1:1: Failed to connect to remote host: "
-                               "Connection refused"), target="127.0.0.1:1")
+    down = error_from_rpc(
+        _Rpc(
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: "
+            "ipv4:127.0.0.1:1: Failed to connect to remote host: "
+            "Connection refused",
+        ),
+        target="127.0.0.1:1",
+    )
     assert isinstance(down, Unavailable)
     assert str(down) == "cannot reach the seqserve server at 127.0.0.1:1 (connection refused)"
     odd = error_from_status(grpc.StatusCode.INTERNAL, "internal\nerror")
@@ -59,8 +74,9 @@ def test_status_codes_and_reasons_map_to_exceptions():
 
 
 def test_backoff_grows_to_its_cap_with_bounded_jitter():
-    policy = Backoff(initial=0.1, maximum=1.0, multiplier=2.0, jitter=0.2, max_attempts=5,
-                     max_elapsed=3.0)
+    policy = Backoff(
+        initial=0.1, maximum=1.0, multiplier=2.0, jitter=0.2, max_attempts=5, max_elapsed=3.0
+    )
     rng = random.Random(0)
     for attempt, base in enumerate([0.1, 0.2, 0.4, 0.8, 1.0, 1.0]):
         assert base * 0.8 <= policy.delay(attempt, rng) <= base * 1.2
@@ -100,8 +116,12 @@ def test_recordings_from_csv_and_npy(tmp_path):
 
 def test_sample_selections(tmp_path, monkeypatch):
     path = tmp_path / "samples.npz"
-    np.savez(path, x=np.zeros((5, 4, 2), np.float32), lengths=np.array([4, 3, 4, 2, 4]),
-             y=np.array(["a", "b", "a", "b", "a"]))
+    np.savez(
+        path,
+        x=np.zeros((5, 4, 2), np.float32),
+        lengths=np.array([4, 3, 4, 2, 4]),
+        y=np.array(["a", "b", "a", "b", "a"]),
+    )
     monkeypatch.setenv("SEQSERVE_SAMPLES", str(path))
 
     def names(source):

@@ -54,8 +54,9 @@ class Recorder(grpc.GenericRpcHandler):
     def _stream(self, method: str) -> Callable[..., Any]:
         forward = self.upstream.stream_stream(method)
 
-        async def call(requests: AsyncIterator[bytes],
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def call(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
             upstream = forward(requests)
             async for response in upstream:
                 yield response
@@ -97,8 +98,7 @@ async def test_unary_session_calls_route_by_session_id(relay):
         assert (await client.reset_session("unary-1")).position == 0
         await client.step("unary-1", _frames(1, model.features), position=0)
         await client.close_session("unary-1")
-    for rpc, count in (("Step", 3), ("GetSession", 1), ("ResetSession", 1),
-                       ("CloseSession", 1)):
+    for rpc, count in (("Step", 3), ("GetSession", 1), ("ResetSession", 1), ("CloseSession", 1)):
         assert recorder.routes(rpc) == ["unary-1"] * count, rpc
 
 

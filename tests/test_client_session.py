@@ -61,8 +61,10 @@ async def test_pipelined_sends_keep_order_and_outputs(client, samples, model_dir
 
 async def test_long_send_is_cut_to_the_window_and_reassembled(server, samples, model_dir):
     x = np.concatenate([_x(samples, 2), _x(samples, 3)])  # longer than the window
-    async with AsyncClient(f"127.0.0.1:{server[1]}", timeout=WAIT, window=16) as c, \
-            c.session() as s:
+    async with (
+        AsyncClient(f"127.0.0.1:{server[1]}", timeout=WAIT, window=16) as c,
+        c.session() as s,
+    ):
         head = await s.send(x[:7])
         rest = await s.send(x[7:])
     assert (head.position, head.frames, rest.position, rest.frames) == (0, 7, 7, len(x) - 7)

@@ -45,9 +45,15 @@ class _Recorder(pb_grpc.SeqServeServicer):
         async for r in request_iterator:
             rows = r.frames.rows
             probs = np.tile(np.array([0.25, 0.75], np.float32), (rows, 1))
-            yield pb.StepResponse(session_id=r.session_id, position=r.position, frames=rows,
-                                  probabilities=to_matrix(probs), top_class=[1] * rows,
-                                  next_position=r.position + rows, tag=r.tag)
+            yield pb.StepResponse(
+                session_id=r.session_id,
+                position=r.position,
+                frames=rows,
+                probabilities=to_matrix(probs),
+                top_class=[1] * rows,
+                next_position=r.position + rows,
+                tag=r.tag,
+            )
 
 
 async def _serve(credentials: grpc.ServerCredentials | None = None):
@@ -55,8 +61,11 @@ async def _serve(credentials: grpc.ServerCredentials | None = None):
     server = grpc.aio.server()
     pb_grpc.add_SeqServeServicer_to_server(recorder, server)
     address = "127.0.0.1:0" if credentials is None else "localhost:0"
-    port = (server.add_insecure_port(address) if credentials is None
-            else server.add_secure_port(address, credentials))
+    port = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
     await server.start()
     return server, port, recorder
 
@@ -83,15 +92,35 @@ async def test_token_is_sent_with_every_call():
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 async def test_tls_with_a_root_certificate(tmp_path: Path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
     server, port, recorder = await _serve(credentials)
     try:
-        async with AsyncClient(f"localhost:{port}", tls=cert.read_bytes(), token="t",
-                               timeout=10) as client:
+        async with AsyncClient(
+            f"localhost:{port}", tls=cert.read_bytes(), token="t", timeout=10
+        ) as client:
             await _exercise(client)
     finally:
         await server.stop(None)

@@ -35,8 +35,9 @@ def _holder(c: Any, session_id: str) -> Any:
     return c.replica(owner.decode().rpartition("|")[0])
 
 
-async def _stream_through_a_kill(c: Any, xs: list[np.ndarray], every: int, *, barrier: bool
-                                 ) -> tuple[list[np.ndarray], dict[str, int], Any, int]:
+async def _stream_through_a_kill(
+    c: Any, xs: list[np.ndarray], every: int, *, barrier: bool
+) -> tuple[list[np.ndarray], dict[str, int], Any, int]:
     """Stream every recording frame by frame and SIGKILL the replica holding them: once the
     first session has applied KILL_AT frames, the others still sending (requests in flight), or
     with ``barrier`` once every session has applied exactly KILL_AT frames.
@@ -81,8 +82,7 @@ async def _stream_through_a_kill(c: Any, xs: list[np.ndarray], every: int, *, ba
             victim.append(holder)
 
         killer = asyncio.create_task(kill())
-        outputs = await asyncio.wait_for(
-            asyncio.gather(*(feed(i) for i in range(SESSIONS))), 120)
+        outputs = await asyncio.wait_for(asyncio.gather(*(feed(i) for i in range(SESSIONS))), 120)
         await killer
         positions = [(await client.get_session(s.id)).position for s in sessions]
         assert positions == [FRAMES] * SESSIONS
@@ -102,15 +102,19 @@ def recordings(samples: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [samples["x"][i % len(samples["x"])][:FRAMES] for i in range(SESSIONS)]
 
 
-async def test_k1_a_killed_replica_loses_nothing_and_doubles_nothing(cluster, recordings,
-                                                                     model_dir):
+async def test_k1_a_killed_replica_loses_nothing_and_doubles_nothing(
+    cluster, recordings, model_dir
+):
     c = cluster(replicas=2, redis=True, args=_store_args(1))
-    outputs, rolled, victim, resent = await _stream_through_a_kill(c, recordings, every=1,
-                                                                   barrier=False)
+    outputs, rolled, victim, resent = await _stream_through_a_kill(
+        c, recordings, every=1, barrier=False
+    )
     assert rolled == {}  # nothing was lost, so nobody was told to resend
     assert resent >= 1  # requests were in flight at the kill: answered again, not applied twice
-    print(f"failover K=1: {SESSIONS} sessions x {FRAMES} frames, {resent} requests in flight at "
-          "the kill written again, 0 lost, 0 doubled")
+    print(
+        f"failover K=1: {SESSIONS} sessions x {FRAMES} frames, {resent} requests in flight at "
+        "the kill written again, 0 lost, 0 doubled"
+    )
     _check(outputs, recordings, model_dir)
     survivor = next(r for r in c.replicas if r is not victim)
     assert survivor.metric("seqserve_session_events_total", event="claimed") == SESSIONS
@@ -121,11 +125,11 @@ async def test_k1_a_killed_replica_loses_nothing_and_doubles_nothing(cluster, re
 
 
 async def test_k4_a_killed_replica_loses_at_most_k_minus_1_frames_and_says_so(
-        cluster, recordings, model_dir):
+    cluster, recordings, model_dir
+):
     every = 4
     c = cluster(replicas=2, redis=True, args=_store_args(every))
-    outputs, rolled, _, _ = await _stream_through_a_kill(c, recordings, every=every,
-                                                         barrier=True)
+    outputs, rolled, _, _ = await _stream_through_a_kill(c, recordings, every=every, barrier=True)
     # A session is checkpointed when created (after frame 0) and then every 4 frames: 1, 5, ...
     # 25. Every session had applied KILL_AT = 27 frames when its replica died: each resumes from
     # 25, at most K - 1 frames back, and its client is told so.

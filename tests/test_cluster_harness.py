@@ -13,16 +13,24 @@ from seqserve.client import AsyncClient, SessionNotFound
 
 
 def test_redis_answers_and_replicas_get_their_arguments(cluster, tmp_path):
-    c = cluster(replicas=2, redis=True, nginx=False,
-                args=("--snapshot-path", f"{tmp_path}/{{name}}.npz", "--max-sessions", "77"))
+    c = cluster(
+        replicas=2,
+        redis=True,
+        nginx=False,
+        args=("--snapshot-path", f"{tmp_path}/{{name}}.npz", "--max-sessions", "77"),
+    )
     assert c.redis is not None and c.nginx is None
     assert c.redis.command("PING") == b"PONG"
     assert c.redis.command("SET", "k", "v") == b"OK"
     assert c.redis.command("GET", "k") == b"v"
     assert c.redis.url == f"redis://127.0.0.1:{c.redis.port}/0"
     for replica in c.replicas:
-        assert replica.args[-4:] == ("--snapshot-path", f"{tmp_path}/{replica.name}.npz",
-                                     "--max-sessions", "77")
+        assert replica.args[-4:] == (
+            "--snapshot-path",
+            f"{tmp_path}/{replica.name}.npz",
+            "--max-sessions",
+            "77",
+        )
         assert replica.terminate() == 0  # SIGTERM drains and saves to its own file
         assert (tmp_path / f"{replica.name}.npz").exists()
 
@@ -53,11 +61,17 @@ def test_nginx_site_changes_only_the_addresses():
     removed = [line for line in original.splitlines() if line not in site.splitlines()]
     added = [line for line in site.splitlines() if line not in original.splitlines()]
     assert [line.split()[:2] for line in removed] == [
-        ["server", "replica-1:50051"], ["server", "replica-2:50051"], ["listen", "50051"]]
+        ["server", "replica-1:50051"],
+        ["server", "replica-2:50051"],
+        ["listen", "50051"],
+    ]
     params = original.split("server replica-1:50051")[1].split(";")[0]
     assert [line.strip() for line in added] == [
-        "server 127.0.0.1:2" + params + ";", "server 127.0.0.1:3" + params + ";",
-        "server 127.0.0.1:4" + params + ";", "listen 127.0.0.1:1 http2;"]
+        "server 127.0.0.1:2" + params + ";",
+        "server 127.0.0.1:3" + params + ";",
+        "server 127.0.0.1:4" + params + ";",
+        "listen 127.0.0.1:1 http2;",
+    ]
 
 
 def _group(pgid: int) -> list[int]:

@@ -52,9 +52,12 @@ async def test_each_session_lives_on_one_replica_and_sessions_spread(cluster, sa
         # upstream connections and only the hash keeps each session together.
         unary = [f"unary-{i}" for i in range(UNARY)]
         for step in range(STEPS):
-            await asyncio.gather(*(
-                client.step(sid, _recording(samples, i)[step], position=step)
-                for i, sid in enumerate(unary)))
+            await asyncio.gather(
+                *(
+                    client.step(sid, _recording(samples, i)[step], position=step)
+                    for i, sid in enumerate(unary)
+                )
+            )
         # Multiplexed: STREAMS streams of PER_STREAM sessions, frames pipelined.
         streams: dict[str, Multiplexer] = {}
         for k in range(STREAMS):
@@ -79,10 +82,13 @@ async def test_each_session_lives_on_one_replica_and_sessions_spread(cluster, sa
         assert len({home[sid] for sid, s in streams.items() if s is stream}) == 1
     per_replica = {r.name: sum(1 for h in home.values() if h == r.name) for r in c.replicas}
     assert all(per_replica.values()), f"sessions did not spread: {per_replica}"
-    assert sum(r.metric("seqserve_session_events_total", event="opened")
-               for r in c.replicas) == UNARY + STREAMS * PER_STREAM
+    assert (
+        sum(r.metric("seqserve_session_events_total", event="opened") for r in c.replicas)
+        == UNARY + STREAMS * PER_STREAM
+    )
     assert sum(r.metric("seqserve_steps_total") for r in c.replicas) == (
-        (UNARY + STREAMS * PER_STREAM) * STEPS)
+        (UNARY + STREAMS * PER_STREAM) * STEPS
+    )
     predicts = [r.metric("seqserve_requests_total", rpc="Predict") for r in c.replicas]
     assert sum(predicts) == 20 and all(predicts), predicts
 
@@ -107,8 +113,9 @@ async def test_a_stream_may_send_more_than_nginx_default_body_limit(cluster, sam
 
 
 @FRONTS
-async def test_a_killed_replica_is_skipped_and_its_stream_moves_with_its_key(cluster, samples,
-                                                                            front):
+async def test_a_killed_replica_is_skipped_and_its_stream_moves_with_its_key(
+    cluster, samples, front
+):
     c = cluster(replicas=2, nginx=front == "nginx", haproxy=front == "haproxy")
     x = _recording(samples, 3)
     async with AsyncClient(c.front.target, timeout=WAIT, retry=FAST) as client:
@@ -139,13 +146,18 @@ async def test_a_killed_replica_is_skipped_and_its_stream_moves_with_its_key(clu
     log = c.nginx.access_log
 
     def streams() -> list[str]:  # nginx logs a call when it ends: the client just ended it
-        return [line for line in log.read_text().splitlines()
-                if "/Stream " in line and f"route={route} " in line]
+        return [
+            line
+            for line in log.read_text().splitlines()
+            if "/Stream " in line and f"route={route} " in line
+        ]
 
     await _eventually(lambda: len(streams()) >= 2)
     # the call on the victim, then the resumed one on the survivor
     assert [line.split("upstream=")[1].split()[0] for line in streams()[-2:]] == [
-        c.replica(victim).target, survivor.target]
+        c.replica(victim).target,
+        survivor.target,
+    ]
 
 
 async def _eventually(condition: Any, timeout: float = 5.0) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from test_deploy_image import Stage, parse_dockerfile
 
-yaml = pytest.importorskip("yaml", reason="PyYAML not installed (pip install pyyaml): it reads the "
-                          "compose file")
+yaml = pytest.importorskip(
+    "yaml", reason="PyYAML not installed (pip install pyyaml): it reads the compose file"
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -88,8 +89,9 @@ def server_settings(compose, stages) -> Any:
 
     target = compose["services"]["seqserve"]["build"]["target"]
     image_env = {k: v for k, v in stages[target].env.items() if k.startswith("SEQSERVE_")}
-    return parse_settings([], environ={**image_env, **_environment(
-        compose["services"]["seqserve"])})
+    return parse_settings(
+        [], environ={**image_env, **_environment(compose["services"]["seqserve"])}
+    )
 
 
 def test_services_and_their_build_targets(compose, stages):
@@ -101,7 +103,8 @@ def test_services_and_their_build_targets(compose, stages):
         assert build["target"] in stages, f"{name}: no stage {build['target']!r}"
     assert services["seqserve"]["build"]["target"] == "runtime"
     assert stages[services["export"]["build"]["target"]].exec_form("ENTRYPOINT") == [
-        "seqserve-export"]
+        "seqserve-export"
+    ]
 
 
 def test_every_seqserve_variable_is_a_real_setting(compose):
@@ -195,8 +198,11 @@ def test_cluster_nginx_runs_the_deployed_config_on_the_replicas(compose, server_
     from test_deploy_proxy import _find, _one, parse_nginx
 
     nginx = compose["services"]["nginx"]
-    (conf_target,) = [t for t, src in _mounts(nginx).items()
-                      if (ROOT / src).resolve() == DEPLOY / "nginx" / "seqserve.conf"]
+    (conf_target,) = [
+        t
+        for t, src in _mounts(nginx).items()
+        if (ROOT / src).resolve() == DEPLOY / "nginx" / "seqserve.conf"
+    ]
     assert PurePosixPath(conf_target).parent == PurePosixPath("/etc/nginx/conf.d")
     assert conf_target.endswith(".conf")
     site = parse_nginx((DEPLOY / "nginx" / "seqserve.conf").read_text())
@@ -261,18 +267,34 @@ def test_grafana_provisions_the_datasource_and_dashboard(compose):
             assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
 
 
-
 def test_docker_compose_validates_the_file_with_every_profile():
     """docker-compose's own schema and interpolation check (``config`` needs no engine; 1.29
     lists every service whatever the profiles)."""
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose not installed (Debian package docker-compose; "
-                    "scripts/system-deps.sh installs it)")
+        pytest.skip(
+            "docker-compose not installed (Debian package docker-compose; "
+            "scripts/system-deps.sh installs it)"
+        )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQSERVE_", "COMPOSE_"))}
     run = subprocess.run(
-        [binary, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
-         "--profile", "export", "--profile", "cluster", "config", "--services"],
-        capture_output=True, text=True, timeout=60, env=env)
+        [
+            binary,
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--profile",
+            "export",
+            "--profile",
+            "cluster",
+            "config",
+            "--services",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
     assert set(run.stdout.split()) == {*LONG_RUNNING, "export", *CLUSTER}

@@ -168,8 +168,9 @@ def test_server_image_env_ports_and_paths_agree_with_the_settings(stages, name):
     # The snapshot's folder exists in the image and belongs to the user the server runs as.
     state_dir = str(Path(settings.snapshot_path).parent)
     for folder in (state_dir, "/models"):  # "/models": where a model directory is mounted
-        assert any("mkdir -p" in a and "chown" in a and f" {folder} " in f"{a} "
-                   for a in stage.all("RUN")), f"{folder} is not made for the server's user"
+        assert any(
+            "mkdir -p" in a and "chown" in a and f" {folder} " in f"{a} " for a in stage.all("RUN")
+        ), f"{folder} is not made for the server's user"
     # The console scripts come from the virtualenv the build made.
     assert env["PATH"].startswith("/opt/seqserve/bin:")
     assert any("venv /opt/seqserve" in a for s in _chain(stages, name) for a in s.all("RUN"))
@@ -202,14 +203,28 @@ def test_wheel_from_the_copied_folders_bakes_in_the_default_model(stages, tmp_pa
         for source in sources:
             target = src / (source if dest in ("./", ".") else dest)
             if (ROOT / source).is_dir():
-                shutil.copytree(ROOT / source, target,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                shutil.copytree(
+                    ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                )
             else:
                 target.write_bytes((ROOT / source).read_bytes())
     run = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(tmp_path / "wheels"), str(src)],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     (wheel,) = (tmp_path / "wheels").glob("seqserve-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -231,8 +246,9 @@ def _image_environ(stage: Stage, **overrides: str) -> dict[str, str]:
 
 
 def _healthcheck(stage: Stage, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["/bin/sh", "-c", stage.healthcheck], env=env, capture_output=True,
-                          text=True, timeout=20)
+    return subprocess.run(
+        ["/bin/sh", "-c", stage.healthcheck], env=env, capture_output=True, text=True, timeout=20
+    )
 
 
 @pytest.mark.timeout(90)
@@ -243,9 +259,13 @@ def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_
     pytest.importorskip("onnxruntime")
     stage = stages["runtime"]
     port, metrics_port = free_port(), free_port()
-    env = _image_environ(stage, SEQSERVE_HOST="127.0.0.1", SEQSERVE_PORT=str(port),
-                         SEQSERVE_METRICS_PORT=str(metrics_port),
-                         SEQSERVE_SNAPSHOT_PATH=str(tmp_path / "sessions.npz"))
+    env = _image_environ(
+        stage,
+        SEQSERVE_HOST="127.0.0.1",
+        SEQSERVE_PORT=str(port),
+        SEQSERVE_METRICS_PORT=str(metrics_port),
+        SEQSERVE_SNAPSHOT_PATH=str(tmp_path / "sessions.npz"),
+    )
     if model != "basicmotions":
         if not (ROOT / "models" / model / "model.json").exists():
             pytest.skip(f"no models/{model} to mount")

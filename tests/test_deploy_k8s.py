@@ -24,8 +24,9 @@ def objects() -> dict[tuple[str, str], dict[str, Any]]:
     """``(kind, name) -> manifest`` of every file the kustomization lists (and only those)."""
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = kustomization["resources"]
-    assert sorted(files) == sorted(p.name for p in K8S.glob("*.yaml")
-                                   if p.name != "kustomization.yaml")
+    assert sorted(files) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for name in files:
         for doc in yaml.safe_load_all((K8S / name).read_text()):
@@ -56,21 +57,24 @@ def _selects(service: dict[str, Any], deployment: dict[str, Any]) -> bool:
     pods = deployment["spec"]["template"]["metadata"]["labels"]
     selector = service["spec"]["selector"]
     return selector.items() <= pods.items() and (
-        deployment["spec"]["selector"]["matchLabels"].items() <= pods.items())
+        deployment["spec"]["selector"]["matchLabels"].items() <= pods.items()
+    )
 
 
 def _service_port(service: dict[str, Any], deployment: dict[str, Any], name: str) -> int:
     """The Service port that reaches the deployment's container port ``name``."""
     container = _container(deployment)
-    (port,) = [p for p in service["spec"]["ports"]
-               if p["targetPort"] in (name, _port(container, name))]
+    (port,) = [
+        p for p in service["spec"]["ports"] if p["targetPort"] in (name, _port(container, name))
+    ]
     return int(port["port"])
 
 
 @pytest.fixture(scope="module")
 def envoy(objects) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(
-        objects[("ConfigMap", "seqserve-envoy")]["data"]["envoy.yaml"])
+        objects[("ConfigMap", "seqserve-envoy")]["data"]["envoy.yaml"]
+    )
     return config
 
 
@@ -99,7 +103,8 @@ def test_envoy_ring_hashes_the_route_header_over_http2(envoy):
     assert cluster["lb_policy"] in ("RING_HASH", "MAGLEV")
     assert cluster["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
     options = cluster["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
     assert "http2_protocol_options" in options["explicit_http_config"]
     assert _connection_manager(envoy)["codec_type"] == "HTTP2"
     assert any("grpc_health_check" in check for check in cluster["health_checks"])
@@ -110,8 +115,10 @@ def test_envoy_keeps_streams_and_retries_only_calls_that_reached_no_replica(envo
     assert _seconds(route["timeout"]) == 0, "the 15 s default would end every stream"
     idle = _seconds(_connection_manager(envoy)["stream_idle_timeout"])
     assert idle > DEFAULTS.session_idle_timeout
-    assert set(route["retry_policy"]["retry_on"].split(",")) <= {"connect-failure",
-                                                                   "refused-stream"}
+    assert set(route["retry_policy"]["retry_on"].split(",")) <= {
+        "connect-failure",
+        "refused-stream",
+    }
 
 
 def test_envoy_finds_every_replica_through_the_headless_service(objects, envoy):

@@ -30,8 +30,10 @@ GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
 def _need(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
-        pytest.skip(f"{binary} not installed (Debian package prometheus; "
-                    "scripts/system-deps.sh installs it)")
+        pytest.skip(
+            f"{binary} not installed (Debian package prometheus; "
+            "scripts/system-deps.sh installs it)"
+        )
     return path
 
 
@@ -77,8 +79,9 @@ async def _traffic(port: int, samples: dict[str, Any], tag: str = "") -> int:
 
     x = samples["x"][0]
     requests = [step_request(f"single{tag}", t, x[t : t + 1], start=t == 0) for t in range(40)]
-    requests += [step_request(f"chunks{tag}", t, x[t : t + 5], start=t == 0)
-                 for t in range(0, 30, 5)]
+    requests += [
+        step_request(f"chunks{tag}", t, x[t : t + 5], start=t == 0) for t in range(0, 30, 5)
+    ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SeqServeStub(channel)
         answers = [r async for r in stub.Stream(iter(requests))]
@@ -92,13 +95,18 @@ async def _traffic(port: int, samples: dict[str, Any], tag: str = "") -> int:
 
 def test_promtool_accepts_the_prometheus_config():
     promtool = _need("promtool")
-    run = subprocess.run([promtool, "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [promtool, "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
 async def test_every_series_the_dashboard_queries_is_on_a_live_metrics_endpoint(
-        start_server, samples):
+    start_server, samples
+):
     from prometheus_client.parser import text_string_to_metric_families
 
     app, port = await start_server()
@@ -127,21 +135,39 @@ class Prometheus:
     def __init__(self, binary: str, tmp: Path, target: str) -> None:
         # JSON is YAML: the same scrape job as deploy/prometheus.yml, at a 1 s interval.
         config = tmp / "prometheus.yml"
-        config.write_text(json.dumps({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "seqserve", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": [target]}]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "seqserve",
+                            "metrics_path": "/metrics",
+                            "static_configs": [{"targets": [target]}],
+                        }
+                    ],
+                }
+            )
+        )
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = tmp / "prometheus.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                 f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        reply = json.loads(_get(f"{self.url}/api/v1/query?"
-                                + urllib.parse.urlencode({"query": expr})))
+        reply = json.loads(
+            _get(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        )
         assert reply["status"] == "success", reply
         return list(reply["data"]["result"])
 
@@ -173,30 +199,37 @@ def _value(result: list[dict[str, Any]]) -> float | None:
 
 @pytest.mark.timeout(90)
 async def test_real_prometheus_scrapes_latency_quantiles_and_exact_step_count(
-        start_server, samples, tmp_path):
+    start_server, samples, tmp_path
+):
     binary = _need("prometheus")
     app, port = await start_server()
     prometheus = Prometheus(binary, tmp_path, f"127.0.0.1:{app.metrics_port}")
     try:
         await prometheus.wait_for("readiness", lambda: "Ready" in _get(f"{prometheus.url}/-/ready"))
         # A first scrape before any traffic, so rates have a starting point.
-        await prometheus.wait_for("a first scrape",
-                                  lambda: _value(prometheus.query('up{job="seqserve"}')) == 1)
+        await prometheus.wait_for(
+            "a first scrape", lambda: _value(prometheus.query('up{job="seqserve"}')) == 1
+        )
+
         # Two rounds, each waited for in Prometheus: a series born in round one (the error
         # counter) has two samples to take a rate from.
         def scraped(steps: int, errors: int) -> bool:
-            return (_value(prometheus.query("seqserve_steps_total")) == steps
-                    and _value(prometheus.query('sum(seqserve_requests_total{code!="OK"})'))
-                    == errors)
+            return (
+                _value(prometheus.query("seqserve_steps_total")) == steps
+                and _value(prometheus.query('sum(seqserve_requests_total{code!="OK"})')) == errors
+            )
 
         sent = 0
         for round_ in (1, 2):
             sent += await _traffic(port, samples, tag=str(round_))
             await prometheus.wait_for(f"round {round_}", partial(scraped, sent, round_))
 
-        p99 = _value(prometheus.query(
-            "histogram_quantile(0.99, sum by (le) "
-            "(rate(seqserve_request_duration_seconds_bucket[1m])))"))
+        p99 = _value(
+            prometheus.query(
+                "histogram_quantile(0.99, sum by (le) "
+                "(rate(seqserve_request_duration_seconds_bucket[1m])))"
+            )
+        )
         assert p99 is not None and math.isfinite(p99) and 0 < p99 < 6.6, p99
         assert _value(prometheus.query("sum(increase(seqserve_steps_total[1m]))")) > 0
 

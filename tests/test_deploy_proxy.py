@@ -88,9 +88,12 @@ def test_nginx_speaks_h2c_and_keeps_long_idle_streams(nginx):
     (listen,) = _find(nginx, "server", "listen")
     assert "http2" in listen[0] and "ssl" not in listen[0]
     assert _one(nginx, "server", "client_max_body_size") == ["0"], "1m would cut long streams"
-    for path in (("server", "client_body_timeout"), ("server", "send_timeout"),
-                 ("server", "location", "grpc_read_timeout"),
-                 ("server", "location", "grpc_send_timeout")):
+    for path in (
+        ("server", "client_body_timeout"),
+        ("server", "send_timeout"),
+        ("server", "location", "grpc_read_timeout"),
+        ("server", "location", "grpc_send_timeout"),
+    ):
         assert _nginx_seconds(_one(nginx, *path)[0]) > IDLE, path
     assert _find(nginx, "upstream", "keepalive")
 
@@ -107,9 +110,23 @@ def test_nginx_accepts_the_config_it_runs_in_the_tests(tmp_path):
         (tmp_path / sub).mkdir()
     config = tmp_path / "nginx.conf"
     config.write_text(_nginx_conf(tmp_path, nginx_site("127.0.0.1:1", ["127.0.0.1:2"])))
-    run = subprocess.run([binary, "-t", "-p", str(tmp_path), "-c", str(config), "-e",
-                          str(tmp_path / "error.log"), "-g", f"pid {tmp_path / 'pid'};"],
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        [
+            binary,
+            "-t",
+            "-p",
+            str(tmp_path),
+            "-c",
+            str(config),
+            "-e",
+            str(tmp_path / "error.log"),
+            "-g",
+            f"pid {tmp_path / 'pid'};",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -143,12 +160,14 @@ def test_haproxy_hashes_on_the_route_header_over_h2c():
     assert ["balance", f"hdr({ROUTE_HEADER})"] in backend
     assert ["hash-type", "consistent"] in backend
     servers = [line for line in backend if line[0] == "server"]
-    assert len(servers) >= 2 and all("h2" in s[s.index("proto") + 1:][:1] for s in servers)
+    assert len(servers) >= 2 and all("h2" in s[s.index("proto") + 1 :][:1] for s in servers)
     (frontend,) = [lines for name, lines in sections.items() if name.startswith("frontend")]
     (bind,) = [line for line in frontend if line[0] == "bind"]
     assert bind[bind.index("proto") + 1] == "h2" and "ssl" not in bind
-    defaults = {line[0] + (" " + line[1] if line[0] == "timeout" else ""): line[1:]
-                for line in sections["defaults"]}
+    defaults = {
+        line[0] + (" " + line[1] if line[0] == "timeout" else ""): line[1:]
+        for line in sections["defaults"]
+    }
     assert defaults["retry-on"] == ["conn-failure"]
     for timeout in ("timeout client", "timeout server"):
         assert _haproxy_seconds(defaults[timeout][1]) > IDLE, timeout
@@ -159,6 +178,7 @@ def test_haproxy_accepts_the_config_it_runs_in_the_tests(tmp_path: Path):
     binary = need("haproxy", "haproxy")
     config = tmp_path / "haproxy.cfg"
     config.write_text(haproxy_config("127.0.0.1:1", ["127.0.0.1:2", "127.0.0.1:3"]))
-    run = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True,
-                         timeout=30)
+    run = subprocess.run(
+        [binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert run.returncode == 0, run.stdout + run.stderr

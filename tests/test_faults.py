@@ -21,11 +21,31 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
 def _serve(model_dir: Path, port: int, snapshot: Path, interval: float) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1", "--port",
-         str(port), "--metrics-port", "-1", "--model-dir", str(model_dir), "--snapshot-path",
-         str(snapshot), "--snapshot-interval", str(interval), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "seqserve.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--model-dir",
+            str(model_dir),
+            "--snapshot-path",
+            str(snapshot),
+            "--snapshot-interval",
+            str(interval),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=30)
@@ -77,8 +97,7 @@ def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model
         assert proc.wait(30) == 0
 
 
-def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, model_dir,
-                                                                   samples):
+def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, model_dir, samples):
     """16 sessions stream paced frames through the client library; the server is sent SIGTERM
     mid-stream (it drains and snapshots), a new one starts on the same port and snapshot, and the
     clients resume by themselves: every frame answered once, outputs identical to solo runs."""
@@ -101,8 +120,9 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, mod
     async def run() -> tuple[list[np.ndarray], int]:
         halfway = asyncio.Event()
         replays = 0
-        async with AsyncClient(f"127.0.0.1:{port}", retry=Backoff(initial=0.05, maximum=0.5,
-                                                                  max_elapsed=60)) as client:
+        async with AsyncClient(
+            f"127.0.0.1:{port}", retry=Backoff(initial=0.05, maximum=0.5, max_elapsed=60)
+        ) as client:
             sessions = [await client.open_session(f"t{i}") for i in range(n_sessions)]
 
             async def feed(i: int) -> np.ndarray:
@@ -119,10 +139,10 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, mod
 
             restarter = asyncio.create_task(restart(halfway))
             outputs = await asyncio.wait_for(
-                asyncio.gather(*(feed(i) for i in range(n_sessions))), 120)
+                asyncio.gather(*(feed(i) for i in range(n_sessions))), 120
+            )
             await restarter
-            positions = [(await client.get_session(f"t{i}")).position
-                         for i in range(n_sessions)]
+            positions = [(await client.get_session(f"t{i}")).position for i in range(n_sessions)]
         assert positions == [frames] * n_sessions, "no frame lost or applied twice"
         return outputs, replays
 
@@ -133,8 +153,10 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, mod
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     assert len(procs) == 2
-    print(f"SIGTERM under load: {n_sessions * frames} frames, 0 lost, 0 doubled, "
-          f"{replays} answered by replay after the restart")
+    print(
+        f"SIGTERM under load: {n_sessions * frames} frames, 0 lost, 0 doubled, "
+        f"{replays} answered by replay after the restart"
+    )
     for i, out in enumerate(outputs):
         assert out.shape == (frames, 4)
         assert np.abs(out - solo_run(model_dir, xs[i])).max() <= 1e-5

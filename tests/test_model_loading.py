@@ -22,7 +22,8 @@ def _with_external_data(model_dir: Path, target: Path, location: str) -> Path:
     shutil.copytree(model_dir, target)
     graph = onnx.load(str(target / "step.onnx"))
     external_data_helper.convert_model_to_external_data(
-        graph, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+        graph, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
+    )
     onnx.save(graph, str(target / "step.onnx"))  # writes weights.bin beside it
     if location != "weights.bin":
         (target / location).parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +36,8 @@ def _with_external_data(model_dir: Path, target: Path, location: str) -> Path:
         onnx.save(graph, str(target / "step.onnx"))
     meta = json.loads((target / "model.json").read_text())
     meta["graphs"]["step"]["sha256"] = hashlib.sha256(
-        (target / "step.onnx").read_bytes()).hexdigest()
+        (target / "step.onnx").read_bytes()
+    ).hexdigest()
     (target / "model.json").write_text(json.dumps(meta))
     return target
 

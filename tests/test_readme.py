@@ -18,8 +18,11 @@ async def test_readme_python_examples_run(server, samples):
     blocks = _python_blocks()
     assert len(blocks) >= 2
     for code in blocks:
-        namespace = {"recording": samples["x"][0][:12], "rec_a": samples["x"][1][:30],
-                     "rec_b": samples["x"][2][:7]}
+        namespace = {
+            "recording": samples["x"][0][:12],
+            "rec_a": samples["x"][1][:30],
+            "rec_b": samples["x"][2][:7],
+        }
         code = code.replace("localhost:50051", f"127.0.0.1:{port}")
         # The in-process server shares this event loop, so the example runs on another thread.
         await asyncio.to_thread(exec, compile(code, "README.md", "exec"), namespace)

@@ -29,11 +29,15 @@ async def test_session_cap_refusal_is_fast_and_specific(start_server, samples):
         for i in range(ATTEMPTS):
             started = time.perf_counter()
             if i % 2:
-                rpc, call = "Step", stub.Step(step_request(f"extra-{i}", 0, x, start=True),
-                                              timeout=10)
+                rpc, call = (
+                    "Step",
+                    stub.Step(step_request(f"extra-{i}", 0, x, start=True), timeout=10),
+                )
             else:
-                rpc, call = "OpenSession", stub.OpenSession(
-                    pb.OpenSessionRequest(session_id=f"extra-{i}"), timeout=10)
+                rpc, call = (
+                    "OpenSession",
+                    stub.OpenSession(pb.OpenSessionRequest(session_id=f"extra-{i}"), timeout=10),
+                )
             code = await call.code()
             took[rpc].append(time.perf_counter() - started)
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (rpc, code)
@@ -41,15 +45,21 @@ async def test_session_cap_refusal_is_fast_and_specific(start_server, samples):
 
         every = np.array(took["OpenSession"] + took["Step"]) * 1000
         p50, p99 = np.percentile(every, 50), np.percentile(every, 99)
-        print(f"\ncap refusal round trip over {ATTEMPTS}: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
-              f"(OpenSession p99 {np.percentile(took['OpenSession'], 99) * 1000:.2f} ms, "
-              f"Step p99 {np.percentile(took['Step'], 99) * 1000:.2f} ms)")
+        print(
+            f"\ncap refusal round trip over {ATTEMPTS}: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+            f"(OpenSession p99 {np.percentile(took['OpenSession'], 99) * 1000:.2f} ms, "
+            f"Step p99 {np.percentile(took['Step'], 99) * 1000:.2f} ms)"
+        )
         assert p99 < 100.0
 
         # Refusals took nothing: the held sessions are intact and nothing leaked.
         assert len(app.engine.table) == app.engine.bank.used == CAP
-        assert app.metrics.registry.get_sample_value(
-            "seqserve_session_events_total", {"event": "refused"}) == ATTEMPTS
+        assert (
+            app.metrics.registry.get_sample_value(
+                "seqserve_session_events_total", {"event": "refused"}
+            )
+            == ATTEMPTS
+        )
         for i in range(CAP):
             info = await stub.GetSession(pb.SessionRef(session_id=f"held-{i}"), timeout=10)
             assert info.position == len(x)

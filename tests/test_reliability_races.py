@@ -52,8 +52,9 @@ def _check_bookkeeping(app, created: int) -> None:
     assert bank.used == len(table), "a slot was freed twice or leaked"
 
     def count(event: str) -> float:
-        return app.metrics.registry.get_sample_value("seqserve_session_events_total",
-                                                     {"event": event})
+        return app.metrics.registry.get_sample_value(
+            "seqserve_session_events_total", {"event": event}
+        )
 
     assert count("opened") == created
     assert count("closed") + count("expired") == created - len(table), "ended twice"
@@ -74,8 +75,9 @@ ACTIONS = ("cancel", "expire", "close", "drain")
 
 @pytest.mark.parametrize("order", list(itertools.permutations(ACTIONS)), ids="-".join)
 @pytest.mark.parametrize("together", [False, True], ids=["in-turn", "together"])
-async def test_cancel_expiry_close_and_drain_race_on_one_session(order, together, settings,
-                                                                 tmp_path, runtime, samples):
+async def test_cancel_expiry_close_and_drain_race_on_one_session(
+    order, together, settings, tmp_path, runtime, samples
+):
     """In turn: each action completes before the next starts, while the stream's four requests
     are still in flight, so every order ends differently. Together: all four start at once, in
     that order, and interleave at their awaits."""
@@ -85,8 +87,10 @@ async def test_cancel_expiry_close_and_drain_race_on_one_session(order, together
     from seqserve.server.errors import SessionNotFound
 
     # No metrics HTTP endpoint: its shutdown polls for 0.5 s, 48 times over.
-    app, port = create_server(settings.replace(snapshot_path=str(tmp_path / "s.npz"),
-                                               metrics_port=-1), registry=CollectorRegistry())
+    app, port = create_server(
+        settings.replace(snapshot_path=str(tmp_path / "s.npz"), metrics_port=-1),
+        registry=CollectorRegistry(),
+    )
     await app.start()
     x, xb = samples["x"][3], samples["x"][4]
     stopped = drained = False
@@ -98,7 +102,7 @@ async def test_cancel_expiry_close_and_drain_race_on_one_session(order, together
             call = stub.Stream()
             sent = [(5, 1), (6, 3), (9, 3), (12, 1)]  # (position, frames) in flight
             for position, n in sent:
-                await call.write(step_request("t", position, x[position:position + n]))
+                await call.write(step_request("t", position, x[position : position + n]))
             reader = asyncio.create_task(_read_all(call))
             codes: dict[str, grpc.StatusCode] = {}
 
@@ -145,10 +149,16 @@ async def test_cancel_expiry_close_and_drain_race_on_one_session(order, together
                     await asyncio.wait_for(actions[name](), 20)
             responses, final = await reader
 
-        assert codes["close"] in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND,
-                                  grpc.StatusCode.UNAVAILABLE), codes
-        assert final in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED,
-                         grpc.StatusCode.UNAVAILABLE), final
+        assert codes["close"] in (
+            grpc.StatusCode.OK,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.UNAVAILABLE,
+        ), codes
+        assert final in (
+            grpc.StatusCode.OK,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.UNAVAILABLE,
+        ), final
         expected, _ = _solo(runtime, x[:13])
         assert np.abs(probs(first) - expected[:5]).max() <= TOLERANCE
         applied = 5
@@ -160,15 +170,17 @@ async def test_cancel_expiry_close_and_drain_race_on_one_session(order, together
             # Answers come back in order and cover the frames the server accepted, in turn.
             assert response.position == applied
             applied += response.frames
-            rows = expected[response.position:response.position + response.frames]
+            rows = expected[response.position : response.position + response.frames]
             assert np.abs(probs(response) - rows).max() <= TOLERANCE
         session = app.engine.table.find("t")
-        print(f"\n{'-'.join(order)} {together=}: close {codes['close'].name}, stream {final.name}, "
-              f"answers {[(r.position, r.frames, r.error.reason or 'ok') for r in responses]}, "
-              f"t {'live at ' + str(session.position) if session else 'ended'}")
+        print(
+            f"\n{'-'.join(order)} {together=}: close {codes['close'].name}, stream {final.name}, "
+            f"answers {[(r.position, r.frames, r.error.reason or 'ok') for r in responses]}, "
+            f"t {'live at ' + str(session.position) if session else 'ended'}"
+        )
         if session is not None:  # nothing ended it (e.g. close refused while draining)
             assert session.position >= applied
-            _check_state(app, runtime, "t", x[:session.position])
+            _check_state(app, runtime, "t", x[: session.position])
         else:
             with pytest.raises(SessionNotFound) as ended:
                 app.engine.table.get("t")
@@ -193,9 +205,12 @@ async def test_two_clients_claiming_one_session_id(start_server, runtime, sample
         got = []
         for position in range(0, len(xa), chunk):
             try:
-                response = await stub.Step(step_request(
-                    "dup", position, xa[position:position + chunk], start=position == 0),
-                    timeout=10)
+                response = await stub.Step(
+                    step_request(
+                        "dup", position, xa[position : position + chunk], start=position == 0
+                    ),
+                    timeout=10,
+                )
                 got.append((0, response))
             except grpc.aio.AioRpcError as exc:
                 got.append((0, exc.code()))
@@ -205,8 +220,9 @@ async def test_two_clients_claiming_one_session_id(start_server, runtime, sample
     async def by_stream(stub) -> list[tuple[int, pb.StepResponse | grpc.StatusCode]]:
         call = stub.Stream()
         for position in range(0, len(xb), chunk):
-            await call.write(step_request("dup", position, xb[position:position + chunk],
-                                          start=position == 0))
+            await call.write(
+                step_request("dup", position, xb[position : position + chunk], start=position == 0)
+            )
         await call.done_writing()
         responses, final = await _read_all(call)
         assert final == grpc.StatusCode.OK
@@ -215,16 +231,27 @@ async def test_two_clients_claiming_one_session_id(start_server, runtime, sample
     async def bystander(stub) -> pb.StepResponse:
         last = None
         for position in range(0, len(xc), chunk):
-            last = await stub.Step(step_request("third", position, xc[position:position + chunk],
-                                                start=position == 0), timeout=10)
+            last = await stub.Step(
+                step_request(
+                    "third", position, xc[position : position + chunk], start=position == 0
+                ),
+                timeout=10,
+            )
         return last
 
     opts = [("grpc.use_local_subchannel_pool", 1)]
-    async with (grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as one,
-                grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as two):
-        steps, streamed, third = await asyncio.wait_for(asyncio.gather(
-            by_steps(pb_grpc.SeqServeStub(one)), by_stream(pb_grpc.SeqServeStub(two)),
-            bystander(pb_grpc.SeqServeStub(one))), 30)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as one,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as two,
+    ):
+        steps, streamed, third = await asyncio.wait_for(
+            asyncio.gather(
+                by_steps(pb_grpc.SeqServeStub(one)),
+                by_stream(pb_grpc.SeqServeStub(two)),
+                bystander(pb_grpc.SeqServeStub(one)),
+            ),
+            30,
+        )
 
     sources = (xa, xb)
     applied: dict[int, np.ndarray] = {}  # position -> the frames the server applied there
@@ -236,15 +263,17 @@ async def test_two_clients_claiming_one_session_id(start_server, runtime, sample
         if not response.replayed:
             p = response.position
             assert p not in applied, f"position {p} applied twice"
-            applied[p] = sources[client][p:p + response.frames]
+            applied[p] = sources[client][p : p + response.frames]
     won = [sum(not r.replayed for _, r in answered) for answered in (steps, streamed)]
-    print(f"\nclaimers: positions applied from the Step client {won[0]}, from the Stream "
-          f"client {won[1]}")
+    print(
+        f"\nclaimers: positions applied from the Step client {won[0]}, from the Stream "
+        f"client {won[1]}"
+    )
     assert sorted(applied) == list(range(0, 40, chunk)), "every position applied exactly once"
     accepted = np.concatenate([applied[p] for p in sorted(applied)])
     expected, _ = _solo(runtime, accepted)
     for response in answers:  # replays included: both clients see the one applied history
-        rows = expected[response.position:response.position + response.frames]
+        rows = expected[response.position : response.position + response.frames]
         assert np.abs(probs(response) - rows).max() <= TOLERANCE
     _check_state(app, runtime, "dup", accepted)
     _check_state(app, runtime, "third", xc)

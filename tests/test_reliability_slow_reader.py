@@ -21,28 +21,37 @@ WINDOW = 65535  # HTTP/2 initial window; BDP probing is off on the slow client s
 
 
 def _ok(app) -> float:
-    return app.metrics.registry.get_sample_value(
-        "seqserve_requests_total", {"rpc": "Stream", "code": "OK"}) or 0.0
+    return (
+        app.metrics.registry.get_sample_value(
+            "seqserve_requests_total", {"rpc": "Stream", "code": "OK"}
+        )
+        or 0.0
+    )
 
 
-async def test_a_client_that_never_reads_is_held_to_a_bounded_backlog(start_server, model_dir,
-                                                                     samples):
+async def test_a_client_that_never_reads_is_held_to_a_bounded_backlog(
+    start_server, model_dir, samples
+):
     app, port = await start_server(stream_inflight=INFLIGHT)
     rng = np.random.default_rng(7)
     frames = rng.standard_normal((REQUESTS * CHUNK, 6)).astype(np.float32)
     sid = "never-reads"
 
-    slow = grpc.aio.insecure_channel(f"127.0.0.1:{port}",
-                                     options=[("grpc.use_local_subchannel_pool", 1),
-                                              ("grpc.http2.bdp_probe", 0)])
+    slow = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)],
+    )
     call = pb_grpc.SeqServeStub(slow).Stream()
     written = 0
 
     async def write_all() -> None:
         nonlocal written
         for i in range(REQUESTS):
-            await call.write(step_request(sid, i * CHUNK, frames[i * CHUNK:(i + 1) * CHUNK],
-                                          start=i == 0, tag=i))
+            await call.write(
+                step_request(
+                    sid, i * CHUNK, frames[i * CHUNK : (i + 1) * CHUNK], start=i == 0, tag=i
+                )
+            )
             written += 1
         await call.done_writing()
 
@@ -63,8 +72,10 @@ async def test_a_client_that_never_reads_is_held_to_a_bounded_backlog(start_serv
             raise AssertionError("the server never stopped taking requests")
         accepted_requests = last // CHUNK
         answered = _ok(app)
-        print(f"\nnever-reading client: {written} requests written, {accepted_requests} accepted "
-              f"by the server, {answered:.0f} answered, {INFLIGHT} inflight allowed")
+        print(
+            f"\nnever-reading client: {written} requests written, {accepted_requests} accepted "
+            f"by the server, {answered:.0f} answered, {INFLIGHT} inflight allowed"
+        )
         # The client's writes complete into its own transport buffers, so it has written far
         # more than the server took. The server took only what fits the client's 64 KiB receive
         # window (each answer is over CHUNK x 4 x 4 bytes of probabilities) plus the INFLIGHT
@@ -83,10 +94,11 @@ async def test_a_client_that_never_reads_is_held_to_a_bounded_backlog(start_serv
             worst = 0.0
             for p in range(len(other)):
                 t0 = time.perf_counter()
-                out = await stub.Step(step_request("other", p, other[p:p + 1], start=p == 0),
-                                      timeout=5)
+                out = await stub.Step(
+                    step_request("other", p, other[p : p + 1], start=p == 0), timeout=5
+                )
                 worst = max(worst, time.perf_counter() - t0)
-                assert np.abs(probs(out) - expected[p:p + 1]).max() <= 1e-5
+                assert np.abs(probs(out) - expected[p : p + 1]).max() <= 1e-5
             assert worst < 0.5, f"a step of another client took {worst:.3f} s"
         assert app.engine.table.find(sid).accepted == last, "still stalled"
 

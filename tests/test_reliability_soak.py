@@ -14,13 +14,39 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 def test_thirty_second_soak_has_no_errors_and_frees_every_session(model_dir):
     run = subprocess.run(
-        [sys.executable, "-P", str(BENCH), "--seconds", "30", "--sessions", "200",
-         "--streams", "8", "--interval", "0.25", "--session-frames", "40", "--warmup", "5",
-         "--session-idle-timeout", "3", "--max-growth", "0.20", "--model-dir", str(model_dir)],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-P",
+            str(BENCH),
+            "--seconds",
+            "30",
+            "--sessions",
+            "200",
+            "--streams",
+            "8",
+            "--interval",
+            "0.25",
+            "--session-frames",
+            "40",
+            "--warmup",
+            "5",
+            "--session-idle-timeout",
+            "3",
+            "--max-growth",
+            "0.20",
+            "--model-dir",
+            str(model_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     print(run.stdout)
-    table = dict(line.strip("|").split("|")[:2] for line in run.stdout.splitlines()
-                 if line.startswith("| ") and not line.startswith("| measure"))
+    table = dict(
+        line.strip("|").split("|")[:2]
+        for line in run.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| measure")
+    )
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["errors"] == "0", run.stderr[-3000:]
     assert table["live sessions after expiry"] == "0"

@@ -48,8 +48,7 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 
 
 def _events(app, event: str) -> float:
-    return app.metrics.registry.get_sample_value("seqserve_session_events_total",
-                                                 {"event": event})
+    return app.metrics.registry.get_sample_value("seqserve_session_events_total", {"event": event})
 
 
 async def _open_on_stream(port: int, prefix: str, count: int, x: np.ndarray):
@@ -79,8 +78,15 @@ async def test_vanished_clients_sessions_expire_exactly_once(start_server, model
     await channel_a.close(grace=None)
     # 3. A client process killed with SIGKILL mid-stream.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-P", "-c", _KILLED_CLIENT, str(port), "5",
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        sys.executable,
+        "-P",
+        "-c",
+        _KILLED_CLIENT,
+        str(port),
+        "5",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     try:
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"ready\n"
         await asyncio.sleep(0.2)  # let it stream for a while

@@ -25,8 +25,9 @@ B = (("authorization", "Bearer bob-token-0123456789ab"),)
 @pytest.fixture
 def tokens_file(tmp_path: Path) -> str:
     path = tmp_path / "tokens"
-    path.write_text("# principal:token\nalice:alice-token-0123456789\n\n"
-                    "bob: bob-token-0123456789ab\n")
+    path.write_text(
+        "# principal:token\nalice:alice-token-0123456789\n\nbob: bob-token-0123456789ab\n"
+    )
     return str(path)
 
 
@@ -70,12 +71,19 @@ async def _status(coro: Any) -> tuple[grpc.StatusCode, str]:
 def _unary_calls(stub: pb_grpc.SeqServeStub) -> dict[str, Any]:
     ref = pb.SessionRef(session_id="s")
     return {
-        "Step": lambda md: stub.Step(step_request("s", 0, frames(), start=True), metadata=md,
-                                     timeout=WAIT),
-        "Predict": lambda md: stub.Predict(pb.PredictRequest(sequences=[pb.Sequence(
-            frames=step_request("s", 0, frames()).frames)]), metadata=md, timeout=WAIT),
-        "OpenSession": lambda md: stub.OpenSession(pb.OpenSessionRequest(session_id="o"),
-                                                   metadata=md, timeout=WAIT),
+        "Step": lambda md: stub.Step(
+            step_request("s", 0, frames(), start=True), metadata=md, timeout=WAIT
+        ),
+        "Predict": lambda md: stub.Predict(
+            pb.PredictRequest(
+                sequences=[pb.Sequence(frames=step_request("s", 0, frames()).frames)]
+            ),
+            metadata=md,
+            timeout=WAIT,
+        ),
+        "OpenSession": lambda md: stub.OpenSession(
+            pb.OpenSessionRequest(session_id="o"), metadata=md, timeout=WAIT
+        ),
         "GetSession": lambda md: stub.GetSession(ref, metadata=md, timeout=WAIT),
         "ResetSession": lambda md: stub.ResetSession(ref, metadata=md, timeout=WAIT),
         "CloseSession": lambda md: stub.CloseSession(ref, metadata=md, timeout=WAIT),
@@ -83,13 +91,17 @@ def _unary_calls(stub: pb_grpc.SeqServeStub) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("metadata", [
-    (),
-    (("authorization", "Bearer wrong-token-0123456789"),),
-    (("authorization", "alice-token-0123456789"),),  # no scheme
-    (("authorization", "Basic alice-token-0123456789"),),
-    (("authorization", "Bearer alice-token-012345678"),),  # a prefix of a real token
-], ids=["none", "wrong", "no-scheme", "basic", "prefix"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", "Bearer wrong-token-0123456789"),),
+        (("authorization", "alice-token-0123456789"),),  # no scheme
+        (("authorization", "Basic alice-token-0123456789"),),
+        (("authorization", "Bearer alice-token-012345678"),),  # a prefix of a real token
+    ],
+    ids=["none", "wrong", "no-scheme", "basic", "prefix"],
+)
 async def test_every_rpc_needs_a_valid_token(stub, metadata):
     for name, call in _unary_calls(stub).items():
         code, reason = await _status(call(metadata))
@@ -102,8 +114,15 @@ async def test_every_rpc_needs_a_valid_token(stub, metadata):
 
 async def test_valid_token_reaches_every_rpc(stub):
     calls = _unary_calls(stub)
-    for name in ("Step", "Predict", "GetSession", "ResetSession", "CloseSession", "GetModel",
-                 "OpenSession"):
+    for name in (
+        "Step",
+        "Predict",
+        "GetSession",
+        "ResetSession",
+        "CloseSession",
+        "GetModel",
+        "OpenSession",
+    ):
         await calls[name](A)
     stream = stub.Stream(metadata=B, timeout=WAIT)
     await stream.write(step_request("b", 0, frames(), start=True))
@@ -120,8 +139,11 @@ async def test_health_is_exempt_and_reflection_is_not(channel):
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
 
     async def list_services(metadata: Any) -> list[str]:
-        call = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            list_services="")]), metadata=metadata, timeout=WAIT)
+        call = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+            metadata=metadata,
+            timeout=WAIT,
+        )
         return [s.name async for r in call for s in r.list_services_response.service]
 
     code, _ = await _status(list_services(()))
@@ -134,13 +156,16 @@ async def test_another_principals_session_is_unknown(stub):
     ref = pb.SessionRef(session_id="mine")
     for call in (stub.GetSession, stub.ResetSession, stub.CloseSession):
         assert await _status(call(ref, metadata=B, timeout=WAIT)) == (
-            grpc.StatusCode.NOT_FOUND, "unknown")
-    assert await _status(stub.Step(step_request("mine", 3, frames()), metadata=B,
-                                   timeout=WAIT)) == (grpc.StatusCode.NOT_FOUND, "unknown")
+            grpc.StatusCode.NOT_FOUND,
+            "unknown",
+        )
+    assert await _status(
+        stub.Step(step_request("mine", 3, frames()), metadata=B, timeout=WAIT)
+    ) == (grpc.StatusCode.NOT_FOUND, "unknown")
     # Ids are one namespace: opening a taken id says only that it is taken.
-    assert await _status(stub.Step(step_request("mine", 0, frames(), start=True), metadata=B,
-                                   timeout=WAIT)) == (grpc.StatusCode.ALREADY_EXISTS,
-                                                      "session_exists")
+    assert await _status(
+        stub.Step(step_request("mine", 0, frames(), start=True), metadata=B, timeout=WAIT)
+    ) == (grpc.StatusCode.ALREADY_EXISTS, "session_exists")
     # In a stream, too: the error comes in the stream and the stream goes on.
     stream = stub.Stream(metadata=B, timeout=WAIT)
     await stream.write(step_request("mine", 3, frames(), tag=1))
@@ -154,14 +179,20 @@ async def test_another_principals_session_is_unknown(stub):
     bobs = pb.SessionRef(session_id="bobs")  # opened in B's stream: B's, not A's
     assert (await stub.GetSession(bobs, metadata=B, timeout=WAIT)).position == 3
     assert await _status(stub.GetSession(bobs, metadata=A, timeout=WAIT)) == (
-        grpc.StatusCode.NOT_FOUND, "unknown")
+        grpc.StatusCode.NOT_FOUND,
+        "unknown",
+    )
     # Nothing B did touched A's session; after A closes it, B still learns nothing.
     assert (await stub.GetSession(ref, metadata=A, timeout=WAIT)).position == 3
     await stub.CloseSession(ref, metadata=A, timeout=WAIT)
     assert await _status(stub.GetSession(ref, metadata=B, timeout=WAIT)) == (
-        grpc.StatusCode.NOT_FOUND, "unknown")
+        grpc.StatusCode.NOT_FOUND,
+        "unknown",
+    )
     assert await _status(stub.GetSession(ref, metadata=A, timeout=WAIT)) == (
-        grpc.StatusCode.NOT_FOUND, "closed")
+        grpc.StatusCode.NOT_FOUND,
+        "closed",
+    )
 
 
 async def test_ownership_survives_drain_and_restart(start_server, tokens_file):
@@ -175,7 +206,9 @@ async def test_ownership_survives_drain_and_restart(start_server, tokens_file):
         stub = pb_grpc.SeqServeStub(ch)
         ref = pb.SessionRef(session_id="kept")
         assert await _status(stub.GetSession(ref, metadata=B, timeout=WAIT)) == (
-            grpc.StatusCode.NOT_FOUND, "unknown")
+            grpc.StatusCode.NOT_FOUND,
+            "unknown",
+        )
         assert (await stub.GetSession(ref, metadata=A, timeout=WAIT)).position == 5
         r = await stub.Step(step_request("kept", 5, frames(2)), metadata=A, timeout=WAIT)
         assert r.next_position == 7
@@ -187,28 +220,34 @@ async def test_per_principal_session_limit(start_server, tokens_file):
         stub = pb_grpc.SeqServeStub(ch)
 
         def open_(sid: str, md: Any) -> Any:
-            return stub.OpenSession(pb.OpenSessionRequest(session_id=sid), metadata=md,
-                                    timeout=WAIT)
+            return stub.OpenSession(
+                pb.OpenSessionRequest(session_id=sid), metadata=md, timeout=WAIT
+            )
 
         await open_("a1", A)
         await stub.Step(step_request("a2", 0, frames(), start=True), metadata=A, timeout=WAIT)
-        assert await _status(open_("a3", A)) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                 "principal_session_limit")
-        assert await _status(stub.Step(step_request("a3", 0, frames(), start=True), metadata=A,
-                                       timeout=WAIT)) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                          "principal_session_limit")
+        assert await _status(open_("a3", A)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "principal_session_limit",
+        )
+        assert await _status(
+            stub.Step(step_request("a3", 0, frames(), start=True), metadata=A, timeout=WAIT)
+        ) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "principal_session_limit")
         await open_("b1", B)  # bob has his own allowance
         await stub.CloseSession(pb.SessionRef(session_id="a1"), metadata=A, timeout=WAIT)
         await open_("a3", A)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("alice\n", "line 1: expected 'principal:token'"),
-    ("alice:short\n", "16 or more"),
-    ("al ice:alice-token-0123456789\n", "principal"),
-    ("a:same-token-0123456789\nb:same-token-0123456789\n", "line 2: token already given"),
-    ("# only a comment\n", "no tokens"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("alice\n", "line 1: expected 'principal:token'"),
+        ("alice:short\n", "16 or more"),
+        ("al ice:alice-token-0123456789\n", "principal"),
+        ("a:same-token-0123456789\nb:same-token-0123456789\n", "line 2: token already given"),
+        ("# only a comment\n", "no tokens"),
+    ],
+)
 def test_malformed_tokens_file_refuses_to_start(settings, tmp_path, content, message):
     from seqserve.server import create_server
     from seqserve.server.auth import ConfigError
@@ -225,8 +264,10 @@ def test_malformed_tokens_file_refuses_to_start(settings, tmp_path, content, mes
 async def test_single_token_from_the_environment(start_server, settings):
     from seqserve.server.settings import parse_settings
 
-    env = {"SEQSERVE_AUTH_TOKEN": "env-token-0123456789",
-           "SEQSERVE_MAX_SESSIONS_PER_PRINCIPAL": "3"}
+    env = {
+        "SEQSERVE_AUTH_TOKEN": "env-token-0123456789",
+        "SEQSERVE_MAX_SESSIONS_PER_PRINCIPAL": "3",
+    }
     parsed = parse_settings([], env)
     assert parsed.auth_token == "env-token-0123456789" and parsed.max_sessions_per_principal == 3
     _, port = await start_server(auth_token=parsed.auth_token)

@@ -14,11 +14,12 @@ from seqserve.proto.codec import from_matrix, to_matrix
 TOL = 1e-5
 
 
-def batch(ids: list[str], positions: list[int], frames: np.ndarray, **kw: object
-          ) -> pb.StepBatchRequest:
-    return pb.StepBatchRequest(session_ids=ids, positions=positions,
-                               frames=to_matrix(np.asarray(frames, np.float32)),
-                               **kw)  # type: ignore[arg-type]
+def batch(
+    ids: list[str], positions: list[int], frames: np.ndarray, **kw: object
+) -> pb.StepBatchRequest:
+    return pb.StepBatchRequest(
+        session_ids=ids, positions=positions, frames=to_matrix(np.asarray(frames, np.float32)), **kw
+    )  # type: ignore[arg-type]
 
 
 def recordings(samples: dict[str, np.ndarray], n: int, steps: int) -> np.ndarray:
@@ -55,8 +56,7 @@ async def test_a_bad_entry_fails_alone_and_the_rest_is_applied(stub, samples, mo
     ids = ["ok-a", "ok-b", "ok-a", "ok-nan", "ok-c", "never-started"]
     rows = np.stack([frames[0], frames[1], frames[0], frames[3], x[2, 2], frames[0]])
     r = await stub.StepBatch(batch(ids, [1, 1, 1, 0, 5, 1], rows))
-    assert errors(r) == {2: "duplicate_session", 3: "non_finite", 4: "position_gap",
-                         5: "unknown"}
+    assert errors(r) == {2: "duplicate_session", 3: "non_finite", 4: "position_gap", 5: "unknown"}
     gap = next(e for e in r.errors if e.index == 4)
     assert gap.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert gap.error.expected_position == 1 and r.next_positions[4] == 1
@@ -93,13 +93,23 @@ async def test_batches_and_single_steps_interleave_in_order(stub, samples, model
     assert np.abs(out[1] - solo_run(model_dir, x[1, :2])[1]).max() <= TOL
 
 
-@pytest.mark.parametrize(("make", "reason"), [
-    (lambda f: batch(["a", "b"], [0], f[:2], start=True), "bad_request"),
-    (lambda f: batch(["a", "b"], [0, 0], f[:3], start=True), "bad_frames"),
-    (lambda f: batch(["a"], [0], f[:1, :4], start=True), "feature_count"),
-    (lambda f: pb.StepBatchRequest(session_ids=["a"], positions=[0], start=True,
-                                   frames=pb.Matrix(rows=1, cols=6, data=b"xyz")), "bad_frames"),
-])
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda f: batch(["a", "b"], [0], f[:2], start=True), "bad_request"),
+        (lambda f: batch(["a", "b"], [0, 0], f[:3], start=True), "bad_frames"),
+        (lambda f: batch(["a"], [0], f[:1, :4], start=True), "feature_count"),
+        (
+            lambda f: pb.StepBatchRequest(
+                session_ids=["a"],
+                positions=[0],
+                start=True,
+                frames=pb.Matrix(rows=1, cols=6, data=b"xyz"),
+            ),
+            "bad_frames",
+        ),
+    ],
+)
 async def test_malformed_batches_are_refused_whole(stub, samples, make, reason):
     request = make(samples["x"][0])
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -123,7 +133,8 @@ async def test_an_empty_batch_is_an_empty_answer(stub):
 
 
 async def test_pipelined_groups_single_steps_and_controls_keep_each_session_in_order(
-        settings, samples, model_dir):
+    settings, samples, model_dir
+):
     """Everything is admitted before anything runs (no await in between), so the scheduler sees
     groups holding sessions, a single step queued behind them and groups behind that: each
     session's frames must still be applied exactly once, in position order."""
@@ -141,8 +152,10 @@ async def test_pipelined_groups_single_steps_and_controls_keep_each_session_in_o
         single = engine.submit("p-1", 4, x[1, 4:6])  # behind four groups holding p-1
         # p-1 now has a queued single step: its entries take the per-session queue, the others
         # stay in the fast lane.
-        pending += [engine.submit_batch(ids, [t, t + 2, t], np.stack(
-            [x[0, t], x[1, t + 2], x[2, t]])) for t in range(4, 8)]
+        pending += [
+            engine.submit_batch(ids, [t, t + 2, t], np.stack([x[0, t], x[1, t + 2], x[2, t]]))
+            for t in range(4, 8)
+        ]
         results = [await f for f in pending]
         assert all(not r.errors for r in results)
         assert (await single).next_position == 6

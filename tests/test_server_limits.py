@@ -15,6 +15,5 @@ async def test_oversized_metadata_is_refused_and_the_server_keeps_serving(stub, 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.GetModel(pb.ModelRequest(), metadata=(("x-big", "a" * size),), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
-    r = await stub.Step(step_request("after-big", 0, samples["x"][0][:2], start=True),
-                        timeout=10)
+    r = await stub.Step(step_request("after-big", 0, samples["x"][0][:2], start=True), timeout=10)
     assert r.next_position == 2

@@ -24,23 +24,30 @@ TOL = 1e-5
 async def test_metrics_endpoint_counts_what_happened(server, stub, samples):
     app, _ = server
     x = samples["x"][0][:7]
-    call = stub.Stream(iter([step_request("m", t, x[t : t + 1], start=t == 0)
-                             for t in range(7)]))
+    call = stub.Stream(iter([step_request("m", t, x[t : t + 1], start=t == 0) for t in range(7)]))
     async for _ in call:
         pass
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Step(step_request("m", 99, x[:1]))
     body = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics",
-                                       timeout=5).read().decode())
+        lambda: (
+            urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+    )
     assert "seqserve_steps_total 7.0" in body
     assert 'seqserve_requests_total{code="OK",rpc="Stream"} 7.0' in body
     assert 'seqserve_requests_total{code="FAILED_PRECONDITION",rpc="Step"} 1.0' in body
     assert 'seqserve_request_duration_seconds_bucket{le="5e-05",rpc="Stream"}' in body
     assert "seqserve_live_sessions 1.0" in body
     assert "seqserve_state_bytes 2048.0" in body
-    for name in ("seqserve_queue_wait_seconds_bucket", "seqserve_inference_seconds_bucket",
-                 "seqserve_batch_size_bucket", 'seqserve_session_events_total{event="opened"} 1.0'):
+    for name in (
+        "seqserve_queue_wait_seconds_bucket",
+        "seqserve_inference_seconds_bucket",
+        "seqserve_batch_size_bucket",
+        'seqserve_session_events_total{event="opened"} 1.0',
+    ):
         assert name in body
     assert "session_id" not in body  # never a per-session label
 
@@ -66,8 +73,9 @@ async def test_reflection_can_be_switched_off(start_server, enabled):
     _, port = await start_server(reflection=enabled)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            list_services="")]))
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         if enabled:
             reply = await call.read()
             names = {s.name for s in reply.list_services_response.service}
@@ -78,14 +86,14 @@ async def test_reflection_can_be_switched_off(start_server, enabled):
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_drain_snapshot_restart_resume_identical(start_server, samples, model_dir,
-                                                       settings):
+async def test_drain_snapshot_restart_resume_identical(start_server, samples, model_dir, settings):
     xs = [samples["x"][i][:40] for i in range(6)]
     app, port = await start_server()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SeqServeStub(channel)
-        first = [await stub.Step(step_request(f"d{i}", 0, x[:25], start=True))
-                 for i, x in enumerate(xs)]
+        first = [
+            await stub.Step(step_request(f"d{i}", 0, x[:25], start=True)) for i, x in enumerate(xs)
+        ]
         # A stream left open across the drain is ended with UNAVAILABLE, not cut mid-request.
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -114,8 +122,9 @@ async def test_drain_snapshot_restart_resume_identical(start_server, samples, mo
         for i, x in enumerate(xs):
             start = 26 if i == 0 else 25
             r = await stub.Step(step_request(f"d{i}", start, x[start:]))
-            whole = np.concatenate([probs(first[i])] + ([probs(replay)] if i == 0 else [])
-                                   + [probs(r)])
+            whole = np.concatenate(
+                [probs(first[i])] + ([probs(replay)] if i == 0 else []) + [probs(r)]
+            )
             assert np.abs(whole - solo_run(model_dir, x)).max() <= TOL
 
 
@@ -157,10 +166,16 @@ async def test_bad_snapshot_is_refused_whole(start_server, settings, samples, da
         from seqserve.server.states import StateBank
 
         spec = load_model_spec(settings.model_dir)
-        foreign = type(spec)(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__},
-                                "name": "other", "fingerprint": "0" * 64})
-        table = SessionTable(StateBank(foreign, 10, settings.replay_window), max_sessions=10,
-                             idle_timeout=60)
+        foreign = type(spec)(
+            **{
+                **{f: getattr(spec, f) for f in spec.__dataclass_fields__},
+                "name": "other",
+                "fingerprint": "0" * 64,
+            }
+        )
+        table = SessionTable(
+            StateBank(foreign, 10, settings.replay_window), max_sessions=10, idle_timeout=60
+        )
         table.create("x")
         save_snapshot(path, foreign, table)
     with pytest.raises(SnapshotError) as info:
@@ -174,9 +189,14 @@ async def test_bad_snapshot_is_refused_whole(start_server, settings, samples, da
 def test_settings_from_flags_and_environment():
     from seqserve.server.settings import parse_settings
 
-    s = parse_settings(["--max-sessions", "7", "--no-reflection"],
-                       environ={"SEQSERVE_MAX_BATCH": "9", "SEQSERVE_MAX_SESSIONS": "3",
-                                "SEQSERVE_ORT_SPINNING": "true"})
+    s = parse_settings(
+        ["--max-sessions", "7", "--no-reflection"],
+        environ={
+            "SEQSERVE_MAX_BATCH": "9",
+            "SEQSERVE_MAX_SESSIONS": "3",
+            "SEQSERVE_ORT_SPINNING": "true",
+        },
+    )
     assert (s.max_sessions, s.max_batch, s.reflection, s.ort_spinning) == (7, 9, False, True)
     with pytest.raises(SystemExit):
         parse_settings([], environ={"SEQSERVE_MAX_BATCH": "lots"})
@@ -187,9 +207,13 @@ def test_settings_from_flags_and_environment():
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-P", "-m", "seqserve.server", *args],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "seqserve.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_server_help_lists_every_setting():
@@ -211,8 +235,18 @@ def test_server_refuses_bad_model_dir_and_cuda_without_gpu(tmp_path, model_dir):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        out = _cli("--device", "cuda", "--model-dir", str(model_dir), "--port", "0",
-                   "--metrics-port", "-1", "--snapshot-path", "")
+        out = _cli(
+            "--device",
+            "cuda",
+            "--model-dir",
+            str(model_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--snapshot-path",
+            "",
+        )
         assert out.returncode == 2
         assert "CUDAExecutionProvider" in out.stderr
 

@@ -19,8 +19,11 @@ async def _status(coro) -> tuple[grpc.StatusCode, str, int]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await coro
     meta = dict(info.value.trailing_metadata() or ())
-    return (info.value.code(), meta.get("seqserve-reason", ""),
-            int(meta.get("seqserve-expected-position", "0")))
+    return (
+        info.value.code(),
+        meta.get("seqserve-reason", ""),
+        int(meta.get("seqserve-expected-position", "0")),
+    )
 
 
 async def test_retried_request_is_replayed_not_applied_twice(stub, samples, model_dir):
@@ -62,15 +65,19 @@ async def test_stale_position_outside_replay_window(start_server, samples):
         replay = await stub.Step(step_request("st", 6, x[6:10]))
         assert replay.replayed
         code, reason, expected = await _status(stub.Step(step_request("st", 5, x[5:10])))
-        assert (code, reason, expected) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                            "stale_position", 10)
+        assert (code, reason, expected) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "stale_position",
+            10,
+        )
 
 
 async def test_unknown_session_is_not_silently_started(stub, samples):
     code, reason, _ = await _status(stub.Step(step_request("nobody", 0, samples["x"][0][:1])))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "unknown")
     code, reason, expected = await _status(
-        stub.Step(step_request("nobody", 3, samples["x"][0][:1], start=True)))
+        stub.Step(step_request("nobody", 3, samples["x"][0][:1], start=True))
+    )
     assert (code, reason, expected) == (grpc.StatusCode.FAILED_PRECONDITION, "position_gap", 0)
 
 
@@ -87,7 +94,8 @@ async def test_idle_session_expires_and_says_so(start_server, samples):
         while len(app.engine.table) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         code, reason, position = await _status(
-            stub.Step(step_request("idle", 4, samples["x"][0][4:5])))
+            stub.Step(step_request("idle", 4, samples["x"][0][4:5]))
+        )
         assert (code, reason, position) == (grpc.StatusCode.NOT_FOUND, "expired", 4)
         sample = app.metrics.registry.get_sample_value
         assert sample("seqserve_session_events_total", {"event": "expired"}) == 1
@@ -107,10 +115,15 @@ async def test_session_cap_refuses_at_once(start_server, samples):
         assert time.perf_counter() - t0 < 1.0
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "session_limit")
         code, reason, _ = await _status(
-            stub.Step(step_request("c", 0, samples["x"][0][:1], start=True)))
+            stub.Step(step_request("c", 0, samples["x"][0][:1], start=True))
+        )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert app.metrics.registry.get_sample_value(
-            "seqserve_session_events_total", {"event": "refused"}) == 2
+        assert (
+            app.metrics.registry.get_sample_value(
+                "seqserve_session_events_total", {"event": "refused"}
+            )
+            == 2
+        )
         await stub.CloseSession(pb.SessionRef(session_id="a"))
         await stub.OpenSession(pb.OpenSessionRequest(session_id="c"))
 
@@ -147,10 +160,18 @@ BAD = [
     ("non_finite", lambda x: step_request("bad", 2, np.array([[np.nan] * 6], np.float32))),
     ("non_finite", lambda x: step_request("bad", 2, np.array([[np.inf] * 6], np.float32))),
     ("bad_frames", lambda x: pb.StepRequest(session_id="bad", position=2)),
-    ("bad_frames", lambda x: pb.StepRequest(session_id="bad", position=2,
-                                            frames=pb.Matrix(rows=1, cols=6, data=b"\0" * 7))),
-    ("bad_frames", lambda x: pb.StepRequest(session_id="bad", position=2,
-                                            frames=pb.Matrix(rows=2, cols=6, data=b"\0" * 24))),
+    (
+        "bad_frames",
+        lambda x: pb.StepRequest(
+            session_id="bad", position=2, frames=pb.Matrix(rows=1, cols=6, data=b"\0" * 7)
+        ),
+    ),
+    (
+        "bad_frames",
+        lambda x: pb.StepRequest(
+            session_id="bad", position=2, frames=pb.Matrix(rows=2, cols=6, data=b"\0" * 24)
+        ),
+    ),
     ("too_many_frames", lambda x: step_request("bad", 2, np.zeros((5000, 6), np.float32))),
     ("bad_session_id", lambda x: step_request("", 2, x[2:3])),
     ("bad_session_id", lambda x: step_request("a" * 129, 2, x[2:3])),
@@ -161,7 +182,8 @@ BAD = [
 
 @pytest.mark.parametrize(("reason", "make"), BAD)
 async def test_bad_input_is_rejected_specifically_and_state_is_kept(
-        stub, samples, model_dir, reason, make):
+    stub, samples, model_dir, reason, make
+):
     x = samples["x"][0][:4]
     await stub.Step(step_request("bad", 0, x[:2], start=True))
     code, got, _ = await _status(stub.Step(make(x)))
@@ -195,8 +217,10 @@ async def test_predict_rejects_bad_sequences(stub):
 
     code, reason, _ = await _status(stub.Predict(pb.PredictRequest()))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_frames")
-    seqs = [pb.Sequence(frames=to_matrix(np.ones((3, 6)))),
-            pb.Sequence(frames=to_matrix(np.ones((3, 4))))]
+    seqs = [
+        pb.Sequence(frames=to_matrix(np.ones((3, 6)))),
+        pb.Sequence(frames=to_matrix(np.ones((3, 4)))),
+    ]
     code, reason, _ = await _status(stub.Predict(pb.PredictRequest(sequences=seqs)))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "feature_count")
 

@@ -22,8 +22,11 @@ async def _stream_frames(stub, session_id: str, frames: np.ndarray, chunks: list
     """Send ``frames`` in chunks of the given sizes over one stream; per-frame outputs."""
     requests, position = [], 0
     for size in chunks:
-        requests.append(step_request(session_id, position, frames[position : position + size],
-                                     start=position == 0))
+        requests.append(
+            step_request(
+                session_id, position, frames[position : position + size], start=position == 0
+            )
+        )
         position += size
     call = stub.Stream(iter(requests))
     rows = [probs(r) async for r in call]
@@ -39,8 +42,9 @@ async def test_stream_matches_keras_reference_frame_by_frame(stub, reference, mo
         assert np.abs(out - solo_run(model_dir, x)).max() <= TOL
 
 
-@settings(max_examples=8, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 async def test_any_chunking_gives_the_same_outputs(stub, samples, model_dir, data):
     x = samples["x"][0][: samples["lengths"][0]]
@@ -64,8 +68,11 @@ async def test_last_frame_mode_and_response_fields(stub, samples):
 async def test_many_sessions_on_one_stream_each_equal_their_solo_run(stub, samples, model_dir):
     n_sessions, steps = 24, 30
     xs = [samples["x"][i % len(samples["x"])][:steps] + 0.01 * i for i in range(n_sessions)]
-    requests = [step_request(f"mux-{s}", t, xs[s][t : t + 1], start=t == 0)
-                for t in range(steps) for s in range(n_sessions)]  # interleaved
+    requests = [
+        step_request(f"mux-{s}", t, xs[s][t : t + 1], start=t == 0)
+        for t in range(steps)
+        for s in range(n_sessions)
+    ]  # interleaved
     call = stub.Stream(iter(requests))
     got: dict[str, dict[int, np.ndarray]] = {}
     async for r in call:
@@ -92,8 +99,11 @@ async def test_steps_are_batched_across_sessions(start_server, samples):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.SeqServeStub(channel)
     n_sessions = 64
-    requests = [step_request(f"b-{s}", t, samples["x"][0][t : t + 1], start=t == 0)
-                for t in range(5) for s in range(n_sessions)]
+    requests = [
+        step_request(f"b-{s}", t, samples["x"][0][t : t + 1], start=t == 0)
+        for t in range(5)
+        for s in range(n_sessions)
+    ]
     call = stub.Stream(iter(requests))
     async for r in call:
         assert not r.HasField("error")
@@ -143,8 +153,9 @@ async def test_predict_variable_lengths_matches_in_process(stub, samples, model_
     xs = [samples["x"][i % len(samples["x"])][:n] for i, n in enumerate(lengths)]
     from seqserve.proto.codec import from_matrix, to_matrix
 
-    r = await stub.Predict(pb.PredictRequest(
-        sequences=[pb.Sequence(frames=to_matrix(x)) for x in xs], per_step=True))
+    r = await stub.Predict(
+        pb.PredictRequest(sequences=[pb.Sequence(frames=to_matrix(x)) for x in xs], per_step=True)
+    )
     assert len(r.predictions) == len(xs)
     for x, p in zip(xs, r.predictions, strict=True):
         expected = solo_run(model_dir, x)
@@ -160,8 +171,9 @@ async def test_model_metadata(stub, model_dir):
     info = await stub.GetModel(pb.ModelRequest())
     assert info.features == meta["features"] == 6
     assert list(info.labels) == meta["labels"]
-    assert [(s.name, s.size) for s in info.states] == [(s["name"], s["size"])
-                                                       for s in meta["states"]]
+    assert [(s.name, s.size) for s in info.states] == [
+        (s["name"], s["size"]) for s in meta["states"]
+    ]
     assert [s.size for s in info.states] == [64, 64, 128, 128, 64, 64]
     assert info.state_bytes == 4 * sum(s.size for s in info.states)
     assert info.parameters == meta["parameters"] > 0

@@ -36,8 +36,9 @@ def text(reply: object) -> str:
 
 
 @pytest.fixture
-async def replicas(start_server: Callable[..., Any], redis_server: Redis
-                   ) -> AsyncIterator[Callable[..., Any]]:
+async def replicas(
+    start_server: Callable[..., Any], redis_server: Redis
+) -> AsyncIterator[Callable[..., Any]]:
     """``await replica(name, **settings) -> (app, stub)``: in-process replicas sharing Redis."""
     channels: list[grpc.aio.Channel] = []
 
@@ -58,14 +59,17 @@ def recording(samples: dict[str, np.ndarray], n: int = 24) -> np.ndarray:
     return samples["x"][0][:n].astype(np.float32)
 
 
-async def step(stub: pb_grpc.SeqServeStub, sid: str, x: np.ndarray, position: int,
-               count: int = 1) -> pb.StepResponse:
-    return await stub.Step(step_request(sid, position, x[position : position + count],
-                                        start=position == 0))
+async def step(
+    stub: pb_grpc.SeqServeStub, sid: str, x: np.ndarray, position: int, count: int = 1
+) -> pb.StepResponse:
+    return await stub.Step(
+        step_request(sid, position, x[position : position + count], start=position == 0)
+    )
 
 
-async def test_a_session_moves_between_replicas_with_identical_outputs(replicas, samples,
-                                                                       model_dir):
+async def test_a_session_moves_between_replicas_with_identical_outputs(
+    replicas, samples, model_dir
+):
     _, a = await replicas("a")
     _, b = await replicas("b")
     x = recording(samples)
@@ -79,7 +83,8 @@ async def test_a_session_moves_between_replicas_with_identical_outputs(replicas,
 
 
 async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
-        replicas, samples, redis_server):
+    replicas, samples, redis_server
+):
     _, a = await replicas("a")
     _, b = await replicas("b")
     x = recording(samples)
@@ -95,7 +100,8 @@ async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
 
 
 async def test_with_k4_a_dead_replicas_last_frames_are_reported_and_resent(
-        replicas, samples, model_dir):
+    replicas, samples, model_dir
+):
     app_a, a = await replicas("a", checkpoint_every=4)
     _, b = await replicas("b", checkpoint_every=4)
     x = recording(samples)
@@ -120,8 +126,9 @@ async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
     x = recording(samples)
     await step(a, "race", x, 0, 4)
     await step(b, "race", x, 0, 4)  # a resend: b claims the session, replays
-    results = await asyncio.gather(step(a, "race", x, 4), step(b, "race", x, 4),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        step(a, "race", x, 4), step(b, "race", x, 4), return_exceptions=True
+    )
     failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(failed) == 1 and failed[0].code() == grpc.StatusCode.ABORTED
     assert dict(failed[0].trailing_metadata())["seqserve-reason"] == "session_moved"
@@ -129,8 +136,9 @@ async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
     assert ok.next_position == 5 and not ok.replayed
 
 
-async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples, redis_server,
-                                                               model_dir, tmp_path):
+async def test_serving_goes_on_from_memory_while_redis_is_down(
+    replicas, samples, redis_server, model_dir, tmp_path
+):
     app_a, a = await replicas("a", store_retry=0.2)
     _, b = await replicas("b", store_retry=0.2)
     x = recording(samples)
@@ -158,8 +166,7 @@ async def test_serving_goes_on_from_memory_while_redis_is_down(replicas, samples
     assert np.abs(probs(moved) - solo_run(model_dir, x)[17]).max() <= TOL
 
 
-async def test_a_stalled_redis_does_not_stall_serving(replicas, samples, redis_server,
-                                                      model_dir):
+async def test_a_stalled_redis_does_not_stall_serving(replicas, samples, redis_server, model_dir):
     """Redis hangs for 3 s (DEBUG SLEEP): a replica waits for it at most --store-timeout, then
     serves from memory; every step completes while Redis is still asleep, with exact outputs,
     and once it wakes the session's next write brings the store up to date."""
@@ -177,8 +184,9 @@ async def test_a_stalled_redis_does_not_stall_serving(replicas, samples, redis_s
     assert text(redis_server.command("HGET", "seqserve:basicmotions:1:stall", "h")) == "a|13"
 
 
-async def test_the_client_waits_out_a_store_outage_to_resume(replicas, samples, redis_server,
-                                                             model_dir):
+async def test_the_client_waits_out_a_store_outage_to_resume(
+    replicas, samples, redis_server, model_dir
+):
     """Sessions held by a, resumed through the client library on b while Redis hangs (SIGSTOP):
     b answers store_unavailable, not "unknown"; the client keeps trying under its backoff (a
     unary GetSession, and a step in a stream) and once Redis wakes, b claims the sessions and
@@ -212,8 +220,9 @@ async def test_the_client_waits_out_a_store_outage_to_resume(replicas, samples, 
     assert claimed == 2
 
 
-async def test_drain_checkpoints_every_session_and_close_is_shared(replicas, samples, model_dir,
-                                                                    redis_server):
+async def test_drain_checkpoints_every_session_and_close_is_shared(
+    replicas, samples, model_dir, redis_server
+):
     app_a, a = await replicas("a", checkpoint_every=16, session_idle_timeout=30.0)
     _, b = await replicas("b", checkpoint_every=16)
     x = recording(samples)
@@ -238,9 +247,11 @@ async def test_batches_claim_what_they_do_not_hold(replicas, samples, model_dir)
     _, b = await replicas("b")
     x = np.stack([samples["x"][i][:6] for i in range(4)]).astype(np.float32)
     ids = [f"mb-{i}" for i in range(4)]
+
     def batch(t: int) -> pb.StepBatchRequest:
-        return pb.StepBatchRequest(session_ids=ids, positions=[t] * 4, frames=to_matrix(x[:, t]),
-                                   start=t == 0)
+        return pb.StepBatchRequest(
+            session_ids=ids, positions=[t] * 4, frames=to_matrix(x[:, t]), start=t == 0
+        )
 
     rows = [from_matrix((await a.StepBatch(batch(t))).probabilities) for t in range(3)]
     for t in range(3, 6):
@@ -252,19 +263,40 @@ async def test_batches_claim_what_they_do_not_hold(replicas, samples, model_dir)
         assert np.abs(got[i] - solo_run(model_dir, x[i])).max() <= TOL
 
 
-
-def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, model_dir,
-                                                       tmp_path):
+def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, model_dir, tmp_path):
     """``--workers 2``: two processes on one port. Every fresh connection lands on either; a
     session stepped over twenty fresh connections visits both and its outputs are exact."""
     import sys
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-P", "-m", "seqserve.server", "--workers", "2", "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "-1", "--store", redis_server.url,
-         "--replica-id", "box", "--model-dir", str(model_dir), "--snapshot-path", "",
-         "--drain-grace", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "seqserve.server",
+            "--workers",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--store",
+            redis_server.url,
+            "--replica-id",
+            "box",
+            "--model-dir",
+            str(model_dir),
+            "--snapshot-path",
+            "",
+            "--drain-grace",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     x = recording(samples, 20)
     owners = set()
 
@@ -275,8 +307,9 @@ def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, mo
                 stub = pb_grpc.SeqServeStub(channel)
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 out.append(probs(await step(stub, "w", x, t)))
-            owners.add(text(redis_server.command("HGET", "seqserve:basicmotions:1:w", "h"))
-                       .split("|")[0])
+            owners.add(
+                text(redis_server.command("HGET", "seqserve:basicmotions:1:w", "h")).split("|")[0]
+            )
         return out
 
     try:
