@@ -38,6 +38,8 @@ def fail(sink: Sink, exc: BaseException) -> None:
 
 
 class Answers(Protocol):
+    immediate: bool  # answers are given when the round is applied, with nothing to wait for
+
     def answer(self, sink: Sink, value: object, session: Session) -> None:
         """Give ``value`` to ``sink`` once what ``session`` did is recorded."""
         ...
@@ -57,6 +59,8 @@ class Answers(Protocol):
 
 class Immediate:
     """No shared store: nothing to wait for."""
+
+    immediate = True
 
     def answer(self, sink: Sink, value: object, session: Session) -> None:
         resolve(sink, value)
@@ -102,6 +106,8 @@ def checkpoint_commits(
 
 
 class WriteBack:
+    immediate = False
+
     def __init__(
         self,
         store: Store,
