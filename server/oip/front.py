@@ -5,6 +5,7 @@ request metrics (``protocol`` label ``oip-grpc`` / ``oip-http``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -22,7 +23,8 @@ from ..errors import (
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store import SessionMoved, StoreUnavailable
-from .infer import INPUT, OUTPUT
+from .infer import INPUT, OUTPUT, InferCall
+from .infer import start as infer_start
 from .models import ModelIndex, ModelNotFound, ModelUnavailable, RepositoryError
 from .stats import RequestTotals, model_numbers
 
@@ -117,6 +119,20 @@ class OipFront:
         self._counter(rpc, code, protocol).inc()
         if rpc in INFER_RPCS:
             self.totals.done(code == "OK", seconds)
+
+    def start(self, call: InferCall, principal: str) -> asyncio.Future[Any]:
+        """``infer.start``, counting a stateless request's frames as the native Predict's are."""
+        future = infer_start(call, principal)
+        if call.sequence is None:
+            frames = call.frames.shape[0] * call.frames.shape[1]
+            counter = self.metrics.predict_frames
+
+            def count(done: asyncio.Future[Any]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    counter.inc(frames)
+
+            future.add_done_callback(count)
+        return future
 
     # -- health and metadata ------------------------------------------------------------------
 

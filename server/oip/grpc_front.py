@@ -216,7 +216,7 @@ class InferenceService(grpc.GenericRpcHandler):
         call = None
         try:
             call = self._prepare(request)
-            result = await infer.start(call, current_principal())
+            result = await self.front.start(call, current_principal())
         except Exception as exc:
             raise infer.explain(call, exc) from None
         return self._response(request, call, result)
@@ -330,7 +330,7 @@ class InferenceService(grpc.GenericRpcHandler):
                 call = None
                 try:
                     call = self._prepare(request)
-                    future = infer.start(call, principal)
+                    future = self.front.start(call, principal)
                 except Exception as exc:
                     queue.put_nowait(self._stream_error(request, started, infer.explain(call, exc)))
                     continue

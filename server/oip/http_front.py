@@ -259,7 +259,7 @@ class HttpFront:
             [o for o, _ in outputs],
         )
         try:
-            result = await infer.start(call, request.get("principal", ""))
+            result = await self.front.start(call, request.get("principal", ""))
         except Exception as exc:
             raise infer.explain(call, exc) from None
         return _infer_response(call, result, outputs, binary_default)
