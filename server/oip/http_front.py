@@ -150,11 +150,11 @@ class HttpFront:
             return _error_response(exc.status, text, code, "bad_request")
         except Exception as exc:
             code, status = status_of(exc)
+            if isinstance(exc, _Unauthenticated):
+                code, status = "UNAUTHENTICATED", 401
             self.front.done(rpc, PROTOCOL, started, code)
             if code == "INTERNAL":
                 log.error("%s %s failed", request.method, request.path, exc_info=exc)
-            if isinstance(exc, _Unauthenticated):
-                code, status = "UNAUTHENTICATED", 401
             reason = getattr(exc, "reason", "internal")
             response = _error_response(status, error_message(exc), code, reason)
             expected = expected_position(exc)
