@@ -51,7 +51,8 @@ _TYPED = (
 
 def _params(parameters: Any) -> dict[str, ParamValue]:
     values: dict[str, ParamValue] = {}
-    for key, param in parameters.items():
+    for key in parameters:  # (the map's items() view is several times slower)
+        param = parameters[key]
         which = param.WhichOneof("parameter_choice")
         if which is not None:
             values[key] = getattr(param, which)

@@ -28,7 +28,7 @@ _U64 = (1 << 64) - 1
 _KNOWN = frozenset({"sequence_id", "sequence_start", "sequence_end", "sequence_position"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every step, and frozen init is slower
 class SequenceStep:
     session_id: str
     position: int | None  # None: append
@@ -39,12 +39,20 @@ class SequenceStep:
 
 def _flag(params: Mapping[str, ParamValue], key: str) -> bool:
     value = params.get(key, False)
-    if not isinstance(value, bool):
+    if value is not True and value is not False:
         raise BadRequest(f"parameter {key} must be a bool, not {value!r}", reason="bad_parameter")
     return value
 
 
 def _session_id(value: ParamValue) -> tuple[str, str] | None:
+    if type(value) is str and value:
+        try:
+            return check_session_id(value), repr(value)
+        except SeqServeError as exc:
+            raise BadRequest(
+                f"sequence_id: {exc} (seqserve uses a string id as the session id)",
+                reason="bad_session_id",
+            ) from None
     if isinstance(value, bool | float):
         raise BadRequest(
             f"parameter sequence_id must be an integer or a string, not {value!r}",
@@ -57,22 +65,16 @@ def _session_id(value: ParamValue) -> tuple[str, str] | None:
             )
         number = value & _U64
         return (str(number), str(number)) if number else None
-    if not value:
-        return None
-    try:
-        return check_session_id(value), repr(value)
-    except SeqServeError as exc:
-        raise BadRequest(
-            f"sequence_id: {exc} (seqserve uses a string id as the session id)",
-            reason="bad_session_id",
-        ) from None
+    return None  # "": no sequence
 
 
 def read_sequence(params: Mapping[str, ParamValue]) -> SequenceStep | None:
     """The request's sequence, or None for a stateless request; BadRequest for parameters that
     do not make sense together."""
-    for key in params:
-        if key.startswith("sequence_") and key not in _KNOWN:
+    if not params:
+        return None
+    for key in params.keys() - _KNOWN:
+        if key.startswith("sequence_"):
             raise BadRequest(
                 f"unknown parameter {key!r} (sequence parameters: {', '.join(sorted(_KNOWN))})",
                 reason="bad_parameter",
