@@ -25,7 +25,7 @@ from seqserve.proto import inference as pb
 
 from ..auth import current_principal
 from ..errors import BadRequest, Draining
-from ..scheduler import StepResult
+from ..engine import StepResult
 from . import infer
 from .front import OipFront, error_message, expected_position, status_of
 from .sequences import ParamValue

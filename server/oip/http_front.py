@@ -25,7 +25,7 @@ import numpy as np
 from aiohttp import web
 
 from ..errors import BadRequest, SeqServeError
-from ..scheduler import StepResult
+from ..engine import StepResult
 from ..settings import Settings
 from . import infer
 from .front import OipFront, error_message, expected_position, status_of
