@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .scheduler import BatchObserver
+from .observer import BatchObserver
+from .work import Graph
 
 __all__ = ["LATENCY_BUCKETS", "PROTOCOLS", "Metrics"]
 
@@ -93,7 +94,7 @@ class Metrics(BatchObserver):
         for event in ("opened", "closed", "expired", "refused", "claimed", "moved"):
             self.session_events.labels(event)
 
-    def batch(self, graph: str, size: int, frames: int, seconds: float, waited: float) -> None:
+    def batch(self, graph: Graph, size: int, frames: int, seconds: float, waited: float) -> None:
         self._inference[graph].observe(seconds)
         self._batch[graph].observe(size)
         self.queue_seconds.observe(waited)

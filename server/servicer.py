@@ -30,10 +30,11 @@ from .errors import (
     PositionError,
     SeqServeError,
     SessionExists,
+    SessionMoved,
     SessionNotFound,
+    StoreUnavailable,
 )
 from .metrics import Metrics
-from .store import SessionMoved, StoreUnavailable
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
 

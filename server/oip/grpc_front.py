@@ -24,8 +24,8 @@ from google.protobuf import json_format
 from seqserve.proto import inference as pb
 
 from ..auth import current_principal
-from ..errors import BadRequest, Draining
 from ..engine import StepResult
+from ..errors import BadRequest, Draining
 from . import infer
 from .front import OipFront, error_message, expected_position, status_of
 from .sequences import ParamValue

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from ..errors import BadRequest, SeqServeError
 from ..engine import StepResult
+from ..errors import BadRequest, SeqServeError
 from ..settings import Settings
 from . import infer
 from .front import OipFront, error_message, expected_position, status_of
