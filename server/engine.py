@@ -282,7 +282,7 @@ class Engine:
     def submit(
         self,
         session_id: str,
-        position: int,
+        position: int | None,
         frames: np.ndarray,
         *,
         start: bool = False,
@@ -290,19 +290,24 @@ class Engine:
         principal: str = "",
     ) -> asyncio.Future[StepResult]:
         """Queue frames for a session; the future gives the outputs or a SeqServeError. A
-        request refused before it is queued raises instead."""
+        request refused before it is queued raises instead.
+
+        ``position=None`` appends: the frames go at the session's next position as of their
+        admission (0 for a new one), so requests are applied in the order they arrive, with no
+        retry detection. A start then only creates: an existing session is not restarted."""
         self._refuse_if_draining()
         self.check_frames(frames)
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
         def admit() -> None:
-            session = self._admit(session_id, position, len(frames), start, principal)
-            self.scheduler.submit(Work(session, position, frames, future, end=end))
+            at = self._next_position(session_id, start) if position is None else position
+            session = self._admit(session_id, at, len(frames), start, principal)
+            self.scheduler.submit(Work(session, at, frames, future, end=end))
 
         handover = self.handover
         if not handover.held(session_id):
             handover.after_claim(
-                session_id, principal, start and position == 0, admit, future.set_exception
+                session_id, principal, start and not position, admit, future.set_exception
             )
             return future
         try:
@@ -531,6 +536,19 @@ class Engine:
             found.position,
             found.head,
         )
+
+    def _next_position(self, session_id: str, start: bool) -> int:
+        """Where appended frames go: after everything accepted for the session. A start for a
+        live session is refused: without positions it cannot tell a retry from a new sequence."""
+        session = self.table.find(session_id)
+        if session is None:
+            return 0
+        if start:
+            raise SessionExists(
+                f"session {session_id!r} is already active (position {session.accepted}); "
+                "end it first, or send its position to resume it"
+            )
+        return session.accepted
 
     def _admit(
         self, session_id: str, position: int, count: int, start: bool, principal: str

@@ -113,7 +113,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         # Streams whose one task is waiting for the next request (nothing outstanding).
         self._reading: dict[asyncio.Queue[Any], asyncio.Task[Any]] = {}
         self._observe = {
-            rpc: metrics.request_seconds.labels(rpc)
+            rpc: metrics.request_seconds.labels(rpc, "native")
             for rpc in (
                 "Stream",
                 "Step",
@@ -129,7 +129,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         }
         # Every (rpc, code) series exists from the start, so rate() sees the first error too.
         self._counted = {
-            (rpc, code.name): metrics.requests.labels(rpc, code.name)
+            (rpc, code.name): metrics.requests.labels(rpc, code.name, "native")
             for rpc in self._observe
             for code in _REPORTED_CODES
         }
@@ -145,7 +145,9 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self._observe[rpc].observe(time.perf_counter() - started)
         counter = self._counted.get((rpc, code.name))
         if counter is None:
-            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(rpc, code.name)
+            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(
+                rpc, code.name, "native"
+            )
         counter.inc()
 
     async def _abort(
