@@ -108,8 +108,8 @@ def test_generated_code_and_pyproject_floors_agree():
 
 
 @pytest.mark.skipif(
-    not os.environ.get("SEQSERVE_NETWORK_TESTS"),
-    reason="downloads protobuf 7 from PyPI: set SEQSERVE_NETWORK_TESTS=1",
+    bool(os.environ.get("SEQSERVE_OFFLINE")),
+    reason="downloads protobuf 7 from the package index (SEQSERVE_OFFLINE is set)",
 )
 def test_generated_code_runs_on_protobuf_7(tmp_path):
     """The other end of the range: protobuf 7 shadowing the environment's 6 (no tritonclient
