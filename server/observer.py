@@ -14,5 +14,8 @@ class BatchObserver:
     def session_event(self, event: str) -> None:
         pass
 
+    def predicted(self, frames: int) -> None:
+        """Frames run by a stateless (whole-sequence) request."""
+
     def store_call(self, kind: str, seconds: float, outcome: str) -> None:
         pass

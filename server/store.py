@@ -39,17 +39,19 @@ class Checkpoint:
     data: bytes  # float32: every state tensor's row, then the ring of recent outputs
 
 
-ClaimKind = Literal["ok", "none", "foreign", "closed"]
+ClaimKind = Literal["ok", "none", "foreign", "closed", "elsewhere"]
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What claiming a session found: ``ok`` (taken over: ``checkpoint``), ``none`` (not in the
-    store), ``foreign`` (another principal's) or ``closed`` (at ``final_position``)."""
+    store), ``foreign`` (another principal's), ``closed`` (at ``final_position``) or
+    ``elsewhere`` (it lives on another version of the model: ``where`` names it)."""
 
     kind: ClaimKind
     checkpoint: Checkpoint | None = None
     final_position: int = 0
+    where: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class Peek:
     position: int  # where its last full checkpoint is: a new owner resumes from here
     closed: bool
     expires_in: float  # seconds
+    where: str = ""  # set (and nothing else) when it lives on another version of the model
 
 
 @dataclass(frozen=True, slots=True)
