@@ -98,16 +98,26 @@ class SequencePrediction:
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
+    """``position`` is where to send next. ``rolled_back``: it is a checkpoint the session was
+    restored from after an unclean stop, and frames sent past it before were lost (send them
+    again from ``position``). ``closed`` is only ever true in ``close_session``'s answer."""
+
     session_id: str
     position: int
     idle_seconds: float
     expires_in_seconds: float
     closed: bool
+    rolled_back: bool = False
 
     @classmethod
     def from_pb(cls, info: pb.SessionInfo) -> SessionInfo:
         return cls(
-            info.session_id, info.position, info.idle_seconds, info.expires_in_seconds, info.closed
+            info.session_id,
+            info.position,
+            info.idle_seconds,
+            info.expires_in_seconds,
+            info.closed,
+            info.rolled_back,
         )
 
 

@@ -121,18 +121,20 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "position", "idle_seconds", "expires_in_seconds", "closed")
+    __slots__ = ("session_id", "position", "idle_seconds", "expires_in_seconds", "closed", "rolled_back")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     idle_seconds: float
     expires_in_seconds: float
     closed: bool
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., closed: _Optional[bool] = ...) -> None: ...
+    rolled_back: bool
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., closed: _Optional[bool] = ..., rolled_back: _Optional[bool] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ()

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +19,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from seqserve.proto import seqserve_pb2 as pb
-from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
 from .auth import AuthInterceptor, ConfigError, load_tokens, server_credentials
 from .engine import Engine
@@ -29,7 +28,8 @@ from .model import ModelSpec, load_model_spec
 from .runtime import Runtime
 from .servicer import SeqServeServicer
 from .settings import Settings, parse_settings
-from .snapshot import capture, load_snapshot, write_snapshot
+from .snapshot import capture, load_snapshot, lock_snapshot, write_snapshot
+from .wire import add_to_server
 
 __all__ = ["App", "configure_logging", "create_server", "main", "run_forever", "serve"]
 
@@ -49,6 +49,7 @@ class App:
         servicer: SeqServeServicer,
         health_servicer: health.aio.HealthServicer,
         metrics: Metrics,
+        snapshot_lock: IO[str] | None = None,
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
@@ -62,6 +63,7 @@ class App:
         # drain snapshot is never overwritten by an older periodic one finishing late.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="seqserve-snapshot")
         self._checkpoints: asyncio.Task[None] | None = None
+        self._snapshot_lock = snapshot_lock  # held until stopped: one server per snapshot file
 
     async def start(self) -> None:
         if self.settings.metrics_port >= 0:
@@ -103,7 +105,7 @@ class App:
                 self._writer.submit(
                     write_snapshot,
                     self.settings.snapshot_path,
-                    capture(self.engine.spec, self.engine.table),
+                    capture(self.engine.spec, self.engine.table, clean=True),
                 )
             )
         self._writer.shutdown(wait=True)
@@ -112,6 +114,8 @@ class App:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._snapshot_lock is not None:
+            self._snapshot_lock.close()
 
     async def checkpoint(self) -> None:
         """Save every session now (captured on the loop, written in the writer thread)."""
@@ -137,6 +141,23 @@ def create_server(
     Raises ModelError / SnapshotError / auth.ConfigError with a message fit for the user."""
     credentials = server_credentials(settings)  # bad TLS or token files fail before the model
     tokens = load_tokens(settings)
+    lock = lock_snapshot(settings.snapshot_path) if settings.snapshot_path else None
+    try:
+        return _create(settings, registry, spec, credentials, tokens, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _create(
+    settings: Settings,
+    registry: CollectorRegistry | None,
+    spec: ModelSpec | None,
+    credentials: grpc.ServerCredentials | None,
+    tokens: dict[bytes, str],
+    lock: IO[str] | None,
+) -> tuple[App, int]:
     interceptors = []
     if tokens or settings.tls_client_ca:
         interceptors.append(AuthInterceptor(tokens, certificates=bool(settings.tls_client_ca)))
@@ -165,7 +186,7 @@ def create_server(
         ],
     )
     servicer = SeqServeServicer(engine, metrics)
-    pb_grpc.add_SeqServeServicer_to_server(servicer, server)
+    add_to_server(servicer, server)  # requests that do not decode reach it as Undecodable
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
@@ -179,7 +200,7 @@ def create_server(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    return App(settings, server, engine, servicer, health_servicer, metrics), port
+    return App(settings, server, engine, servicer, health_servicer, metrics, lock), port
 
 
 def _restore(settings: Settings, engine: Engine) -> None:

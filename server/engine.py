@@ -88,6 +88,7 @@ class SessionStatus:
     idle_seconds: float
     expires_in_seconds: float
     closed: bool = False
+    rolled_back: bool = False  # position is a checkpoint behind frames that were applied
 
 
 class Engine:
@@ -223,6 +224,7 @@ class Engine:
             max(0.0, self.table.clock() - session.last_used),
             self.table.expires_in(session),
             bool(session.ended),
+            session.restored,
         )
 
     def open(self, session_id: str | None = None, principal: str = "") -> SessionStatus:
@@ -251,13 +253,18 @@ class Engine:
         found = await self.store.peek(session_id, principal)
         if found is None:
             return self.get(session_id, principal)  # unknown, or a tombstone here
-        head, closed, expires_in = found
+        head, closed, expires_in, saved = found
         if closed:
             raise SessionNotFound(
                 f"session {session_id!r} closed at position {head}", reason="closed", position=head
             )
+        # A step here claims the session from its checkpoint: that is where it resumes.
         return SessionStatus(
-            session_id, head, max(0.0, self.settings.session_idle_timeout - expires_in), expires_in
+            session_id,
+            saved,
+            max(0.0, self.settings.session_idle_timeout - expires_in),
+            expires_in,
+            rolled_back=head > saved,
         )
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
@@ -674,14 +681,8 @@ class Engine:
                 raise SessionExists(f"session {session_id!r} already exists")
             self.table.get(session_id, principal)  # raises unknown
         if session is None:
-            if not start:
+            if not start or position != 0:  # only a start at 0 creates a session
                 self.table.get(session_id, principal)  # raises unknown / expired / closed
-            if position != 0:
-                raise PositionError(
-                    f"a new session starts at position 0, not {position}",
-                    reason="position_gap",
-                    expected=0,
-                )
             session = self._create(session_id, principal)
         elif position > session.accepted:
             raise gap_error(session, position)
@@ -710,7 +711,7 @@ class Engine:
         """Per-step probabilities ``[T_i, C]`` of independent sequences, from zero state."""
         self._refuse_if_draining()
         if not sequences:
-            raise BadRequest("no sequences given", reason="bad_frames")
+            raise BadRequest("no sequences given", reason="no_sequences")
         total = 0
         for i, frames in enumerate(sequences):
             self.check_frames(frames, what=f"sequence {i}")

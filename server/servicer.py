@@ -2,7 +2,8 @@
 
 In a stream, a failed request is answered in the stream (``StepResponse.error``) and the stream
 goes on; a unary call ends with the status code and the trailing metadata ``seqserve-reason`` (and
-``seqserve-expected-position`` for position errors).
+``seqserve-expected-position`` for position errors). Requests arrive decoded by ``wire.lenient``:
+one that did not decode is an ``Undecodable``, refused like any malformed request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .store import SessionMoved, StoreUnavailable
+from .wire import Undecodable, decoded
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
 
@@ -100,6 +102,7 @@ def _session_info(status: SessionStatus) -> pb.SessionInfo:
         idle_seconds=status.idle_seconds,
         expires_in_seconds=status.expires_in_seconds,
         closed=status.closed,
+        rolled_back=status.rolled_back,
     )
 
 
@@ -162,7 +165,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     # -- steps --------------------------------------------------------------------------------
 
-    def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
+    def _submit(self, request: pb.StepRequest | Undecodable) -> asyncio.Future[StepResult]:
+        request = decoded(request)
         frames = decode_matrix(request.frames, self.features)
         return self.engine.submit(
             request.session_id,
@@ -191,12 +195,14 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         )
 
     async def Step(
-        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StepRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
         return await self._unary("Step", request, context, self._submit, self._response)
 
     async def Stream(
-        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.StepRequest | Undecodable],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StepResponse]:
         async for response in self._stream(
             "Stream", request_iterator, context, self._submit, self._response, self._step_error
@@ -204,7 +210,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             yield response
 
     async def StepBatch(
-        self, request: pb.StepBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StepBatchRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.StepBatchResponse:
         return await self._unary(
             "StepBatch", request, context, self._submit_batch, self._batch_response
@@ -228,7 +234,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def StreamBatch(
         self,
-        request_iterator: AsyncIterator[pb.StepBatchRequest],
+        request_iterator: AsyncIterator[pb.StepBatchRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StepBatchResponse]:
         async for response in self._stream(
@@ -241,7 +247,10 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         ):
             yield response
 
-    def _submit_batch(self, request: pb.StepBatchRequest) -> asyncio.Future[BatchResult]:
+    def _submit_batch(
+        self, request: pb.StepBatchRequest | Undecodable
+    ) -> asyncio.Future[BatchResult]:
+        request = decoded(request)
         entries = len(request.session_ids)
         frames = (
             decode_matrix(request.frames, self.features)
@@ -365,7 +374,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         queue.put_nowait(respond(request, future.result()))
 
     def _step_error(
-        self, rpc: str, request: pb.StepRequest, started: float, exc: Exception
+        self, rpc: str, request: pb.StepRequest | Undecodable, started: float, exc: Exception
     ) -> pb.StepResponse:
         error = _error(exc)
         self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
@@ -378,12 +387,13 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         )
 
     def _batch_error(
-        self, rpc: str, request: pb.StepBatchRequest, started: float, exc: Exception
+        self, rpc: str, request: pb.StepBatchRequest | Undecodable, started: float, exc: Exception
     ) -> pb.StepBatchResponse:
-        """The whole message failed (malformed, draining): every entry carries the error."""
+        """The whole message failed (malformed, undecodable, draining): every entry carries the
+        error (no entries: one error at index 0)."""
         error = _error(exc)
         self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
-        entries = len(request.session_ids)
+        entries = 0 if isinstance(request, Undecodable) else len(request.session_ids)
         return pb.StepBatchResponse(
             probabilities=pb.Matrix(
                 rows=entries,
@@ -400,10 +410,13 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     # -- whole sequences ----------------------------------------------------------------------
 
     async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         started = time.perf_counter()
+        per_step = False
         try:
+            request = decoded(request)
+            per_step = request.per_step
             sequences = [
                 decode_matrix(s.frames, self.features, f"sequence {i}")
                 for i, s in enumerate(request.sequences)
@@ -417,7 +430,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             prediction = response.predictions.add(
                 probabilities=to_matrix(probs[-1:]), top_class=int(probs[-1].argmax())
             )
-            if request.per_step:
+            if per_step:
                 prediction.per_step.CopyFrom(to_matrix(probs))
         self._done("Predict", started, grpc.StatusCode.OK)
         return response
@@ -425,11 +438,15 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     # -- sessions and model -------------------------------------------------------------------
 
     async def _session_call(
-        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, *args: Any
+        self,
+        rpc: str,
+        call: Any,
+        context: grpc.aio.ServicerContext,
+        request: pb.OpenSessionRequest | pb.SessionRef | Undecodable,
     ) -> pb.SessionInfo:
         started = time.perf_counter()
         try:
-            status = call(*args, current_principal())
+            status = call(decoded(request).session_id, current_principal())
             if asyncio.iscoroutine(status):
                 status = await status
         except Exception as exc:
@@ -438,38 +455,33 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         return _session_info(status)
 
     async def OpenSession(
-        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.OpenSessionRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
-        return await self._session_call(
-            "OpenSession", self.engine.open, context, request.session_id
-        )
+        return await self._session_call("OpenSession", self.engine.open, context, request)
 
     async def GetSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
-        return await self._session_call(
-            "GetSession", self.engine.lookup, context, request.session_id
-        )
+        return await self._session_call("GetSession", self.engine.lookup, context, request)
 
     async def ResetSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
-        return await self._session_call(
-            "ResetSession", self.engine.reset, context, request.session_id
-        )
+        return await self._session_call("ResetSession", self.engine.reset, context, request)
 
     async def CloseSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
-        return await self._session_call(
-            "CloseSession", self.engine.close, context, request.session_id
-        )
+        return await self._session_call("CloseSession", self.engine.close, context, request)
 
     async def GetModel(
-        self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
+        started = time.perf_counter()
+        if isinstance(request, Undecodable):
+            await self._abort(context, "GetModel", started, request.error())
         spec, settings = self.engine.spec, self.engine.settings
-        self._done("GetModel", time.perf_counter(), grpc.StatusCode.OK)
+        self._done("GetModel", started, grpc.StatusCode.OK)
         return pb.ModelInfo(
             name=spec.name,
             version=spec.version,

@@ -132,10 +132,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'ok', head, h[2], h[3]}
 """
 
-# KEYS[1]: the session. Returns {h, c, p, pttl} (h false: none).
+# KEYS[1]: the session. Returns {h, c, p, pttl, pos} (h false: none).
 _PEEK = """
-local h = redis.call('HMGET', KEYS[1], 'h', 'c', 'p')
-return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1])}
+local h = redis.call('HMGET', KEYS[1], 'h', 'c', 'p', 'pos')
+return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1]), h[4]}
 """
 
 _OWNER = """
@@ -269,10 +269,10 @@ class RedisStore:
                 out.append((kind, None))
         return out
 
-    async def peek(self, session_id: str, principal: str) -> tuple[int, bool, float] | None:
-        """(head, closed, seconds to expiry) of a session in the store, without taking it
-        over; None if it is not there (or is another principal's). StoreUnavailable when
-        Redis cannot answer."""
+    async def peek(self, session_id: str, principal: str) -> tuple[int, bool, float, int] | None:
+        """(head, closed, seconds to expiry, checkpoint position) of a session in the store,
+        without taking it over; None if it is not there (or is another principal's).
+        StoreUnavailable when Redis cannot answer."""
         reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]), "peek")
         if reply is None:
             raise StoreUnavailable(
@@ -280,11 +280,11 @@ class RedisStore:
                 f"up session {session_id!r}, which this replica does not "
                 "hold; retry shortly"
             )
-        h, closed, owner, ttl = reply
+        h, closed, owner, ttl, saved = reply
         if h is None or (owner or b"").decode() != principal:
             return None
         head = int(h.decode().rpartition("|")[2])
-        return head, closed == b"1", max(0.0, int(ttl) / 1000)
+        return head, closed == b"1", max(0.0, int(ttl) / 1000), int(saved or head)
 
     async def owner(self, session_id: str) -> str | None:
         """The replica that owns the session in the store ("" if none; None if unreachable)."""
