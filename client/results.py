@@ -135,6 +135,7 @@ class ModelInfo:
     replay_window: int = 0
     layers: tuple[dict[str, object], ...] = field(default=())
     states: tuple[dict[str, object], ...] = field(default=())
+    max_message_bytes: int = 0
 
     @classmethod
     def from_pb(cls, info: pb.ModelInfo) -> ModelInfo:
@@ -149,6 +150,7 @@ class ModelInfo:
             max_frames_per_request=info.max_frames_per_request,
             session_idle_timeout=info.session_idle_timeout_seconds,
             replay_window=info.replay_window,
+            max_message_bytes=info.max_message_bytes,
             layers=tuple(
                 {
                     "name": la.name,

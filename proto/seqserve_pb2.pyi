@@ -169,7 +169,7 @@ class LayerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., units: _Optional[int] = ..., input_size: _Optional[int] = ..., parameters: _Optional[int] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window")
+    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window", "max_message_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class ModelInfo(_message.Message):
     MAX_FRAMES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     features: int
@@ -194,7 +195,8 @@ class ModelInfo(_message.Message):
     max_frames_per_request: int
     session_idle_timeout_seconds: float
     replay_window: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
     __slots__ = ("session_ids", "positions", "frames", "start", "tag")

@@ -508,6 +508,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             max_frames_per_request=settings.max_frames_per_request,
             session_idle_timeout_seconds=settings.session_idle_timeout,
             replay_window=settings.replay_window,
+            max_message_bytes=settings.max_message_bytes,
         )
 
 

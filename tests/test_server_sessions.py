@@ -219,6 +219,12 @@ async def test_oversized_message_is_refused_not_crashing(start_server, samples):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         r = await stub.Step(step_request("big", 0, samples["x"][0][:2], start=True))
         assert r.next_position == 2
+        # The limit is published, because grpc enforces it before the server sees a message: on
+        # a stream an oversized message ends the stream (as the proto says), not just itself.
+        assert (await stub.GetModel(pb.ModelRequest())).max_message_bytes == 64 * 1024
+        call = stub.Stream(iter([step_request("big", 2, big)]))
+        assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "seqserve-reason" not in dict(await call.trailing_metadata() or ())
 
 
 async def test_predict_rejects_bad_sequences(stub):
