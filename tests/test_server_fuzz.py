@@ -12,7 +12,7 @@ import os
 import grpc
 import numpy as np
 from helpers import probs, solo_run, step_request
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from seqserve.proto import seqserve_pb2 as pb
@@ -196,6 +196,7 @@ async def test_fuzzed_bytes_never_unknown_or_internal_and_streams_go_on(
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     assert dict(exc.trailing_metadata()).get("seqserve-reason"), exc
             assert code in ALLOWED, code
+            event(f"unary: {code.name}")  # --hypothesis-show-statistics shows the spread
         else:
             probe, _ = _probe(method, samples["x"][0][:1])
             call = channel.stream_stream(path)(iter([data, probe]), timeout=30)
@@ -213,4 +214,5 @@ async def test_fuzzed_bytes_never_unknown_or_internal_and_streams_go_on(
             assert probed, "the good request after the fuzzed one was not answered"
             for error in errors:
                 assert error.reason and error.code != grpc.StatusCode.INTERNAL.value[0], error
+            event(f"stream: {', '.join(sorted({e.reason for e in errors})) or 'no error'}")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -78,8 +78,11 @@ def _name(node: ast.expr) -> str:
 
 
 def _modules() -> dict[str, ast.Module]:
+    """Every module under server/ (subpackages too), by dotted name below seqserve.server."""
+    base = ROOT / "server"
     return {
-        p.stem: ast.parse(p.read_text(), str(p)) for p in sorted((ROOT / "server").glob("*.py"))
+        ".".join(p.relative_to(base).with_suffix("").parts): ast.parse(p.read_text(), str(p))
+        for p in sorted(base.rglob("*.py"))
     }
 
 
@@ -267,11 +270,15 @@ async def test_an_undecodable_message_on_a_stream_is_answered_in_it_and_the_stre
     server, samples, caplog
 ):
     x = samples["x"][0][:3]
+    # frames (field 3) whose Matrix is cut short: the id, position and tag still read
+    bad_frames = pb.StepRequest(session_id="mux-c", position=2, tag=9).SerializeToString()
+    bad_frames += b"\x1a\x01\x08"
     requests = [
         step_request("mux-a", 0, x[:1], start=True, tag=1).SerializeToString(),
         _bad_utf8_step("\xff\xfe", 4, 77),  # not UTF-8: the id cannot come back, the rest does
         GARBAGE,
         step_request("mux-b", 0, x[:1], start=True, tag=3).SerializeToString(),
+        bad_frames,
         step_request("mux-a", 1, x[1:2], tag=4).SerializeToString(),
     ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
@@ -289,15 +296,17 @@ async def test_an_undecodable_message_on_a_stream_is_answered_in_it_and_the_stre
         queue.put_nowait(None)
         assert await call.read() == grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
-    bad_id, garbage = answers[1], answers[2]
-    assert bad_id.error.reason == garbage.error.reason == "undecodable"
+    bad_id, garbage, cut = answers[1], answers[2], answers[4]
+    assert bad_id.error.reason == garbage.error.reason == cut.error.reason == "undecodable"
     assert bad_id.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert (bad_id.session_id, bad_id.position, bad_id.tag) == ("", 4, 77)
     assert "UTF-8" in bad_id.error.message
-    assert [a.tag for a in answers] == [1, 77, 0, 3, 4]
-    for good in (answers[0], answers[3], answers[4]):
+    assert (garbage.session_id, garbage.position, garbage.tag) == ("", 0, 0)
+    assert (cut.session_id, cut.position, cut.tag) == ("mux-c", 2, 9)
+    assert [a.tag for a in answers] == [1, 77, 0, 3, 9, 4]
+    for good in (answers[0], answers[3], answers[5]):
         assert not good.HasField("error")
-    assert answers[4].next_position == 2  # mux-a went on after its neighbours' garbage
+    assert answers[5].next_position == 2  # mux-a went on after its neighbours' garbage
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
