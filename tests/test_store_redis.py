@@ -161,6 +161,27 @@ async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
     assert ok.next_position == 5 and not ok.replayed
 
 
+async def test_the_client_library_resends_a_step_refused_session_moved(
+    replicas, samples, model_dir
+):
+    """a's copy is stale (b claimed the session); a step sent to a is applied there, a's write
+    to the store fails and it answers ABORTED session_moved. The proto says: resend. The client
+    library does, and the resend resumes the session (a claims it back) with exact outputs."""
+    from seqserve.client import AsyncClient, Backoff
+
+    app_a, a = await replicas("a")
+    _, b = await replicas("b")
+    x = recording(samples)
+    await step(a, "moving", x, 0, 4)
+    await step(b, "moving", x, 0, 4)  # a resend: b claims the session and replays
+    retry = Backoff(initial=0.01, maximum=0.05, max_elapsed=10.0)
+    async with AsyncClient(app_a.target, timeout=10, retry=retry) as client:
+        p = await client.step("moving", x[4:6], position=4)
+    assert np.abs(p.probabilities - solo_run(model_dir, x[:6])[4:]).max() <= TOL
+    info = await a.GetSession(pb.SessionRef(session_id="moving"))
+    assert info.position == 6  # applied once, now held by a
+
+
 async def test_serving_goes_on_from_memory_while_redis_is_down(
     replicas, samples, redis_server, model_dir, tmp_path
 ):
