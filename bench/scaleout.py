@@ -106,6 +106,8 @@ def _serve(port: int, store: str, workers: int, every: int) -> subprocess.Popen[
         str(port),
         "--metrics-port",
         "-1",
+        "--http-port",
+        "-1",
         "--snapshot-path",
         "",
         "--model-dir",

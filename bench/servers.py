@@ -115,6 +115,8 @@ def seqserve_server(
         str(model_dir),
         "--metrics-port",
         "-1",
+        "--http-port",
+        "-1",
         "--snapshot-path",
         "",
         "--log-level",

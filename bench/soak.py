@@ -89,7 +89,9 @@ def _server_quantiles(
     buckets = []
     for name, count in after.items():
         m = re.fullmatch(
-            r'seqserve_request_duration_seconds_bucket\{le="([^"]+)",rpc="Stream"\}', name
+            r'seqserve_request_duration_seconds_bucket\{le="([^"]+)",protocol="native",'
+            r'rpc="Stream"\}',
+            name,
         )
         if m:
             buckets.append((float(m.group(1)), count - before.get(name, 0.0)))
@@ -264,6 +266,8 @@ async def soak(args: argparse.Namespace) -> int:
             str(port),
             "--metrics-port",
             str(metrics_port),
+            "--http-port",
+            "-1",
             "--model-dir",
             str(model_dir),
             "--snapshot-path",

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from .datasets import Dataset, Split
+from .fingerprint import fingerprint
 
 __all__ = [
     "Architecture",
@@ -200,5 +201,7 @@ def train(
         "recipe": asdict(recipe),
         "train_size": len(dataset.train.y),
         "test_size": len(dataset.test.y),
+        # Weights are bit-identical only on a machine with this same fingerprint.
+        "machine": fingerprint(),
     }
     return model, record

@@ -25,6 +25,7 @@ from .engine import Engine
 from .errors import ModelError, SnapshotError
 from .metrics import Metrics
 from .model import ModelSpec, load_model_spec
+from .oip import HttpFront, InferenceService, OipFront, bind_socket
 from .runtime import Runtime
 from .servicer import SeqServeServicer
 from .settings import Settings, parse_settings
@@ -49,6 +50,8 @@ class App:
         servicer: SeqServeServicer,
         health_servicer: health.aio.HealthServicer,
         metrics: Metrics,
+        inference: InferenceService | None = None,
+        rest: HttpFront | None = None,
         snapshot_lock: IO[str] | None = None,
     ) -> None:
         self.settings = settings
@@ -57,6 +60,9 @@ class App:
         self.servicer = servicer
         self.health = health_servicer
         self.metrics = metrics
+        self.inference = inference  # inference.GRPCInferenceService, on the gRPC port
+        self.rest = rest  # the same protocol's REST API (--http-port)
+        self.http_port: int | None = rest.port if rest is not None else None
         self.metrics_port: int | None = None
         self._http: Any = None
         # One writer thread: snapshot writes land in the order they were taken, so the final
@@ -80,6 +86,8 @@ class App:
         if self.settings.snapshot_path and self.settings.snapshot_interval > 0:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop())
         await self.grpc.start()
+        if self.rest is not None:
+            await self.rest.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -90,6 +98,8 @@ class App:
         await self.health.enter_graceful_shutdown()
         self.engine.draining = True
         self.servicer.drain()
+        if self.inference is not None:
+            self.inference.drain()
         try:
             await asyncio.wait_for(self.engine.drain(), grace)
         except TimeoutError:
@@ -109,6 +119,8 @@ class App:
                 )
             )
         self._writer.shutdown(wait=True)
+        if self.rest is not None:
+            await self.rest.stop()
         await self.grpc.stop(min(grace, 5.0))
         await self.engine.stop()
         if self._http is not None:
@@ -187,6 +199,9 @@ def _create(
     )
     servicer = SeqServeServicer(engine, metrics)
     add_to_server(servicer, server)  # requests that do not decode reach it as Undecodable
+    front = OipFront(engine, metrics, settings)
+    inference = InferenceService(front)
+    server.add_generic_rpc_handlers((inference,))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
@@ -200,7 +215,12 @@ def _create(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    return App(settings, server, engine, servicer, health_servicer, metrics, lock), port
+    rest = None
+    if settings.http_port >= 0:
+        sock = bind_socket(settings.host, settings.http_port, settings.reuse_port)
+        rest = HttpFront(front, settings, sock, tokens)
+    app = App(settings, server, engine, servicer, health_servicer, metrics, inference, rest, lock)
+    return app, port
 
 
 def _restore(settings: Settings, engine: Engine) -> None:
@@ -225,7 +245,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     app, port = create_server(settings)
     await app.start()
     log.info(
-        "serving %s v%s on %s:%d (%s, %s; metrics on :%s, %d sessions restored)",
+        "serving %s v%s on %s:%d (%s, %s; REST on :%s, metrics on :%s, %d sessions restored)",
         app.engine.spec.name,
         app.engine.spec.version,
         settings.host,
@@ -234,6 +254,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         "authentication on"
         if settings.tokens_file or settings.auth_token or settings.tls_client_ca
         else "authentication off",
+        app.http_port,
         app.metrics_port,
         len(app.engine.table),
     )

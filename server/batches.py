@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scheduler import StepResult
+from .work import StepResult
 
 __all__ = ["BatchResult", "EntrySink", "PendingBatch"]
 
@@ -83,7 +83,8 @@ class EntrySink:
     def done(self) -> bool:
         return self._done
 
-    def set_result(self, value: StepResult) -> None:
+    def set_result(self, value: object) -> None:
+        assert isinstance(value, StepResult)
         self._done = True
         result = self._batch.result
         result.probabilities[self._index] = value.probabilities[-1]  # entries are one frame
@@ -93,4 +94,5 @@ class EntrySink:
 
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
-        self._batch.fail(self._index, exc)  # type: ignore[arg-type]
+        assert isinstance(exc, Exception)
+        self._batch.fail(self._index, exc)

@@ -1,7 +1,10 @@
 """The data plane: what any front (gRPC today, another protocol tomorrow) calls.
 
 Plain Python + numpy: requests come in as ids, positions and ``float32`` arrays, results go out as
-dataclasses, failures as ``errors.SeqServeError`` subclasses.
+dataclasses, failures as ``errors.SeqServeError`` subclasses. The engine admits requests (checks,
+ownership, positions, the session API) and hands them to the scheduler; which sessions live here
+and taking over the others is ``handover``'s business, and how answers wait for the shared store
+is ``writeback``'s.
 
 Every session call takes the caller's ``principal`` (a plain str; "" when authentication is off).
 A session belongs to the principal that opened it: to anyone else it is ``unknown``.
@@ -10,15 +13,13 @@ A session belongs to the principal that opened it: to anyone else it is ``unknow
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import socket
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -31,45 +32,32 @@ from .errors import (
     SeqServeError,
     SessionExists,
     SessionNotFound,
+    StoreUnavailable,
 )
+from .handover import Handover, Local, Shared, restore_rows
 from .model import ModelSpec
+from .observer import BatchObserver
 from .runtime import Runtime
-from .scheduler import BatchObserver, Group, Scheduler, StepResult, Work, gap_error
-from .sessions import Session, SessionTable, check_session_id
+from .scheduler import Scheduler
+from .sessions import SessionTable, check_session_id, gap_error
 from .settings import Settings
 from .states import StateBank
-from .store import Checkpoint, RedisStore, StoreUnavailable, checkpoint_commits
+from .store import Claim, Store
+from .work import Group, Session, StepResult, Work
+from .writeback import Answers, Immediate, WriteBack, checkpoint_commits
 
-__all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult"]
+__all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult", "make_store"]
 
 log = logging.getLogger("seqserve.engine")
 
-
-@dataclass(slots=True, eq=False)
-class _Backlogged:
-    """A batch waiting for claims (or for batches ahead of it) before its admission."""
-
-    left: int  # claims still outstanding
-    errors: dict[str, Exception]  # what a claim failed with, by session id
-    admit: Callable[[dict[str, Exception]], None]
+_PLANS = 64  # batches' id lists remembered (a gateway re-sends the same sessions every step)
 
 
-@dataclass(frozen=True, slots=True)
-class _Waiter:
-    admit: Callable[[], None]
-    fail: Callable[[Exception], None]
-    creating: bool  # a start at position 0: may go ahead in memory when the store is down
-
-
-def _duplicate(session_id: str) -> BadRequest:
-    return BadRequest(
-        f"session {session_id!r} appears twice in one batch", reason="duplicate_session"
-    )
-
-
-def make_store(settings: Settings, spec: ModelSpec) -> RedisStore | None:
+def make_store(settings: Settings, spec: ModelSpec) -> Store | None:
     if settings.store == "memory":
         return None
+    from .redis_store import RedisStore
+
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     return RedisStore(
         settings.store,
@@ -91,6 +79,12 @@ class SessionStatus:
     rolled_back: bool = False  # position is a checkpoint behind frames that were applied
 
 
+def _duplicate(session_id: str) -> BadRequest:
+    return BadRequest(
+        f"session {session_id!r} appears twice in one batch", reason="duplicate_session"
+    )
+
+
 class Engine:
     def __init__(
         self,
@@ -98,6 +92,8 @@ class Engine:
         runtime: Runtime,
         settings: Settings,
         observer: BatchObserver | None = None,
+        *,
+        store: Store | None = None,
     ) -> None:
         self.spec = spec
         self.runtime = runtime
@@ -110,10 +106,18 @@ class Engine:
             idle_timeout=settings.session_idle_timeout,
             max_per_owner=settings.max_sessions_per_principal,
         )
+        self.columns = self.table.columns
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
-        self.store = make_store(settings, spec)
-        if self.store is not None:
+        self.store = store if store is not None else make_store(settings, spec)
+        self.handover: Handover
+        answers: Answers
+        if self.store is None:
+            self.handover, answers = Local(), Immediate()
+        else:
             self.store.observe = self.observer.store_call
+            self.handover = Shared(self.store, self.table, self.observer, self._adopt)
+            answers = WriteBack(self.store, self.table, self.observer, settings.checkpoint_every)
+        self.answers = answers
         self.scheduler = Scheduler(
             runtime,
             self.table,
@@ -122,14 +126,11 @@ class Engine:
             max_wait=settings.max_wait_ms / 1000.0,
             inline_batch=settings.inline_batch,
             observer=self.observer,
-            store=self.store,
-            checkpoint_every=settings.checkpoint_every,
+            answers=answers,
         )
-        # Sessions being claimed from the store: what to admit, in arrival order, once it is.
-        self._claims: dict[str, list[_Waiter]] = {}
-        self._to_claim: list[tuple[str, str]] = []  # (id, principal) for the next store call
-        self._backlog: deque[_Backlogged] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # (principal, ids) -> (slots, generations, unique): the batches' id lists seen last.
+        self._plans: OrderedDict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray, bool]]
+        self._plans = OrderedDict()
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -142,7 +143,7 @@ class Engine:
     async def drain(self) -> None:
         """Refuse new work, then wait until every accepted request has been answered."""
         self.draining = True
-        while self._claims or self._backlog or self._tasks:  # accepted, waiting on the store
+        while self.handover.busy:  # accepted, waiting on the store
             await asyncio.sleep(0.01)
         await self.scheduler.idle()
 
@@ -151,8 +152,7 @@ class Engine:
             self._sweeper.cancel()
         await self.scheduler.stop()
         self.executor.shutdown(wait=True)
-        if self.store is not None:
-            await self.store.close()
+        await self.handover.close()
 
     async def save_to_store(self) -> int:
         """Write every session's state to the shared store (on drain, after the scheduler
@@ -170,7 +170,7 @@ class Engine:
                 len(sessions),
             )
             return 0
-        return written.count("1")
+        return sum(outcome.value == "1" for outcome in written)
 
     async def _sweep(self) -> None:
         interval = min(1.0, self.settings.session_idle_timeout / 4)
@@ -223,7 +223,7 @@ class Engine:
             session.position,
             max(0.0, self.table.clock() - session.last_used),
             self.table.expires_in(session),
-            bool(session.ended),
+            session.ended is not None,
             session.restored,
         )
 
@@ -250,26 +250,28 @@ class Engine:
         if self.store is None or self.table.find(session_id) is not None:
             return self.get(session_id, principal)
         check_session_id(session_id)
-        found = await self.store.peek(session_id, principal)
+        found = await self.handover.peek(session_id, principal)
         if found is None:
             return self.get(session_id, principal)  # unknown, or a tombstone here
-        head, closed, expires_in, saved = found
-        if closed:
+        if found.closed:
             raise SessionNotFound(
-                f"session {session_id!r} closed at position {head}", reason="closed", position=head
+                f"session {session_id!r} closed at position {found.head}",
+                reason="closed",
+                position=found.head,
             )
+        idle = max(0.0, self.settings.session_idle_timeout - found.expires_in)
         # A step here claims the session from its checkpoint: that is where it resumes.
         return SessionStatus(
             session_id,
-            saved,
-            max(0.0, self.settings.session_idle_timeout - expires_in),
-            expires_in,
-            rolled_back=head > saved,
+            found.position,
+            idle,
+            found.expires_in,
+            rolled_back=found.head > found.position,
         )
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
-        await self._held(session_id, principal)
+        await self.handover.claimed(session_id, principal)
         session = self.table.get(session_id, principal)
         self.table.touch(session)
         await self.scheduler.control(session, "reset")
@@ -279,7 +281,7 @@ class Engine:
         # Refused while draining like every other change: the session is in the snapshot, and a
         # close queued behind the stopped scheduler would otherwise hang until the server stops.
         self._refuse_if_draining()
-        await self._held(session_id, principal)
+        await self.handover.claimed(session_id, principal)
         session = self.table.get(session_id, principal)
         await self.scheduler.control(session, "close")
         return self.status(session)
@@ -289,35 +291,39 @@ class Engine:
     def submit(
         self,
         session_id: str,
-        position: int,
+        position: int | None,
         frames: np.ndarray,
         *,
         start: bool = False,
         end: bool = False,
         principal: str = "",
     ) -> asyncio.Future[StepResult]:
-        """Queue frames for a session; the future gives the outputs or a SeqServeError."""
+        """Queue frames for a session; the future gives the outputs or a SeqServeError. A
+        request refused before it is queued raises instead.
+
+        ``position=None`` appends: the frames go at the session's next position as of their
+        admission (0 for a new one), so requests are applied in the order they arrive, with no
+        retry detection. A start then only creates: an existing session is not restarted."""
         self._refuse_if_draining()
         self.check_frames(frames)
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        if self.store is None:
-            session = self._admit(session_id, position, len(frames), start, principal)
-            self.scheduler.submit(Work(session, position, frames, future, end=end))
-            return future
 
         def admit() -> None:
-            session = self._admit(session_id, position, len(frames), start, principal)
-            self.scheduler.submit(Work(session, position, frames, future, end=end))
+            at = self._next_position(session_id, start) if position is None else position
+            session = self._admit(session_id, at, len(frames), start, principal)
+            self.scheduler.submit(Work(session, at, frames, future, end=end))
 
-        if self._must_claim(session_id):
-            self._after_claim(
-                session_id, principal, start and position == 0, admit, future.set_exception
+        handover = self.handover
+        if not handover.held(session_id):
+            handover.after_claim(
+                session_id, principal, start and not position, admit, future.set_exception
             )
-        else:
-            try:
-                admit()
-            except PositionError as exc:
-                self._recheck(session_id, principal, exc, admit, future.set_exception)
+            return future
+        try:
+            admit()
+        except PositionError as exc:
+            if not handover.recheck(session_id, principal, exc, admit, future.set_exception):
+                raise
         return future
 
     def submit_batch(
@@ -332,7 +338,8 @@ class Engine:
         """One frame for each of many sessions. A malformed batch raises; otherwise every entry
         is admitted or failed on its own and the future gives the columnar results."""
         self._refuse_if_draining()
-        entries = len(session_ids)
+        ids = tuple(session_ids)
+        entries = len(ids)
         if len(positions) != entries:
             raise BadRequest(
                 f"{entries} session ids but {len(positions)} positions", reason="bad_request"
@@ -345,137 +352,146 @@ class Engine:
                 "one frame per entry",
                 reason="bad_frames",
             )
-        finite = np.isfinite(frames).all(axis=1).tolist() if entries else []
-        ids, wanted = list(session_ids), list(positions)
+        wanted = np.fromiter(positions, np.int64, entries)
         batch = PendingBatch(entries, self.spec.classes)
-        if self.store is not None:
-            missing = {i for i in ids if i in self._claims or self.table.find(i) is None}
-            if missing or self._backlog:
-                # Claim what is not held here first; batches are admitted in arrival order.
-                waiting = _Backlogged(
-                    len(missing),
-                    {},
-                    lambda errors: self._admit_batch(
-                        batch, ids, wanted, frames, finite, start, principal, errors
-                    ),
-                )
-                self._backlog.append(waiting)
-                for session_id in missing:
-                    self._after_claim(
-                        session_id,
-                        principal,
-                        False,
-                        functools.partial(self._unblock, waiting, session_id, None),
-                        functools.partial(self._unblock, waiting, session_id),
-                    )
-                self._pump()
-                return batch.future
-        self._admit_batch(batch, ids, wanted, frames, finite, start, principal, {})
+        if not entries:
+            return batch.future
+
+        def admit(errors: dict[str, Exception]) -> None:
+            self._admit_batch(batch, ids, wanted, frames, start, principal, errors)
+
+        if not self.handover.admit_batch(ids, principal, admit):
+            admit({})
         return batch.future
 
-    def _unblock(self, waiting: _Backlogged, session_id: str, error: Exception | None) -> None:
-        if error is not None:
-            waiting.errors[session_id] = error
-        waiting.left -= 1
-        self._pump()
-
-    def _pump(self) -> None:
-        while self._backlog and not self._backlog[0].left:
-            waiting = self._backlog.popleft()
-            waiting.admit(waiting.errors)
+    def _plan(self, ids: tuple[str, ...], principal: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Slots and generations of a batch's sessions (-1: not live here, or another
+        principal's), and whether its ids are unique. The id lists of recent batches are
+        remembered while every session in them lives, so a stream that steps the same sessions
+        message after message resolves them with one dict lookup, not one per entry."""
+        key = (principal, ids)
+        plan = self._plans.get(key)
+        if plan is not None:
+            slots, generations, _ = plan
+            if (self.columns.generation[slots] == generations).all():
+                self._plans.move_to_end(key)
+                return plan
+            del self._plans[key]
+        slots, generations = self.table.lookup(ids, principal)
+        plan = (slots, generations, len(set(ids)) == len(ids))
+        if (slots >= 0).all():
+            self._plans[key] = plan
+            if len(self._plans) > _PLANS:
+                self._plans.popitem(last=False)
+        return plan
 
     def _admit_batch(
         self,
         batch: PendingBatch,
-        ids: list[str],
-        wanted: list[int],
+        ids: tuple[str, ...],
+        wanted: np.ndarray,
         frames: np.ndarray,
-        finite: list[bool],
         start: bool,
         principal: str,
         errors: dict[str, Exception],
     ) -> None:
+        """Admit a batch's entries. The fast lane: sessions with nothing queued, exactly at
+        their position, are checked and advanced as columns and run as one group with no
+        per-entry future. Anything else (new, queued, replayed, failing) goes on its own."""
         entries = len(ids)
-        check_dups = len(set(ids)) != entries
-        seen: set[str] = set()
-        # The fast lane: sessions with nothing queued, exactly at their position, run as one
-        # group with no per-entry future. Anything else queues on its own, behind the session's
-        # earlier work.
-        fast: list[Session] = []
-        rows: list[int] = []
-        at: list[int] = []
-        slots: list[int] = []
-        get = self.table.find
-        claiming = self.store is not None
-        seq = self.scheduler.next_group()
-        after = 0
-        for i in range(entries):
-            session_id, position = ids[i], wanted[i]
-            session = get(session_id)
-            if errors and session_id in errors:
-                error = errors[session_id]
-                if not (isinstance(error, StoreUnavailable) and start and position == 0):
+        slots, generations, unique = self._plan(ids, principal)
+        finite = np.isfinite(frames).all(axis=1)
+        if not unique:
+            self._admit_each(batch, ids, wanted, frames, finite, start, principal, errors)
+            return
+        settled = np.zeros(entries, np.bool_)
+        unheld = slots < 0
+        if errors or unheld.any():
+            if errors:
+                unheld |= np.fromiter((i in errors for i in ids), np.bool_, entries)
+            created = False
+            for i in np.flatnonzero(unheld).tolist():
+                session_id, position = ids[i], int(wanted[i])
+                error = errors.get(session_id)
+                if error is not None and not (
+                    isinstance(error, StoreUnavailable) and start and position == 0
+                ):
                     batch.fail(i, error)  # a new session may start in memory; nothing else
-                    continue
-            if session is None and start and position == 0 and finite[i]:
-                try:
-                    session = self._create(session_id, principal)
-                except SeqServeError as exc:  # bad id, session cap
-                    batch.fail(i, exc)
-                    continue
-            if check_dups:
-                if session_id in seen:
-                    batch.fail(i, _duplicate(session_id))
-                    continue
-                seen.add(session_id)
-            if (
-                session is not None
-                and position == session.accepted
-                and not session.pending
-                and not session.scheduled
-                and session.owner == principal
-                and finite[i]
+                    settled[i] = True
+                elif slots[i] < 0 and start and position == 0 and finite[i]:
+                    try:
+                        self._create(session_id, principal)
+                        created = True
+                    except SeqServeError as exc:  # bad id, session cap, taken
+                        batch.fail(i, exc)
+                        settled[i] = True
+            if created:
+                slots, generations, _ = self._plan(ids, principal)
+        columns = self.columns
+        ok = (slots >= 0) & ~settled & finite
+        live = np.where(ok, slots, 0)
+        ok &= (columns.accepted[live] == wanted) & ~columns.queued[live]
+        rows = np.flatnonzero(ok)
+        if len(rows) < entries:
+            for i in np.flatnonzero(~ok & ~settled).tolist():
+                self._admit_entry(
+                    batch, i, ids[i], int(wanted[i]), frames, start, principal, bool(finite[i])
+                )
+            if not len(rows):
+                return
+        everyone = len(rows) == entries
+        lane = slots if everyone else slots[rows]
+        positions = wanted if everyone else wanted[rows]
+        columns.accepted[lane] = positions + 1
+        columns.holds[lane] += 1
+        seq = self.scheduler.next_group()
+        after = int(columns.last_group[lane].max())
+        columns.last_group[lane] = seq
+        self.table.touch_slots(lane)
+        self.scheduler.submit_group(
+            Group(
+                lane,
+                generations if everyone else generations[rows],
+                positions,
+                frames if everyone else frames[rows],
+                rows,
+                batch,
+                seq,
+                after,
+            )
+        )
+
+    def _admit_each(
+        self,
+        batch: PendingBatch,
+        ids: tuple[str, ...],
+        wanted: np.ndarray,
+        frames: np.ndarray,
+        finite: np.ndarray,
+        start: bool,
+        principal: str,
+        errors: dict[str, Exception],
+    ) -> None:
+        """A batch naming a session twice: every entry on its own, in order; the first entry of
+        an id runs, later ones fail ``duplicate_session``."""
+        seen: set[str] = set()
+        for i, session_id in enumerate(ids):
+            position = int(wanted[i])
+            error = errors.get(session_id)
+            if error is not None and not (
+                isinstance(error, StoreUnavailable) and start and position == 0
             ):
-                session.accepted = position + 1
-                session.holds += 1
-                if session.last_group > after:
-                    after = session.last_group
-                session.last_group = seq
-                fast.append(session)
-                rows.append(i)
-                at.append(position)
-                slots.append(session.slot)
+                batch.fail(i, error)
                 continue
-            if claiming:
-                self._defer_entry(
-                    batch, i, session_id, position, frames, start, principal, bool(finite[i])
-                )
+            if session_id in seen:
+                batch.fail(i, _duplicate(session_id))
                 continue
-            try:
-                if not finite[i]:
-                    raise BadRequest(f"entry {i}: the frame holds NaN or Inf", reason="non_finite")
-                session = self._admit(session_id, position, 1, start, principal)
-            except SeqServeError as exc:
-                batch.fail(i, exc)
-                continue
-            self.scheduler.submit(Work(session, position, frames[i : i + 1], batch.sink(i)))
-        if fast:
-            self.table.touch_many(fast)
-            index = np.array(rows, np.intp)
-            self.scheduler.submit_group(
-                Group(
-                    fast,
-                    np.array(slots, np.intp),
-                    np.array(at, np.int64),
-                    frames if len(rows) == entries else frames[index],
-                    index,
-                    batch,
-                    seq,
-                    after,
-                )
+            seen.add(session_id)
+            self._admit_entry(
+                batch, i, session_id, position, frames, start, principal, bool(finite[i])
             )
 
-    def _defer_entry(
+    def _admit_entry(
         self,
         batch: PendingBatch,
         i: int,
@@ -486,7 +502,7 @@ class Engine:
         principal: str,
         finite: bool,
     ) -> None:
-        """A batch entry for a session not held here: admitted on its own once claimed."""
+        """One batch entry on its own, queued behind the session's earlier work."""
         if not finite:
             batch.fail(i, BadRequest(f"entry {i}: the frame holds NaN or Inf", reason="non_finite"))
             return
@@ -498,168 +514,28 @@ class Engine:
         def fail(exc: Exception) -> None:
             batch.fail(i, exc)
 
-        if self._must_claim(session_id):
-            self._after_claim(session_id, principal, start and position == 0, admit, fail)
+        handover = self.handover
+        if not handover.held(session_id):
+            handover.after_claim(session_id, principal, start and position == 0, admit, fail)
             return
         try:
             admit()
         except PositionError as exc:
-            self._recheck(session_id, principal, exc, admit, fail)
+            if not handover.recheck(session_id, principal, exc, admit, fail):
+                fail(exc)
         except SeqServeError as exc:
             fail(exc)
 
     # -- the shared store ---------------------------------------------------------------------
 
-    def _must_claim(self, session_id: str) -> bool:
-        return self.store is not None and (
-            session_id in self._claims or self.table.find(session_id) is None
-        )
-
-    def _recheck(
-        self,
-        session_id: str,
-        principal: str,
-        error: PositionError,
-        admit: Callable[[], None],
-        fail: Callable[[Exception], None],
-    ) -> None:
-        """A request ahead of this replica's copy may mean another replica took the session
-        over and moved it on. Ask the store (requests for the session queue meanwhile): if it
-        names another owner, the copy is dropped and the session claimed back; otherwise the
-        gap is real and the request fails with it."""
-        session = self.table.find(session_id)
-        if (
-            session is None
-            or error.reason != "position_gap"
-            or session.pending
-            or session.scheduled
-            or session.holds
-        ):
-            fail(error)
-            return
-        self._after_claim(session_id, principal, False, admit, fail, probe=session)
-
-    async def _held(self, session_id: str, principal: str) -> None:
-        """With a store: claim the session first if it is not held here."""
-        if self._must_claim(session_id):
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._after_claim(
-                session_id, principal, False, lambda: done.set_result(None), done.set_exception
-            )
-            await done
-
-    def _after_claim(
-        self,
-        session_id: str,
-        principal: str,
-        creating: bool,
-        admit: Callable[[], None],
-        fail: Callable[[Exception], None],
-        *,
-        probe: Session | None = None,
-    ) -> None:
-        """Run ``admit`` once the store was asked for the session (and it was taken over if
-        there), after every request for it that came earlier; errors go to ``fail``. Claims
-        asked for in one loop turn go to the store in one round trip."""
-        waiters = self._claims.get(session_id)
-        if waiters is None:
-            waiters = self._claims[session_id] = []
-            if probe is not None:
-                self._spawn(self._probe(session_id, principal, probe))
-            else:
-                if not self._to_claim:
-                    asyncio.get_running_loop().call_soon(self._flush_claims)
-                self._to_claim.append((session_id, principal))
-        waiters.append(_Waiter(admit, fail, creating))
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _flush_claims(self) -> None:
-        items, self._to_claim = self._to_claim, []
-        self._spawn(self._claim(items))
-
-    async def _claim(self, items: list[tuple[str, str]]) -> None:
-        assert self.store is not None
-        try:
-            replies = await self.store.claim(items)
-        except StoreUnavailable as exc:
-            for session_id, principal in items:
-                self._claimed(session_id, principal, "none", None, exc)
-            return
-        for (session_id, principal), (kind, found) in zip(items, replies, strict=True):
-            self._claimed(session_id, principal, kind, found, None)
-
-    async def _probe(self, session_id: str, principal: str, probe: Session) -> None:
-        """The session is held here, but a request was ahead of it: claim it only if the store
-        names another owner."""
-        assert self.store is not None
-        owner = await self.store.owner(session_id)
-        if owner is None or owner in ("", self.store.replica) or probe.ended:
-            self._claimed(session_id, principal, "held", None, None)
-            return
-        log.info("session %r moved to replica %r; taking it back", session_id, owner)
-        self.table.end(probe, "moved")
-        self.observer.session_event("moved")
-        await self._claim([(session_id, principal)])
-
-    def _claimed(
-        self,
-        session_id: str,
-        principal: str,
-        kind: str,
-        found: Checkpoint | int | None,
-        error: Exception | None,
-    ) -> None:
-        """Take on what the store said, then admit every waiting request in arrival order."""
-        try:
-            if kind == "ok":
-                assert isinstance(found, Checkpoint)
-                self._adopt(session_id, principal, found)
-            elif kind == "closed":
-                assert isinstance(found, int)
-                self.table.bury(session_id, "closed", found, principal)
-        except SeqServeError as exc:  # the session cap, a bad id
-            error = exc
-        except Exception as exc:  # a corrupt checkpoint: say so, never INTERNAL
-            log.exception("resuming session %r from the store failed", session_id)
-            error = StoreUnavailable(
-                f"session {session_id!r} could not be resumed from the shared store: {exc}"
-            )
-        for waiter in self._claims.pop(session_id, []):
-            problem = error
-            if isinstance(error, StoreUnavailable) and (
-                waiter.creating or self.table.find(session_id) is not None
-            ):
-                problem = None  # a new session starts in memory; the store catches up
-            elif kind == "foreign":
-                problem = (
-                    SessionExists(f"session {session_id!r} already exists")
-                    if waiter.creating
-                    else SessionNotFound(f"session {session_id!r} is unknown")
-                )
-            try:
-                if problem is not None:
-                    raise problem
-                waiter.admit()
-            except SeqServeError as exc:
-                waiter.fail(exc)
-
-    def _adopt(self, session_id: str, principal: str, found: Checkpoint) -> None:
+    def _adopt(self, session_id: str, principal: str, claim: Claim) -> None:
         """Make a claimed checkpoint a live session here."""
-        data = np.frombuffer(found.data, np.float32)
-        ring = self.bank.ring.shape[1] * self.bank.ring.shape[2]
-        if data.size != self.spec.state_floats + ring:
-            raise ValueError(
-                f"checkpoint holds {data.size} values; this model and replay "
-                f"window need {self.spec.state_floats} + {ring}"
-            )
+        found = claim.checkpoint
+        assert found is not None
+        state, ring = restore_rows(found.data, self.spec.state_floats, self.bank.ring.shape[1:])
         session = self.table.create(session_id, position=found.position, owner=principal)
-        at = self.spec.state_floats
-        self.bank.states[session.slot] = data[:at]
-        self.bank.ring[session.slot] = data[at:].reshape(self.bank.ring.shape[1:])
+        self.bank.states[session.slot] = state
+        self.bank.ring[session.slot] = ring
         session.synced = session.saved = found.position
         session.restored = found.head > found.position
         self.observer.session_event("claimed")
@@ -669,6 +545,19 @@ class Engine:
             found.position,
             found.head,
         )
+
+    def _next_position(self, session_id: str, start: bool) -> int:
+        """Where appended frames go: after everything accepted for the session. A start for a
+        live session is refused: without positions it cannot tell a retry from a new sequence."""
+        session = self.table.find(session_id)
+        if session is None:
+            return 0
+        if start:
+            raise SessionExists(
+                f"session {session_id!r} is already active (position {session.accepted}); "
+                "end it first, or send its position to resume it"
+            )
+        return session.accepted
 
     def _admit(
         self, session_id: str, position: int, count: int, start: bool, principal: str

@@ -13,8 +13,10 @@ __all__ = [
     "PositionError",
     "SeqServeError",
     "SessionExists",
+    "SessionMoved",
     "SessionNotFound",
     "SnapshotError",
+    "StoreUnavailable",
 ]
 
 
@@ -74,3 +76,16 @@ class ModelError(Exception):
 
 class SnapshotError(Exception):
     """A session snapshot cannot be restored (corrupt, truncated, or from another model)."""
+
+
+class StoreUnavailable(SeqServeError):
+    """The session is not held here and the shared store cannot be reached to resume it."""
+
+    reason = "store_unavailable"
+
+
+class SessionMoved(SeqServeError):
+    """Another replica took the session over; this one dropped its copy. Retry: the request
+    goes to (or reloads on) the current owner."""
+
+    reason = "session_moved"

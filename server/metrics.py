@@ -6,13 +6,18 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .scheduler import BatchObserver
+from .observer import BatchObserver
+from .work import Graph
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+__all__ = ["LATENCY_BUCKETS", "PROTOCOLS", "Metrics"]
 
 # 50 µs doubling to ~6.5 s: the default buckets start at 5 ms and would hide every step.
 LATENCY_BUCKETS = tuple(50e-6 * 2**k for k in range(18))
 BATCH_BUCKETS = tuple(2**k for k in range(11))  # 1 .. 1024
+
+
+# The ``protocol`` label of the request metrics: which front a request came through.
+PROTOCOLS = ("native", "oip-grpc", "oip-http")
 
 
 class Metrics(BatchObserver):
@@ -21,14 +26,14 @@ class Metrics(BatchObserver):
         self.request_seconds = Histogram(
             "seqserve_request_duration_seconds",
             "Time from receiving a request (one stream message or unary call) to its response",
-            ["rpc"],
+            ["rpc", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.requests = Counter(
             "seqserve_requests",
             "Requests (stream messages and unary calls) by RPC and status",
-            ["rpc", "code"],
+            ["rpc", "code", "protocol"],
             registry=registry,
         )
         self.queue_seconds = Histogram(
@@ -89,7 +94,7 @@ class Metrics(BatchObserver):
         for event in ("opened", "closed", "expired", "refused", "claimed", "moved"):
             self.session_events.labels(event)
 
-    def batch(self, graph: str, size: int, frames: int, seconds: float, waited: float) -> None:
+    def batch(self, graph: Graph, size: int, frames: int, seconds: float, waited: float) -> None:
         self._inference[graph].observe(seconds)
         self._batch[graph].observe(size)
         self.queue_seconds.observe(waited)

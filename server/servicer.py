@@ -31,10 +31,11 @@ from .errors import (
     PositionError,
     SeqServeError,
     SessionExists,
+    SessionMoved,
     SessionNotFound,
+    StoreUnavailable,
 )
 from .metrics import Metrics
-from .store import SessionMoved, StoreUnavailable
 from .wire import Undecodable, decoded
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
@@ -112,8 +113,10 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self.metrics = metrics
         self.features = engine.spec.features
         self._streams: set[asyncio.Queue[Any]] = set()
+        # Streams whose one task is waiting for the next request (nothing outstanding).
+        self._reading: dict[asyncio.Queue[Any], asyncio.Task[Any]] = {}
         self._observe = {
-            rpc: metrics.request_seconds.labels(rpc)
+            rpc: metrics.request_seconds.labels(rpc, "native")
             for rpc in (
                 "Stream",
                 "Step",
@@ -129,7 +132,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         }
         # Every (rpc, code) series exists from the start, so rate() sees the first error too.
         self._counted = {
-            (rpc, code.name): metrics.requests.labels(rpc, code.name)
+            (rpc, code.name): metrics.requests.labels(rpc, code.name, "native")
             for rpc in self._observe
             for code in _REPORTED_CODES
         }
@@ -138,12 +141,16 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
         for queue in self._streams:
             queue.put_nowait(_DRAIN)
+        for task in list(self._reading.values()):  # streams waiting for their next request
+            task.cancel()
 
     def _done(self, rpc: str, started: float, code: grpc.StatusCode) -> None:
         self._observe[rpc].observe(time.perf_counter() - started)
         counter = self._counted.get((rpc, code.name))
         if counter is None:
-            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(rpc, code.name)
+            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(
+                rpc, code.name, "native"
+            )
         counter.inc()
 
     async def _abort(
@@ -291,43 +298,101 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         failed: Callable[[str, Any, float, Exception], Any],
     ) -> AsyncIterator[Any]:
         """Read requests, submit each at once (clients pipeline), write answers as they settle.
-        ``failed`` turns an error into that RPC's response message; the stream goes on."""
+        ``failed`` turns an error into that RPC's response message; the stream goes on.
+
+        While every answer is ready the moment its request is submitted (a lone client of an
+        idle server), this one task reads, answers and writes: one loop turn per message. From
+        the first request that has to wait, a reader task takes over reading, so requests keep
+        being admitted (and batched) while answers wait, and this task only writes."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.engine.settings.stream_inflight)
         self._streams.add(queue)
-        # Requests read and not yet answered; the reader counts them here rather than through
-        # the queue, so a request wakes this writer once (its answer), not twice.
-        outstanding = [0]
-        reader = asyncio.create_task(
-            self._read(rpc, requests, queue, slots, outstanding, submit, respond, failed)
-        )
-        reading = True
-        draining = self.engine.draining
+        iterator = requests.__aiter__()
+        reader: asyncio.Task[None] | None = None
+        task = asyncio.current_task()
+        drained = [False]
         try:
-            while reading or outstanding[0]:
-                if draining and not outstanding[0]:
+            while not drained[0]:
+                if self.engine.draining:
+                    drained[0] = True
                     break
-                item = await queue.get()
-                if item is _END:
-                    reading = False
-                elif item is _DRAIN:
-                    draining = True
-                else:
-                    outstanding[0] -= 1
-                    slots.release()
-                    yield item
-            if draining:
+                if task is not None:
+                    self._reading[queue] = task  # drain() may cancel this read
+                try:
+                    request = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    if not self.engine.draining:
+                        raise
+                    drained[0] = True
+                    break
+                finally:
+                    self._reading.pop(queue, None)
+                started = time.perf_counter()
+                try:
+                    future = submit(request)
+                except Exception as exc:
+                    yield failed(rpc, request, started, exc)
+                    continue
+                if future.done():
+                    yield self._settled(rpc, request, started, respond, failed, future)
+                    continue
+                # From here on a reader task reads; this task writes what settles.
+                slots = asyncio.Semaphore(self.engine.settings.stream_inflight - 1)
+                outstanding = [1]
+                future.add_done_callback(
+                    functools.partial(self._answer, rpc, queue, request, started, respond, failed)
+                )
+                reader = asyncio.create_task(
+                    self._read(rpc, iterator, queue, slots, outstanding, submit, respond, failed)
+                )
+                async for response in self._write(queue, slots, outstanding, drained):
+                    yield response
+                break
+            if drained[0]:
                 context.set_trailing_metadata((("seqserve-reason", "draining"),))
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
-                    "server is draining; resume from your last acknowledged "
-                    "position after it restarts",
+                    "server is draining; resume from your last acknowledged position after it "
+                    "restarts",
                 )
         finally:
             self._streams.discard(queue)
-            reader.cancel()
-        if not reader.cancelled() and reader.done() and reader.exception() is not None:
+            self._reading.pop(queue, None)
+            if reader is not None:
+                reader.cancel()
+        if (
+            reader is not None
+            and not reader.cancelled()
+            and reader.done()
+            and reader.exception() is not None
+        ):
             raise reader.exception()  # type: ignore[misc]
+
+    async def _write(
+        self,
+        queue: asyncio.Queue[Any],
+        slots: asyncio.Semaphore,
+        outstanding: list[int],
+        drained: list[bool],
+    ) -> AsyncIterator[Any]:
+        """Answers as they settle, until the reader is done and every request is answered, or
+        the server drains and every accepted request is answered (``drained[0]`` then)."""
+        reading = True
+        draining = self.engine.draining
+        while reading or outstanding[0]:
+            if draining and not outstanding[0]:
+                break
+            item = await queue.get()
+            if item is _END:
+                reading = False
+            elif item is _DRAIN:
+                draining = True
+            else:
+                outstanding[0] -= 1
+                slots.release()
+                yield item
+        drained[0] = draining
 
     async def _read(
         self,
@@ -350,9 +415,16 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 except Exception as exc:
                     queue.put_nowait(failed(rpc, request, started, exc))
                     continue
-                future.add_done_callback(
-                    functools.partial(self._answer, rpc, queue, request, started, respond, failed)
-                )
+                if future.done() and outstanding[0] == 1:
+                    # Answered at once with nothing else outstanding (so it overtakes no
+                    # answer still on its way): no callback's loop turn.
+                    self._answer(rpc, queue, request, started, respond, failed, future)
+                else:
+                    future.add_done_callback(
+                        functools.partial(
+                            self._answer, rpc, queue, request, started, respond, failed
+                        )
+                    )
         finally:
             queue.put_nowait(_END)
 
@@ -366,12 +438,23 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         failed: Callable[[str, Any, float, Exception], Any],
         future: asyncio.Future[Any],
     ) -> None:
+        queue.put_nowait(self._settled(rpc, request, started, respond, failed, future))
+
+    def _settled(
+        self,
+        rpc: str,
+        request: Any,
+        started: float,
+        respond: Callable[[Any, Any], Any],
+        failed: Callable[[str, Any, float, Exception], Any],
+        future: asyncio.Future[Any],
+    ) -> Any:
+        """The response message of a settled request."""
         exc = future.exception() if not future.cancelled() else Draining("cancelled")
         if exc is not None:
-            queue.put_nowait(failed(rpc, request, started, exc))  # type: ignore[arg-type]
-            return
+            return failed(rpc, request, started, exc)  # type: ignore[arg-type]
         self._done(rpc, started, grpc.StatusCode.OK)
-        queue.put_nowait(respond(request, future.result()))
+        return respond(request, future.result())
 
     def _step_error(
         self, rpc: str, request: pb.StepRequest | Undecodable, started: float, exc: Exception

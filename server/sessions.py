@@ -1,8 +1,9 @@
-"""Live sessions: ids, positions, idle expiry, the cap, and what became of ended ones.
+"""Live sessions: ids, owners, the cap, idle expiry, and what became of ended ones.
 
-The table is an ``OrderedDict`` kept in least-recently-used order, so expiry looks only at its
-head. Ended sessions leave a bounded tombstone, so a late request learns ``expired`` or ``closed``
-(and the final position) instead of a bare ``unknown``.
+Each live session has a slot in the state bank and a row in the table's ``columns`` (positions,
+last use, groups in flight); the dict maps ids to sessions. Ended sessions leave a bounded
+tombstone, so a late request learns ``expired`` or ``closed`` (and the final position) instead of
+a bare ``unknown``. Expiry scans the last-use column, so touching a session is one array write.
 """
 
 from __future__ import annotations
@@ -10,15 +11,25 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from .errors import BadRequest, CapacityExceeded, SessionExists, SessionNotFound
+import numpy as np
+
+from .errors import (
+    BadRequest,
+    CapacityExceeded,
+    PositionError,
+    SeqServeError,
+    SessionExists,
+    SessionMoved,
+    SessionNotFound,
+)
 from .states import StateBank
+from .work import Columns, EndReason, Session
 
-__all__ = ["Session", "SessionTable", "Tombstone", "check_session_id"]
+__all__ = ["Session", "SessionTable", "Tombstone", "check_session_id", "gap_error", "gone_error"]
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
@@ -33,29 +44,9 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
-@dataclass(slots=True, eq=False)
-class Session:
-    id: str
-    slot: int
-    position: int = 0  # frames applied
-    accepted: int = 0  # position after every queued request
-    last_used: float = 0.0
-    # Scheduler work items, in order; made on first use (an empty deque is 760 B, and most
-    # sessions are idle most of the time).
-    pending: deque[Any] | None = None
-    scheduled: bool = False  # in the scheduler's ready queue or in a running batch
-    ended: str = ""  # "closed" / "expired" once gone
-    restored: bool = False  # loaded from a snapshot and not advanced since
-    owner: str = ""  # the principal that opened it ("" when authentication is off)
-    holds: int = 0  # StepBatch groups queued or running with a frame of this session
-    last_group: int = 0  # number of the latest such group
-    synced: int = -1  # head last written to the shared store (-1: not there yet)
-    saved: int = 0  # position of its last full checkpoint there
-
-
 @dataclass(frozen=True, slots=True)
 class Tombstone:
-    reason: str
+    reason: EndReason
     position: int
     at: float
     owner: str = ""
@@ -76,7 +67,9 @@ class SessionTable:
         self.max_sessions = min(max_sessions, bank.capacity)
         self.idle_timeout = idle_timeout
         self.clock = clock
-        self._live: OrderedDict[str, Session] = OrderedDict()
+        self.columns = Columns(bank.capacity)
+        self._live: dict[str, Session] = {}
+        self._by_slot: list[Session | None] = [None] * bank.capacity
         self._ended: OrderedDict[str, Tombstone] = OrderedDict()
         self._max_tombstones = max_tombstones
         self.max_per_owner = max_per_owner  # 0: unlimited
@@ -89,6 +82,15 @@ class SessionTable:
 
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._live.values()))
+
+    def at(self, slot: int) -> Session | None:
+        """The live session in ``slot``."""
+        return self._by_slot[slot]
+
+    def at_slots(self, slots: np.ndarray) -> list[Session]:
+        """The live sessions in ``slots`` (each must hold one)."""
+        by_slot = self._by_slot
+        return [by_slot[s] for s in slots.tolist()]  # type: ignore[misc]
 
     def create(
         self,
@@ -113,16 +115,14 @@ class SessionTable:
                 f"{self.max_per_owner}); close one first",
                 reason="principal_session_limit",
             )
-        now = self.clock()
+        slot = self.bank.allocate()
+        columns = self.columns
+        columns.reset(slot, position, self.clock() if last_used is None else last_used)
         session = Session(
-            session_id,
-            self.bank.allocate(),
-            position,
-            position,
-            now if last_used is None else last_used,
-            owner=owner,
+            session_id, slot, columns, slot, int(columns.generation[slot]), owner=owner
         )
         self._live[session_id] = session
+        self._by_slot[slot] = session
         self._owned[owner] = owned + 1
         self._ended.pop(session_id, None)
         return session
@@ -145,49 +145,98 @@ class SessionTable:
         )
 
     def touch(self, session: Session) -> None:
-        session.last_used = self.clock()
-        self._live.move_to_end(session.id)
+        self.columns.last_used[session.slot] = self.clock()
 
-    def bury(self, session_id: str, reason: str, position: int, owner: str) -> None:
+    def touch_slots(self, slots: np.ndarray) -> None:
+        self.columns.last_used[slots] = self.clock()
+
+    def bury(self, session_id: str, reason: EndReason, position: int, owner: str) -> None:
         """Record a session that ended elsewhere (another replica), unless it is live here."""
         if session_id not in self._live:
-            self._ended[session_id] = Tombstone(reason, position, self.clock(), owner)
-            while len(self._ended) > self._max_tombstones:
-                self._ended.popitem(last=False)
+            self._tombstone(session_id, Tombstone(reason, position, self.clock(), owner))
 
-    def touch_many(self, sessions: list[Session]) -> None:
-        now = self.clock()
-        move = self._live.move_to_end
-        for session in sessions:
-            session.last_used = now
-            move(session.id)
-
-    def end(self, session: Session, reason: str) -> None:
+    def end(self, session: Session, reason: EndReason) -> None:
         """Free the session's slot and leave a tombstone. Idempotent."""
         if session.ended or self._live.get(session.id) is not session:
             return
+        position = session.position
         session.ended = reason
+        session.columns, session.row = self.columns.detach(session.slot), 0
         del self._live[session.id]
+        self._by_slot[session.slot] = None
         left = self._owned[session.owner] - 1
         if left:
             self._owned[session.owner] = left
         else:
             del self._owned[session.owner]
+        self.columns.generation[session.slot] += 1
         self.bank.release(session.slot)
-        self._ended[session.id] = Tombstone(reason, session.position, self.clock(), session.owner)
+        self._tombstone(session.id, Tombstone(reason, position, self.clock(), session.owner))
+
+    def _tombstone(self, session_id: str, tomb: Tombstone) -> None:
+        self._ended[session_id] = tomb
+        self._ended.move_to_end(session_id)
         while len(self._ended) > self._max_tombstones:
             self._ended.popitem(last=False)
 
     def expired(self) -> list[Session]:
         """Sessions idle past the timeout with nothing queued or running, oldest first."""
         deadline = self.clock() - self.idle_timeout
-        found = []
-        for session in self._live.values():
-            if session.last_used > deadline:
-                break
-            if not session.pending and not session.scheduled and not session.holds:
-                found.append(session)
+        high = self.bank.high_water
+        columns = self.columns
+        stale = np.flatnonzero(
+            (columns.last_used[:high] <= deadline)
+            & ~columns.queued[:high]
+            & (columns.holds[:high] == 0)
+        )
+        found = [s for s in (self._by_slot[i] for i in stale.tolist()) if s is not None]
+        found.sort(key=lambda s: s.last_used)
         return found
 
     def expires_in(self, session: Session) -> float:
         return max(0.0, session.last_used + self.idle_timeout - self.clock())
+
+    def lookup(self, ids: Sequence[str], owner: str) -> tuple[np.ndarray, np.ndarray]:
+        """Slots and generations of the live sessions ``ids`` that ``owner`` holds (-1: none)."""
+        live = self._live.get
+        slots = np.full(len(ids), -1, np.intp)
+        for i, session_id in enumerate(ids):
+            session = live(session_id)
+            if session is not None and session.owner == owner:
+                slots[i] = session.slot
+        generations = np.where(slots >= 0, self.columns.generation[slots], -1)
+        return slots, generations
+
+
+def gap_error(session: Session, position: int) -> PositionError:
+    """Frames are missing before ``position``. For a session restored from a checkpoint (a
+    snapshot, or the shared store) that was behind what had been applied, and not advanced since,
+    they were lost in a crash: say so, and name the last durable position."""
+    expected = session.accepted
+    if session.restored:
+        return PositionError(
+            f"session {session.id!r} was restored from its last checkpoint, at position "
+            f"{expected}, after an unclean stop; frames from {expected} on were lost: resend "
+            f"from {expected}",
+            reason="rolled_back",
+            expected=expected,
+        )
+    return PositionError(
+        f"position {position} leaves a gap: session {session.id!r} expects {expected}",
+        reason="position_gap",
+        expected=expected,
+    )
+
+
+def gone_error(session: Session) -> SeqServeError:
+    """What a request for an ended session learns."""
+    if session.ended == "moved":
+        return SessionMoved(
+            f"session {session.id!r} was taken over by another replica; "
+            "retry (it resumes where that replica left it)"
+        )
+    return SessionNotFound(
+        f"session {session.id!r} {session.ended} at position {session.position}",
+        reason=session.ended or "unknown",
+        position=session.position,
+    )

@@ -26,6 +26,11 @@ class Settings:
     host: str = _opt("0.0.0.0", "address to bind the gRPC server to")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _opt(8081, "Prometheus /metrics HTTP port (0 picks a free one, -1 off)")
+    http_port: int = _opt(
+        8000,
+        "Open Inference Protocol REST port (KServe v2 /v2/..., what tritonclient.http and "
+        "KServe clients speak; 0 picks a free one, -1 off)",
+    )
     model_dir: str = _opt("", "model directory (seqserve-model/1); empty = bundled basicmotions")
     device: str = _opt(
         "cpu",
@@ -237,6 +242,9 @@ def validate(settings: Settings) -> list[str]:
             problems.append(f"{_flag(name)} must be positive")
     if settings.snapshot_interval < 0:
         problems.append("--snapshot-interval must not be negative")
+    for name in ("metrics_port", "http_port"):
+        if getattr(settings, name) < -1:
+            problems.append(f"{_flag(name)} must be a port, 0 (any free one) or -1 (off)")
     if settings.max_wait_ms < 0:
         problems.append("--max-wait-ms must not be negative")
     if settings.max_sessions_per_principal < 0:

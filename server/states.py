@@ -33,19 +33,19 @@ class StateBank:
         self.ring = np.zeros((capacity, window, spec.classes), np.float32)
         self.bytes_per_slot = 4 * spec.state_floats
         self._free: list[int] = []
-        self._high_water = 0
+        self.high_water = 0
 
     @property
     def used(self) -> int:
-        return self._high_water - len(self._free)
+        return self.high_water - len(self._free)
 
     def allocate(self) -> int:
         """A zeroed slot; callers check the session cap first."""
         if self._free:
             slot = self._free.pop()
-        elif self._high_water < self.capacity:
-            slot = self._high_water
-            self._high_water += 1
+        elif self.high_water < self.capacity:
+            slot = self.high_water
+            self.high_water += 1
         else:
             raise RuntimeError("state bank full")  # unreachable behind the session cap
         return slot

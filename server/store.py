@@ -1,63 +1,35 @@
-"""Shared session checkpoints in Redis, so any replica can pick a session up.
+"""The shared session store: what every replica can read and write so that any of them can pick a
+session up. ``Store`` is the protocol the handover and write-back logic use; ``RedisStore``
+(redis_store.py) is the real one and ``MemoryStore`` (memory_store.py) an in-process one with the
+same semantics, for tests and for several engines in one process.
 
-Every replica keeps its hot sessions in memory (the state bank) and, after each scheduler round,
-records what the round did in Redis with one script call: per session a compare-and-set of its
-``head`` (the position applied so far) against the head this replica last wrote, and every
-``checkpoint_every`` frames (and on close and drain) the state itself and the ring of recent
-outputs. Only the replica that owns a session (the last to claim it) can move its head, so a
-frame is applied at most once even when two replicas briefly serve the same session: the loser's
-write fails, it drops its copy, and the request is answered ``session_moved``.
-
-A replica that gets a request for a session it does not hold claims it: it takes the checkpoint,
-becomes the owner and sets the head back to the checkpoint's position. If the head was ahead of
-the checkpoint (``checkpoint_every`` > 1 and the previous owner died), the frames in between are
-lost and the client is told so (``rolled_back``), exactly as after a restart from a snapshot.
-
-Keys expire after the server's idle timeout, refreshed by every write. When Redis is down or
-slow, rounds stop waiting for it (for ``retry_after`` seconds at a time) and serving goes on from
-memory; the next write after it is back carries each session's state forward with the same
-compare-and-set, so nothing is overwritten that another replica wrote meanwhile.
+A session in the store has an ``owner`` (the replica that created it or claimed it last), a
+``head`` (frames applied so far, as its owner last reported), a closed flag, and from its last
+full checkpoint: the position it was taken at, the state rows and output ring (``data``) and the
+principal that owns the session. Only the owner's writes are accepted, so a frame is applied at
+most once even when two replicas briefly serve one session.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, Protocol
 
-import numpy as np
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from .errors import SeqServeError
-from .sessions import Session
-from .states import StateBank
+from .errors import SessionMoved, StoreUnavailable
 
 __all__ = [
     "Checkpoint",
+    "Claim",
+    "ClaimKind",
+    "CommitOutcome",
     "Commits",
-    "RedisStore",
+    "Peek",
     "SessionMoved",
+    "Store",
     "StoreUnavailable",
-    "checkpoint_commits",
 ]
-
-log = logging.getLogger("seqserve.store")
-
-
-class StoreUnavailable(SeqServeError):
-    """The session is not held here and the shared store cannot be reached to resume it."""
-
-    reason = "store_unavailable"
-
-
-class SessionMoved(SeqServeError):
-    """Another replica took the session over; this one dropped its copy. Retry: the request
-    goes to (or reloads on) the current owner."""
-
-    reason = "session_moved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +37,29 @@ class Checkpoint:
     position: int  # frames the saved state has applied
     head: int  # frames applied by the previous owner; > position: the difference was lost
     data: bytes  # float32: every state tensor's row, then the ring of recent outputs
+
+
+ClaimKind = Literal["ok", "none", "foreign", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What claiming a session found: ``ok`` (taken over: ``checkpoint``), ``none`` (not in the
+    store), ``foreign`` (another principal's) or ``closed`` (at ``final_position``)."""
+
+    kind: ClaimKind
+    checkpoint: Checkpoint | None = None
+    final_position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """A session in the store, read without taking it over."""
+
+    head: int  # frames applied, as its owner last reported
+    position: int  # where its last full checkpoint is: a new owner resumes from here
+    closed: bool
+    expires_in: float  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,265 +74,42 @@ class Commits:
     count: int
 
 
-# A session's hash: h = "owner|head", c = closed ("1") or not ("0"), and from its last full
-# checkpoint pos (its position), d (state rows then output ring) and p (its principal).
-# A write is accepted only from the session's owner: the replica that created it or claimed it
-# last (a claim is the only way ownership changes, atomically in its script). The owner's copy
-# is therefore the one true state, and a write whose reply was lost (a timeout) can be repeated.
-# ARGV: ttl_ms, owner, record_bytes, key prefix, lines, data. Returns one character per line:
-# 1 written, 0 another replica owns it (or it was closed), 2 missing and this was no full
-# checkpoint (nothing written).
-_COMMIT = r"""
-local ttl, owner, size, prefix, data = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[6]
-local out, at = {}, 1
-for id, expected, head, closed, full, principal in string.gmatch(
-    ARGV[5], '([^\t\n]+)\t(%-?%d+)\t(%d+)\t(%d)\t(%d)\t([^\n]*)\n') do
-  local key = prefix .. id
-  local cur = redis.call('HMGET', key, 'h', 'c')
-  local ok
-  if not cur[1] then
-    -- new, or gone from the store (flushed, restarted empty): only a full checkpoint
-    ok = full == '1'
-  elseif cur[2] == '1' then
-    ok = expected == '-1' and full == '1'  -- a closed id used again by a new session
-  else
-    ok = string.sub(cur[1], 1, #owner + 1) == owner .. '|'
-  end
-  if ok then
-    redis.call('HSET', key, 'h', owner .. '|' .. head, 'c', closed)
-    if full == '1' then
-      redis.call('HSET', key, 'pos', head, 'p', principal, 'd', string.sub(data, at, at + size - 1))
-    end
-    redis.call('PEXPIRE', key, ttl)
-    out[#out + 1] = '1'
-  elseif not cur[1] then
-    out[#out + 1] = '2'
-  else
-    out[#out + 1] = '0'
-  end
-  if full == '1' then at = at + size end
-end
-return table.concat(out)
-"""
+class CommitOutcome(enum.Enum):
+    """What a commit did to one session."""
 
-# KEYS[1]: the session. ARGV: owner, principal, ttl_ms.
-_CLAIM = """
-local h = redis.call('HMGET', KEYS[1], 'h', 'pos', 'd', 'p', 'c')
-if not h[1] or not h[2] then return {'none'} end
-if h[4] ~= ARGV[2] then return {'foreign'} end
-local head = string.match(h[1], '|(%d+)$')
-if h[5] == '1' then return {'closed', head} end
-redis.call('HSET', KEYS[1], 'h', ARGV[1] .. '|' .. h[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {'ok', head, h[2], h[3]}
-"""
-
-# KEYS[1]: the session. Returns {h, c, p, pttl, pos} (h false: none).
-_PEEK = """
-local h = redis.call('HMGET', KEYS[1], 'h', 'c', 'p', 'pos')
-return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1]), h[4]}
-"""
-
-_OWNER = """
-local h = redis.call('HGET', KEYS[1], 'h')
-if not h then return '' end
-return string.match(h, '^(.*)|')
-"""
+    WRITTEN = "1"
+    TAKEN = "0"  # another replica owns it now (or it was closed): this copy is stale
+    MISSING = "2"  # the store lost it and this was no full checkpoint: nothing written
 
 
-def checkpoint_commits(
-    sessions: list[Session], bank: StateBank, every: int
-) -> tuple[Commits, list[bool]]:
-    """What a store write records for these sessions: the head always; the state and output
-    ring when the session is new there, was reset, or ran ``every`` frames since its last full
-    checkpoint. Also says which are full checkpoints."""
-    full = [
-        not s.ended and (s.synced < 0 or s.position - s.saved >= every or s.position < s.saved)
-        for s in sessions
-    ]
-    record = 4 * (bank.states.shape[1] + bank.ring.shape[1] * bank.ring.shape[2])
-    data = b""
-    if any(full):
-        slots = np.fromiter((s.slot for s, f in zip(sessions, full, strict=True) if f), np.intp)
-        data = np.concatenate(
-            [bank.states[slots], bank.ring[slots].reshape(len(slots), -1)], axis=1
-        ).tobytes()
-    lines = "".join(
-        [
-            f"{s.id}\t{s.synced}\t{s.position}\t{int(s.ended == 'closed')}\t{int(f)}\t{s.owner}\n"
-            for s, f in zip(sessions, full, strict=True)
-        ]
-    )
-    return Commits(lines, data, record, len(sessions)), full
-
-
-class RedisStore:
-    def __init__(
-        self,
-        url: str,
-        *,
-        namespace: str,
-        replica: str,
-        ttl: float,
-        timeout: float = 0.25,
-        retry_after: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.url = url
-        self.namespace = namespace
-        self.replica = replica
-        self.ttl_ms = max(1, int(ttl * 1000))
-        self.retry_after = retry_after
-        self.clock = clock
-        # A bounded pool that makes callers wait for a connection (within the timeout): a burst
-        # of claims (a replica taking over many sessions at once) must not open one each.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=32,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self._pool = pool
-        self._redis = aioredis.Redis(connection_pool=pool)
-        self._commit = self._redis.register_script(_COMMIT)
-        self._claim = self._redis.register_script(_CLAIM)
-        self._owner = self._redis.register_script(_OWNER)
-        self._peek = self._redis.register_script(_PEEK)
-        self._down_until = 0.0
-        # (call kind, seconds, outcome "ok" / "failed" / "skipped"): metrics hook
-        self.observe: Callable[[str, float, str], None] = lambda kind, seconds, outcome: None
-
-    def key(self, session_id: str) -> str:
-        return f"{self.namespace}:{session_id}"
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.namespace}:"
+class Store(Protocol):
+    url: str
+    replica: str
+    # (call kind, seconds, outcome "ok" / "failed" / "skipped"): the metrics hook
+    observe: Callable[[str, float, str], None]
 
     @property
     def available(self) -> bool:
         """False while backing off after a failure (calls are skipped, not tried)."""
-        return self.clock() >= self._down_until
+        ...
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except (RedisError, OSError):
-            return False
+    async def ping(self) -> bool: ...
 
-    async def claim(
-        self, items: Sequence[tuple[str, str]]
-    ) -> list[tuple[str, Checkpoint | int | None]]:
-        """Take sessions over, one pipelined round trip for all of ``items`` (id, principal).
-        Per item: ("ok", Checkpoint), ("none", None), ("foreign", None) for another principal's
-        session, or ("closed", final position). StoreUnavailable when Redis cannot answer."""
+    async def claim(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
+        """Take sessions over: ``items`` are (id, principal). Raises StoreUnavailable."""
+        ...
 
-        async def run() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for session_id, principal in items:
-                    await self._claim(
-                        keys=[self.key(session_id)],
-                        args=[self.replica, principal, self.ttl_ms],
-                        client=pipe,
-                    )
-                return await pipe.execute()  # type: ignore[no-any-return]
-
-        replies = await self._guard(run, "claim")
-        if replies is None:
-            raise StoreUnavailable(
-                f"the session store ({self.url}) cannot be reached to resume "
-                "a session not held by this replica; retry shortly"
-            )
-        out: list[tuple[str, Checkpoint | int | None]] = []
-        for reply in replies:
-            kind = reply[0].decode()
-            if kind == "ok":
-                out.append(
-                    (
-                        kind,
-                        Checkpoint(
-                            position=int(reply[2]), head=int(reply[1]), data=bytes(reply[3])
-                        ),
-                    )
-                )
-            elif kind == "closed":
-                out.append((kind, int(reply[1])))
-            else:
-                out.append((kind, None))
-        return out
-
-    async def peek(self, session_id: str, principal: str) -> tuple[int, bool, float, int] | None:
-        """(head, closed, seconds to expiry, checkpoint position) of a session in the store,
-        without taking it over; None if it is not there (or is another principal's).
-        StoreUnavailable when Redis cannot answer."""
-        reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]), "peek")
-        if reply is None:
-            raise StoreUnavailable(
-                f"the session store ({self.url}) cannot be reached to look "
-                f"up session {session_id!r}, which this replica does not "
-                "hold; retry shortly"
-            )
-        h, closed, owner, ttl, saved = reply
-        if h is None or (owner or b"").decode() != principal:
-            return None
-        head = int(h.decode().rpartition("|")[2])
-        return head, closed == b"1", max(0.0, int(ttl) / 1000), int(saved or head)
+    async def peek(self, session_id: str, principal: str) -> Peek | None:
+        """The session without taking it over; None if absent or another principal's. Raises
+        StoreUnavailable."""
+        ...
 
     async def owner(self, session_id: str) -> str | None:
-        """The replica that owns the session in the store ("" if none; None if unreachable)."""
-        reply = await self._guard(lambda: self._owner(keys=[self.key(session_id)]), "owner")
-        return None if reply is None else (reply or b"").decode()
+        """The replica owning the session ("" if none); None if the store is unreachable."""
+        ...
 
-    async def commit(self, commits: Commits) -> str | None:
-        """One compare-and-set per session, in one script call. Per session one character:
-        "1" written, "0" another replica owns the session now, "2" the store lost it and needs
-        a full checkpoint (nothing written). None: Redis was not reached (or is being backed
-        off from); nothing was written."""
-        if not commits.count:
-            return ""
-        reply = await self._guard(
-            lambda: self._commit(
-                args=[
-                    self.ttl_ms,
-                    self.replica,
-                    commits.record_bytes,
-                    self.prefix,
-                    commits.lines,
-                    commits.data,
-                ]
-            ),
-            "commit",
-        )
-        return None if reply is None else reply.decode()
+    async def commit(self, commits: Commits) -> list[CommitOutcome] | None:
+        """One compare-and-set per line; None if the store was not reached (nothing written)."""
+        ...
 
-    async def _guard(self, call: Callable[[], Awaitable[Any]], kind: str) -> Any:
-        """``await call()``, or None if Redis failed (then skip it for ``retry_after``)."""
-        if not self.available:
-            self.observe(kind, 0.0, "skipped")
-            return None
-        started = time.perf_counter()
-        try:
-            reply = await call()
-        except (RedisError, OSError) as exc:
-            self.observe(kind, time.perf_counter() - started, "failed")
-            if self._down_until == 0.0 or self.clock() >= self._down_until:
-                log.warning(
-                    "session store %s unreachable (%s); serving from memory, retrying in %.1fs",
-                    self.url,
-                    exc,
-                    self.retry_after,
-                )
-            self._down_until = self.clock() + self.retry_after
-            return None
-        self.observe(kind, time.perf_counter() - started, "ok")
-        if self._down_until:
-            log.info("session store %s reachable again", self.url)
-            self._down_until = 0.0
-        return reply
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.disconnect()  # a pool passed in is not closed with the client
+    async def close(self) -> None: ...

@@ -220,6 +220,7 @@ class Replica(_Process):
     args: tuple[str, ...] = ()
     port: int = 0
     metrics_port: int = 0
+    http_port: int = 0  # the Open Inference Protocol's REST API
 
     @property
     def target(self) -> str:
@@ -228,7 +229,7 @@ class Replica(_Process):
     def launch(self) -> None:
         """Start (ports chosen once, kept by ``restart``); ``wait_ready`` waits."""
         if not self.port:
-            self.port, self.metrics_port = free_port(), free_port()
+            self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
         env["PYTHONWARNINGS"] = "ignore"
         self._spawn(
@@ -243,6 +244,8 @@ class Replica(_Process):
                 str(self.port),
                 "--metrics-port",
                 str(self.metrics_port),
+                "--http-port",
+                str(self.http_port),
                 *self.args,
             ],
             env=env,

@@ -44,6 +44,7 @@ def settings(tmp_path: Path, model_dir: Path) -> Any:
         host="127.0.0.1",
         port=0,
         metrics_port=0,
+        http_port=0,
         model_dir=str(model_dir),
         snapshot_path=str(tmp_path / "sessions.npz"),
         snapshot_interval=0.0,

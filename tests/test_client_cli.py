@@ -40,6 +40,8 @@ def cli_server(model_dir: Path) -> Iterator[str]:
             str(port),
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
             "--snapshot-path",
             "",
             "--model-dir",

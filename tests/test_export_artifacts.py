@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 
 from seqserve.export.cli import main  # noqa: E402
 from seqserve.export.datasets import load  # noqa: E402
+from seqserve.export.fingerprint import same_machine  # noqa: E402
 from seqserve.export.runner import Runner  # noqa: E402
 from seqserve.export.spec import State  # noqa: E402
 from seqserve.export.training import Architecture, Recipe, accuracy, fit, train  # noqa: E402
@@ -123,8 +124,15 @@ def test_training_is_deterministic_for_a_seed() -> None:
 
 
 # BasicMotions retrains in ~2 min on 2 cores; JapaneseVowels takes ~4 min more, so it runs
-# only with SEQSERVE_EXPORT_RETRAIN_ALL=1 (both passed bit-identically when the models were made).
+# only with SEQSERVE_EXPORT_RETRAIN_ALL=1.
 _RETRAIN_ALL = os.environ.get("SEQSERVE_EXPORT_RETRAIN_ALL") == "1"
+
+# What a retraining on another CPU kind must reproduce (measured: BasicMotions retrained with
+# oneDNN capped at AVX2, at AVX-512, with AMX, and with oneDNN off all reached test accuracy 1.0
+# and the committed model's 40 test predictions, weights up to 0.11 apart, test probabilities
+# 0.0076-0.0085 apart in total variation on average and at most 0.23 on one recording):
+_AGREEMENT = 0.95  # the committed model's predicted class on at least 95 % of the test split
+_MEAN_TV = 0.05  # mean total-variation distance of test probabilities (6x the largest measured)
 
 
 @pytest.mark.slow
@@ -143,14 +151,27 @@ _RETRAIN_ALL = os.environ.get("SEQSERVE_EXPORT_RETRAIN_ALL") == "1"
 def test_training_reproduces_committed_model_and_beats_baseline(
     name: str, epochs: int, batch: int
 ) -> None:
+    """Retraining with the recorded recipe and seed reproduces the committed model: bit for bit
+    on a machine with the fingerprint recorded at training time (CPU kind, threads, library
+    versions), and elsewhere as far as it carries across CPUs (TensorFlow's kernels sum in an
+    order chosen by instruction set, and 200 epochs amplify the last bits): at least the
+    recorded accuracy and the 1-NN DTW baseline, and the committed model's test predictions."""
     path = _bundled(name)
     meta = _meta(path)
-    model, record = train(
-        load(name), Architecture(), Recipe(epochs=epochs, batch_size=batch), seed=0
-    )
-    assert record["test_accuracy"] >= record["baseline"]["test_accuracy"]
-    assert record["test_accuracy"] == meta["training"]["test_accuracy"]
+    dataset = load(name)
+    model, record = train(dataset, Architecture(), Recipe(epochs=epochs, batch_size=batch), seed=0)
     committed = keras.saving.load_model(path / "model.keras", compile=False)
-    for a, b in zip(model.get_weights(), committed.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert accuracy(committed, load(name).test) == record["test_accuracy"]
+    assert accuracy(committed, dataset.test) == meta["training"]["test_accuracy"]
+    assert record["test_accuracy"] >= record["baseline"]["test_accuracy"]
+    if same_machine(meta["training"].get("machine")):
+        assert record["test_accuracy"] == meta["training"]["test_accuracy"]
+        for a, b in zip(model.get_weights(), committed.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        return
+    assert record["test_accuracy"] >= meta["training"]["test_accuracy"]
+    ours = np.asarray(model.predict(dataset.test.x, verbose=0, batch_size=64))
+    theirs = np.asarray(committed.predict(dataset.test.x, verbose=0, batch_size=64))
+    agreement = float(np.mean(ours.argmax(axis=-1) == theirs.argmax(axis=-1)))
+    assert agreement >= _AGREEMENT, agreement
+    mean_tv = float(np.mean(0.5 * np.abs(ours - theirs).sum(axis=-1)))
+    assert mean_tv <= _MEAN_TV, mean_tv

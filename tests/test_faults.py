@@ -32,6 +32,8 @@ def _serve(model_dir: Path, port: int, snapshot: Path, interval: float) -> subpr
             str(port),
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
             "--model-dir",
             str(model_dir),
             "--snapshot-path",

@@ -14,7 +14,7 @@ def _python_blocks() -> list[str]:
 
 
 async def test_readme_python_examples_run(server, samples):
-    _, port = server
+    app, port = server
     blocks = _python_blocks()
     assert len(blocks) >= 2
     for code in blocks:
@@ -24,5 +24,6 @@ async def test_readme_python_examples_run(server, samples):
             "rec_b": samples["x"][2][:7],
         }
         code = code.replace("localhost:50051", f"127.0.0.1:{port}")
+        code = code.replace("localhost:8000", f"127.0.0.1:{app.http_port}")
         # The in-process server shares this event loop, so the example runs on another thread.
         await asyncio.to_thread(exec, compile(code, "README.md", "exec"), namespace)

@@ -1,9 +1,12 @@
 """With ``max_sessions`` reached, opening one more is refused at once: RESOURCE_EXHAUSTED with
-reason ``session_limit``, by OpenSession and by a starting Step alike, in milliseconds (the goal
-is a p99 under 10 ms; the assertion is a loose 100 ms because test machines are noisy)."""
+reason ``session_limit``, by OpenSession and by a starting Step alike. "At once" means the refusal
+never waits behind queued work (no backlog): it comes back while inference is blocked. How fast
+it is is measured and printed (goal: p99 under 10 ms), not asserted: the machines are shared."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import grpc
@@ -50,7 +53,22 @@ async def test_session_cap_refusal_is_fast_and_specific(start_server, samples):
             f"(OpenSession p99 {np.percentile(took['OpenSession'], 99) * 1000:.2f} ms, "
             f"Step p99 {np.percentile(took['Step'], 99) * 1000:.2f} ms)"
         )
-        assert p99 < 100.0
+
+        # Refusals never queue: with the inference thread blocked, a step of a held session
+        # waits, and refusals still come back.
+        release = threading.Event()
+        app.engine.executor.submit(release.wait, 30)
+        try:
+            pending = asyncio.ensure_future(
+                stub.Step(step_request("held-1", len(x), samples["x"][0][2:30]), timeout=30)
+            )
+            for i in range(10):
+                call = stub.Step(step_request(f"blocked-{i}", 0, x, start=True), timeout=10)
+                assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert not pending.done(), "the held session's step did not wait"
+        finally:
+            release.set()
+        assert (await pending).next_position == len(x) + 28
 
         # Refusals took nothing: the held sessions are intact and nothing leaked.
         assert len(app.engine.table) == app.engine.bank.used == CAP
@@ -58,11 +76,11 @@ async def test_session_cap_refusal_is_fast_and_specific(start_server, samples):
             app.metrics.registry.get_sample_value(
                 "seqserve_session_events_total", {"event": "refused"}
             )
-            == ATTEMPTS
+            == ATTEMPTS + 10
         )
         for i in range(CAP):
             info = await stub.GetSession(pb.SessionRef(session_id=f"held-{i}"), timeout=10)
-            assert info.position == len(x)
+            assert info.position == len(x) + (28 if i == 1 else 0)
         # A freed place is taken at once.
         await stub.CloseSession(pb.SessionRef(session_id="held-0"), timeout=10)
         info = await stub.OpenSession(pb.OpenSessionRequest(session_id="late"), timeout=10)

@@ -119,7 +119,6 @@ async def test_cancel_expiry_close_and_drain_race_on_one_session(
                     if session is None or drained:
                         return
                     session.last_used = table.clock() - 10 * app.settings.session_idle_timeout
-                    table._live.move_to_end("t", last=False)  # least recently used: at the head
                     if app.engine.expire():
                         return
                     await asyncio.sleep(0.002)

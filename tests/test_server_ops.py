@@ -38,9 +38,15 @@ async def test_metrics_endpoint_counts_what_happened(server, stub, samples):
         )
     )
     assert "seqserve_steps_total 7.0" in body
-    assert 'seqserve_requests_total{code="OK",rpc="Stream"} 7.0' in body
-    assert 'seqserve_requests_total{code="FAILED_PRECONDITION",rpc="Step"} 1.0' in body
-    assert 'seqserve_request_duration_seconds_bucket{le="5e-05",rpc="Stream"}' in body
+    assert 'seqserve_requests_total{code="OK",protocol="native",rpc="Stream"} 7.0' in body
+    assert (
+        'seqserve_requests_total{code="FAILED_PRECONDITION",protocol="native",rpc="Step"} 1.0'
+        in body
+    )
+    assert (
+        'seqserve_request_duration_seconds_bucket{le="5e-05",protocol="native",rpc="Stream"}'
+        in body
+    )
     assert "seqserve_live_sessions 1.0" in body
     assert "seqserve_state_bytes 2048.0" in body
     for name in (
@@ -300,7 +306,9 @@ def test_a_second_server_process_on_one_snapshot_file_exits_with_a_clear_message
 
 
 def test_server_refuses_bad_model_dir_and_cuda_without_gpu(tmp_path, model_dir):
-    out = _cli("--model-dir", str(tmp_path), "--port", "0", "--metrics-port", "-1")
+    out = _cli(
+        "--model-dir", str(tmp_path), "--port", "0", "--metrics-port", "-1", "--http-port", "-1"
+    )
     assert out.returncode == 2
     assert "model.json not found" in out.stderr
     import onnxruntime
@@ -314,6 +322,8 @@ def test_server_refuses_bad_model_dir_and_cuda_without_gpu(tmp_path, model_dir):
             "--port",
             "0",
             "--metrics-port",
+            "-1",
+            "--http-port",
             "-1",
             "--snapshot-path",
             "",

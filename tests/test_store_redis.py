@@ -329,6 +329,8 @@ def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, mo
             str(port),
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
             "--store",
             redis_server.url,
             "--replica-id",

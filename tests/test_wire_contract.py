@@ -77,12 +77,20 @@ def _name(node: ast.expr) -> str:
     return ""
 
 
+# Fronts for other protocols, whose reasons travel on their own wire (server/oip: the Open
+# Inference Protocol, documented in the README's Triton and KServe section). The core they share
+# with SeqServe is scanned.
+OTHER_WIRES = {"oip"}
+
+
 def _modules() -> dict[str, ast.Module]:
-    """Every module under server/ (subpackages too), by dotted name below seqserve.server."""
+    """Every module under server/ (subpackages too) that serves seqserve.v1 or the core, by
+    dotted name below seqserve.server."""
     base = ROOT / "server"
     return {
         ".".join(p.relative_to(base).with_suffix("").parts): ast.parse(p.read_text(), str(p))
         for p in sorted(base.rglob("*.py"))
+        if p.relative_to(base).parts[0] not in OTHER_WIRES
     }
 
 
@@ -124,6 +132,20 @@ def _code_of(module: str, name: str) -> str:
     return next(STATUS_CODES[k].name for k in cls.__mro__ if k in STATUS_CODES)
 
 
+def _literals(value: ast.expr, where: str) -> list[str]:
+    """The literal reasons an expression can give (``x or "unknown"``, ``a if c else "b"``);
+    anything else in it must be a known forwarding expression."""
+    if isinstance(value, ast.Constant):
+        return [value.value]
+    if isinstance(value, ast.BoolOp):
+        return [r for v in value.values for r in _literals(v, where)]
+    if isinstance(value, ast.IfExp):
+        return _literals(value.body, where) + _literals(value.orelse, where)
+    source = ast.unparse(value)
+    assert source in FORWARDED, f"{where}: reason={source} is not a literal"
+    return []
+
+
 def raisable() -> dict[str, set[str]]:
     """reason -> the status codes it can be sent with ("" where the code is set elsewhere, as
     for metadata written next to an abort), from every way server/ makes a reason."""
@@ -148,12 +170,8 @@ def raisable() -> dict[str, set[str]]:
                 for kw in node.keywords:
                     if kw.arg != "reason":
                         continue
-                    if not isinstance(kw.value, ast.Constant):
-                        source = ast.unparse(kw.value)
-                        assert source in FORWARDED, f"{where}: reason={source} is not a literal"
-                        continue
                     if func in errors:
-                        add(kw.value.value, _code_of(errors[func][0], func), where)
+                        code = _code_of(errors[func][0], func)
                     else:  # e.g. pb.Error(code=grpc.StatusCode.X.value[0], reason="...")
                         named = [
                             n.attr
@@ -162,7 +180,9 @@ def raisable() -> dict[str, set[str]]:
                             for n in ast.walk(kw2.value)
                             if isinstance(n, ast.Attribute) and n.attr in codes
                         ]
-                        add(kw.value.value, named[0] if named else "", where)
+                        code = named[0] if named else ""
+                    for literal in _literals(kw.value, where):
+                        add(literal, code, where)
                 if func in TOMBSTONE_CALLS and len(node.args) >= 2:
                     reason = node.args[1]
                     if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
