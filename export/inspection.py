@@ -72,7 +72,8 @@ def _numerics_line(numerics: dict[str, Any] | None) -> str:
     peak = f"largest values {peaks[largest]:.3g} in {largest}" if largest else ""
     if numerics.get("stable"):
         return f"numerics: stable ({peak})"
-    return f"numerics: UNSTABLE: {numerics.get('warning')}"
+    warning = str(numerics.get("warning"))
+    return f"numerics: UNSTABLE: {warning.removeprefix('numerically unstable model: ')}"
 
 
 def inspect_path(path: Path) -> str:

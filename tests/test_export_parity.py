@@ -212,7 +212,7 @@ def test_unstable_seed_architecture_is_written_with_a_recorded_warning(
             assert 0 < parity[mode]["probabilities"] <= meta["parity"]["allowed"]["probabilities"]
             assert 0 < parity[mode]["logits"] <= meta["parity"]["allowed"]["logits"]
         assert main(["inspect", str(sigma_export[f"out_{suffix}"])]) == 0
-        assert "numerics: UNSTABLE: numerically unstable model" in capsys.readouterr().out
+        assert "numerics: UNSTABLE: no layer reaches 1e+04" in capsys.readouterr().out
 
 
 def test_strict_refuses_the_unstable_model(
