@@ -224,14 +224,6 @@ def test_strict_refuses_the_unstable_model(
     assert not out.exists()
 
 
-def test_stable_models_pass_strict(tmp_path: Path) -> None:
-    source = tmp_path / "m.keras"
-    _model("LSTM", "relu").save(source)
-    assert main(["convert", str(source), "-o", str(tmp_path / "out"), "--strict"]) == 0
-    meta = _meta(tmp_path / "out")
-    assert meta["numerics"]["stable"] is True and meta["window"] is None
-
-
 def test_exploding_stream_names_the_first_exploding_layer(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

@@ -26,6 +26,7 @@ from window_models import (  # noqa: E402
 
 from seqserve.export.cli import main  # noqa: E402
 from seqserve.export.errors import ExportError  # noqa: E402
+from seqserve.export.reference import window_answers  # noqa: E402
 from seqserve.export.runner import Runner  # noqa: E402
 from seqserve.export.spec import State, describe  # noqa: E402
 from seqserve.export.window import detect, resolve  # noqa: E402
@@ -192,10 +193,13 @@ def test_reference_npz_holds_keras_window_answers(window_models: dict[int, Windo
             x, lengths, probabilities = ref["x"], ref["lengths"], ref["probabilities"]
         with np.load(built.directory / "samples.npz") as samples:
             assert samples["lengths"].max() > window  # recordings cross the window
-        for i, n in enumerate(lengths):
-            want = window_predict(built.model, x[i, :n], window)
+        streams = [x[i, :n] for i, n in enumerate(lengths)]
+        answers = window_answers(built.model, streams, window)
+        for i, (n, want) in enumerate(zip(lengths, answers, strict=True)):
             assert np.max(np.abs(probabilities[i, :n] - want)) <= 1e-6
             assert np.all(probabilities[i, n:] == 0)
+        # Streams of different lengths in one call answer as a stream alone does.
+        np.testing.assert_array_equal(answers[-1], window_predict(built.model, streams[-1], window))
 
 
 def test_window_predict_answers_before_the_window_is_full(
@@ -216,9 +220,12 @@ def test_window_predict_answers_before_the_window_is_full(
         direct = free.predict(streams[:, : t + 1], verbose=0)
         assert np.max(np.abs(partial[:, t] - direct)) <= 1e-6
     # ... and after that predict on the last T frames, one stream or a batch alike.
-    for t in range(SEED_WINDOW - 1, 9):
-        window = streams[:, t - SEED_WINDOW + 1 : t + 1]
-        assert np.max(np.abs(partial[:, t] - model.predict(window, verbose=0))) <= 1e-6
+    ends = range(SEED_WINDOW - 1, 9)
+    windows = np.stack([streams[:, t - SEED_WINDOW + 1 : t + 1] for t in ends], axis=1)
+    predicted = model.predict(windows.reshape(-1, SEED_WINDOW, FEATURES), verbose=0)
+    assert (
+        np.max(np.abs(partial[:, SEED_WINDOW - 1 :] - predicted.reshape(2, len(ends), 3))) <= 1e-6
+    )
     np.testing.assert_array_equal(window_predict(model, streams[1], SEED_WINDOW), partial[1])
     short = window_predict(model, streams[0, :3], SEED_WINDOW)
     np.testing.assert_allclose(short, partial[0, :3], atol=1e-6)
@@ -233,8 +240,8 @@ def test_window_flag_overrides_detection(
     _tiny(6).save(fixed)
     free = tmp_path / "free.h5"
     _tiny(None).save(free)
-    runs = {
-        "auto": ([str(fixed)], 6),
+    runs = {  # (--strict passes: these models are stable)
+        "auto": ([str(fixed), "--strict"], 6),
         "none": ([str(fixed), "--window", "none"], None),
         "forced": ([str(free), "--window", "4"], 4),
     }
@@ -242,6 +249,7 @@ def test_window_flag_overrides_detection(
         assert main(["convert", *args, "-o", str(tmp_path / name)]) == 0, name
         meta = _meta(tmp_path / name)
         assert meta["window"] == expected, name
+        assert meta["numerics"]["stable"] is True
         serving = "stateful stream" if expected is None else f"window of {expected} frames"
         assert f"serving: {serving}" in capsys.readouterr().out
         # Parity ran where the model is served: windows of T frames, or whole recordings.
