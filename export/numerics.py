@@ -34,7 +34,7 @@ __all__ = [
 # float32 spaces values in [8192, 16384) 2**-10 ~ 1e-3 apart: a hundred times the probability
 # tolerance. A logit that large is rounded by up to 5e-4 just by being stored, enough to move a
 # near-tie probability by 1e-4; states that large feed such logits. Trained models stay far
-# below (the bundled ones peak at 145 and 86).
+# below (the bundled ones peak below 150).
 MAGNITUDE_LIMIT = 1e4
 # Keras further than the parity tolerance from float64 cannot be matched to it by any other
 # float32 runtime. Logits (relative to their size) show drift that saturated probabilities hide;
