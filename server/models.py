@@ -300,25 +300,31 @@ class Models:
                 model = self.models.get(name)
                 if model is None:
                     model = self.models[name] = Model(name, folder.policy)
-                model.policy = folder.policy
-                model.problems = [str(p) for p in folder.problems]
-                for problem in folder.problems:
-                    log.warning("repository: %s", problem)
-                wanted = folder.wanted
-                for number in sorted(wanted):
-                    await self._want(model, folder.versions[number])
-                for number, version in list(model.versions.items()):
-                    if number not in wanted and version.state in ("ready", "loading"):
-                        self._drain(model, version, "not in the version policy")
-                    if number not in folder.versions and version.state == "unavailable":
-                        del model.versions[number]  # a failed version whose folder is gone
-                model.refresh()
+                await self._apply(model, folder)
             for name, model in self.models.items():
                 if name not in folders:
                     for version in model.versions.values():
                         if version.state in ("ready", "loading"):
                             self._drain(model, version, "removed from the repository")
                     model.refresh()
+
+    async def _apply(self, model: Model, folder: ModelFolder) -> list[int]:
+        """Serve the versions the model's policy wants of ``folder`` and drain the others; the
+        wanted version numbers."""
+        model.policy = folder.policy
+        model.problems = [str(p) for p in folder.problems]
+        for problem in folder.problems:
+            log.warning("repository: %s", problem)
+        wanted = folder.wanted
+        for number in sorted(wanted):
+            await self._want(model, folder.versions[number])
+        for number, version in list(model.versions.items()):
+            if number not in wanted and version.state in ("ready", "loading"):
+                self._drain(model, version, "not in the version policy")
+            if number not in folder.versions and version.state == "unavailable":
+                del model.versions[number]  # a failed version whose folder is gone
+        model.refresh()
+        return sorted(wanted)
 
     async def _want(self, model: Model, source: VersionSource) -> None:
         version = model.versions.get(source.version)
@@ -489,17 +495,16 @@ class Models:
             if model is None:
                 model = self.models[name] = Model(name, folder.policy)
             numbers = [version] if version else sorted(folder.wanted)
-            loaded = []
             for number in numbers:
-                source = folder.versions[number]
                 current = model.versions.get(number)
                 if current is not None and current.state == "unavailable":
                     current.failed_signature = None  # asked explicitly: try again
-                await self._want(model, source)
-                loaded.append(model.versions[number])
             if version:  # loaded on request: it stays even if the policy does not want it
-                pass
-            model.refresh()
+                await self._want(model, folder.versions[version])
+                model.refresh()
+            else:  # the model as its policy has it now: versions it no longer wants drain
+                numbers = await self._apply(model, folder)
+            loaded = [model.versions[number] for number in numbers]
         failed = [v for v in loaded if v.state != "ready"]
         if failed:
             raise ModelError("; ".join(f"{name} v{v.number}: {v.reason}" for v in failed))
