@@ -241,10 +241,15 @@ class Part:
 
 
 def capture_parts(
-    parts: Sequence[tuple[ModelSpec, SessionTable, int]], *, clean: bool = False
+    parts: Sequence[tuple[ModelSpec, SessionTable, int]],
+    *,
+    clean: bool = False,
+    kept: Sequence[Part] = (),
 ) -> dict[str, np.ndarray]:
     """Every version's sessions in one snapshot (format /3): part ``i``'s arrays are named
-    ``p<i>_<name>``. Call on the event loop (see ``capture``)."""
+    ``p<i>_<name>``. Call on the event loop (see ``capture``). ``kept``: parts of an earlier
+    snapshot this server could not restore (a version it lacks), written again as they were
+    so a server that has that version can still take them."""
     headers = []
     out: dict[str, np.ndarray] = {}
     for i, (spec, table, version) in enumerate(parts):
@@ -254,6 +259,11 @@ def capture_parts(
         headers.append(header)
         for name, values in arrays.items():
             out[f"p{i}_{name}"] = values
+    for i, part in enumerate(kept, start=len(headers)):
+        headers.append({**part.header, "version_number": part.version})
+        for name, values in part.arrays.items():
+            if name != "header":
+                out[f"p{i}_{name}"] = values
     header = {"format": MULTI, "parts": headers, "created": time.time()}
     out["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     return out
