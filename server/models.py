@@ -256,8 +256,17 @@ class Models:
             model.problems = [str(p) for p in folder.problems]
             for problem in folder.problems:
                 log.warning("repository: %s", problem)
-            for number in sorted(folder.wanted):
-                self._load_now(model, folder.versions[number])
+            failed: set[int] = set()
+            tried: set[int] = set()
+            wanted = folder.wanted
+            while wanted - tried:
+                for number in sorted(wanted - tried):
+                    tried.add(number)
+                    if self._load_now(model, folder.versions[number]).state != "ready":
+                        failed.add(number)
+                # A wanted version that fails validation leaves its place in the policy to
+                # the next version (latest:1 with a broken 2 serves 1).
+                wanted = folder.policy.select(set(folder.versions) - failed)
             model.refresh()
         default = self.models[self.default]
         if default.latest() is None:
@@ -310,21 +319,30 @@ class Models:
 
     async def _apply(self, model: Model, folder: ModelFolder) -> list[int]:
         """Serve the versions the model's policy wants of ``folder`` and drain the others; the
-        wanted version numbers."""
+        version numbers it tried to serve."""
         model.policy = folder.policy
         model.problems = [str(p) for p in folder.problems]
         for problem in folder.problems:
             log.warning("repository: %s", problem)
+        # A wanted version that fails validation never replaces a good one: the policy is
+        # applied again without it (latest:1 with a broken 2 keeps serving 1).
+        failed: set[int] = set()
         wanted = folder.wanted
-        for number in sorted(wanted):
-            await self._want(model, folder.versions[number])
+        while True:
+            for number in sorted(wanted):
+                await self._want(model, folder.versions[number])
+            now = {n for n in wanted if model.versions[n].state == "unavailable"}
+            if not now:
+                break
+            failed |= now
+            wanted = folder.policy.select(set(folder.versions) - failed)
         for number, version in list(model.versions.items()):
             if number not in wanted and version.state in ("ready", "loading"):
                 self._drain(model, version, "not in the version policy")
             if number not in folder.versions and version.state == "unavailable":
                 del model.versions[number]  # a failed version whose folder is gone
         model.refresh()
-        return sorted(wanted)
+        return sorted(wanted | failed)
 
     async def _want(self, model: Model, source: VersionSource) -> None:
         version = model.versions.get(source.version)
