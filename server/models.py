@@ -552,10 +552,15 @@ class Models:
         source = folder.versions.get(number) if folder is not None else None
         if source is not None and (version is None or not version.serving):
             async with self._lock:
-                loaded = await self._load(model, source)
-                if loaded.state == "ready" and number not in folder.wanted:  # type: ignore[union-attr]
-                    self._drain(model, loaded, "loaded for sessions pinned to it")
-                model.refresh()
+                # Requests for many sessions of that version arrive together: the first loads
+                # it, the others find it loaded (loading it again would replace the engine
+                # holding the sessions adopted meanwhile).
+                loaded = model.versions.get(number)
+                if loaded is None or not loaded.serving:
+                    loaded = await self._load(model, source)
+                    if loaded.state == "ready" and number not in folder.wanted:  # type: ignore[union-attr]
+                        self._drain(model, loaded, "loaded for sessions pinned to it")
+                    model.refresh()
             if loaded.serving and loaded.fingerprint.startswith(fingerprint) and loaded.engine:
                 return loaded.engine
         raise VersionUnavailable(
