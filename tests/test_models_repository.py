@@ -1038,6 +1038,8 @@ async def test_metrics_carry_the_model_and_version(serve, repo, v2_dir, xs, jv_x
 
 # -- Redis: versions across replicas ------------------------------------------------------------
 
+CROWD = 12
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Any:
@@ -1073,6 +1075,8 @@ async def test_redis_a_replica_adopts_a_session_into_its_exact_version(
     assert await b.states() == {2: "ready"}
 
     out = [probs(await a.step("hop", xs[0], t)) for t in range(10)]
+    crowd = [f"crowd-{i}" for i in range(CROWD)]
+    firsts = [probs(await a.step(sid, xs[1 + i], 0, 5)) for i, sid in enumerate(crowd)]
     for t in range(10, 20):
         answer = await b.step("hop", xs[0], t)  # names no version: b's latest is 2
         assert answer.model_version == 1
@@ -1081,6 +1085,19 @@ async def test_redis_a_replica_adopts_a_session_into_its_exact_version(
     on(np.concatenate(out), BASICMOTIONS, xs[0], other=v2_dir)
     status = await b.status(BM, 1)
     assert (status.state, status.sessions) == ("draining", 1)
+
+    # Many sessions of version 1 arriving at once at a replica that has to load it (c2 has it
+    # in its repository, not loaded): one load, every session adopted into it.
+    c2 = await serve(model_repository=str(both.root), replica_id="c2", **common)
+    answers = await asyncio.gather(*(c2.step(sid, xs[1 + i], 5, 10) for i, sid in enumerate(crowd)))
+    assert [a.model_version for a in answers] == [1] * CROWD
+    for i, answer in enumerate(answers):
+        on(np.concatenate([firsts[i], probs(answer)]), BASICMOTIONS, xs[1 + i], other=v2_dir)
+    status = await c2.status(BM, 1)
+    assert (status.state, status.sessions) == ("draining", CROWD)
+    again = await asyncio.gather(*(c2.step(sid, xs[1 + i], 10) for i, sid in enumerate(crowd)))
+    assert [a.model_version for a in again] == [1] * CROWD
+    assert metric(c2.registry, "seqserve_session_events_total", {"event": "claimed"}) == CROWD
     info = await b.stub.GetSession(pb.SessionRef(session_id="hop"))
     assert (info.position, info.model_version) == (20, 1)
     # New sessions on b still start on version 2.
