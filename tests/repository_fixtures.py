@@ -45,6 +45,7 @@ __all__ = [
     "make_v2",
     "sha256",
     "step_run",
+    "store_key",
 ]
 
 
@@ -196,6 +197,15 @@ def make_v2(dest: Path, source: Path = BASICMOTIONS) -> Path:
     v1, _ = graph_outputs(source, x[0, :n])
     assert np.abs(whole - v1).max() > 0.05
     return dest
+
+
+def store_key(session_id: str, directory: Path, version: int) -> str:
+    """The Redis key of a session of the model in ``directory`` served as ``version`` of a
+    repository (the namespace names the version and the graphs)."""
+    from seqserve.server.engine import store_namespace
+    from seqserve.server.model import load_model_spec
+
+    return f"{store_namespace(load_model_spec(directory, version=str(version)))}:{session_id}"
 
 
 class Repository:
