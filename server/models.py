@@ -468,6 +468,11 @@ class Models:
         version.engine = None
         self._set(version, "unavailable", f"released ({version.reason or 'retired'})")
         model.refresh()
+        heir = model.latest()
+        if heir is not None and heir.engine is not None:
+            # Sessions that ended on it (closed, expired) are still told so, not "unknown".
+            for session_id, tomb in engine.table.tombstones():
+                heir.engine.table.bury(session_id, tomb.reason, tomb.position, tomb.owner)
         engine.draining = True
         await engine.drain()
         await engine.stop()
