@@ -680,6 +680,28 @@ async def test_a_draining_version_serves_its_sessions_and_is_released_after_the_
     await served.until({1: "unavailable"})
     assert "released" in (await served.status(BM, 1)).reason
     assert (await served.status(BM, 1)).sessions == 0
+    # Its sessions are still told they were closed (not "unknown") once it is gone.
+    code, reason, _ = await refused(served.step("a", xs[0], 20))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "closed")
+
+
+async def test_a_draining_version_is_released_when_its_last_session_expires(
+    serve, repo, v2_dir, xs
+):
+    repo.add(BM, 1, BASICMOTIONS)
+    served = await serve(session_idle_timeout=1.0)
+    await served.step("idle", xs[0], 0, 3)
+    repo.add(BM, 2, v2_dir)
+    await served.stub.LoadModel(pb.LoadModelRequest(model=BM), timeout=WAIT)
+    assert (await served.status(BM, 1)).state == "draining"
+    await served.until({1: "unavailable"})  # the session expired: nothing left to serve
+    code, reason, _ = await refused(served.step("idle", xs[0], 3))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "expired")
+    assert metric(
+        served.registry,
+        "seqserve_session_events_total",
+        {"event": "expired", "model": BM, "version": "1"},
+    )
 
 
 async def test_the_drain_timeout_retires_a_version_and_its_sessions_are_told(
