@@ -450,7 +450,10 @@ class Models:
                     and version.draining_since is not None
                     and time.monotonic() - version.draining_since >= timeout
                 )
-                if version.sessions == 0 or expired:
+                # Not while sessions are being claimed into it from the shared store (a
+                # version loaded for a session that lives on it has none until that is done).
+                idle = version.sessions == 0 and not version.engine.handover.busy
+                if idle or expired:
                     await self._release(model, version)
 
     async def _release(self, model: Model, version: ModelVersion) -> None:
