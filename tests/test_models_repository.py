@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1141,3 +1143,41 @@ async def test_redis_a_replica_adopts_a_session_into_its_exact_version(
     code, reason, message = await refused(a.step("fresh", xs[1], 1))
     assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "version_unavailable")
     assert "version 2" in message
+
+
+async def test_redis_a_version_loaded_for_a_session_is_not_released_while_it_claims_it(
+    serve, tmp_path, v2_dir, xs, redis_server
+):
+    """Replica b loads version 1 for a session that lives on it, and Redis stalls right then
+    (DEBUG SLEEP, sent from b's own hook on the version turning draining, before b's claim):
+    the version, with no session while the claim waits, is kept, and the session is adopted
+    into it (not into a released engine, with version 1 loaded again)."""
+    only_v1 = Repository(tmp_path / "a")
+    only_v1.add(BM, 1, BASICMOTIONS)
+    both = Repository(tmp_path / "b")
+    both.add(BM, 1, BASICMOTIONS)
+    both.add(BM, 2, v2_dir)
+    common = {"store": redis_server.url, "store_timeout": 5.0}
+    a = await serve(model_repository=str(only_v1.root), replica_id="a", **common)
+    b = await serve(model_repository=str(both.root), replica_id="b", **common)
+    out = [probs(await a.step("slow", xs[0], t)) for t in range(10)]
+    sleepers: list[threading.Thread] = []
+
+    def on_change(version: Any) -> None:
+        if version.number == 1 and version.state == "draining" and not sleepers:
+            sleeper = threading.Thread(target=redis_server.command, args=("DEBUG", "SLEEP", "1.0"))
+            sleeper.start()
+            sleepers.append(sleeper)
+            time.sleep(0.1)  # (blocks b's loop) so the sleep reaches Redis before the claim
+
+    b.app.models.on_change = on_change
+    answer = await b.step("slow", xs[0], 10)
+    await asyncio.to_thread(sleepers[0].join)
+    assert answer.model_version == 1
+    status = await b.status(BM, 1)
+    assert (status.state, status.sessions) == ("draining", 1)
+    out.append(probs(answer))
+    out.append(probs(await b.step("slow", xs[0], 11, 15)))
+    on(np.concatenate(out), BASICMOTIONS, xs[0], other=v2_dir)
+    # Claimed once: not once into a released version 1 and again into a reloaded one.
+    assert metric(b.registry, "seqserve_session_events_total", {"event": "claimed"}) == 1
