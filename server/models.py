@@ -321,9 +321,11 @@ class Models:
         """Serve the versions the model's policy wants of ``folder`` and drain the others; the
         version numbers it tried to serve."""
         model.policy = folder.policy
-        model.problems = [str(p) for p in folder.problems]
-        for problem in folder.problems:
-            log.warning("repository: %s", problem)
+        problems = [str(p) for p in folder.problems]
+        for problem in problems:
+            if problem not in model.problems:  # logged when it appears, not at every poll
+                log.warning("repository: %s", problem)
+        model.problems = problems
         # A wanted version that fails validation never replaces a good one: the policy is
         # applied again without it (latest:1 with a broken 2 keeps serving 1).
         failed: set[int] = set()
