@@ -327,6 +327,9 @@ async def test_every_broken_version_is_refused_with_its_reason_and_the_server_se
     await asyncio.sleep(0.5)  # several polls
     failures = {"model": BM, "version": "5"}
     assert metric(served.registry, "seqserve_model_load_failures_total", failures) == 1
+    # and a problem is logged when it appears, not again at every poll
+    latest = f"{repo.root / BM / 'latest'}: version folder names are positive integers"
+    assert sum(latest in r.getMessage() for r in caplog.records) == 1
     repo.complete(BM, 5, BASICMOTIONS)
     await served.until({5: "ready"})
     status = await served.status(BM, 5)
