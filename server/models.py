@@ -41,7 +41,7 @@ from .errors import (
 )
 from .model import ModelSpec
 from .repository import ModelFolder, VersionPolicy, VersionSource, parse_policy, scan, single
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .sessions import Quota
 from .settings import Settings
 from .versions import ModelVersion, VersionState, load_graphs
@@ -203,7 +203,7 @@ class Models:
         settings: Settings,
         *,
         executor: Executor,
-        make_engine: Callable[[ModelVersion, ModelSpec, Runtime], Engine],
+        make_engine: Callable[[ModelVersion, ModelSpec, ModelRunner], Engine],
         bundled: Path | None = None,
     ) -> None:
         self.settings = settings
@@ -376,7 +376,7 @@ class Models:
         version: ModelVersion,
         source: VersionSource,
         spec: ModelSpec,
-        runtime: Runtime,
+        runtime: ModelRunner,
         seconds: float,
     ) -> ModelVersion:
         version.engine = self.make_engine(version, spec, runtime)

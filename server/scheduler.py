@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import PositionError, SessionMoved
 from .observer import BatchObserver
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .sessions import SessionTable, gap_error, gone_error
 from .work import Action, EndReason, Graph, Group, Session, StepResult, Work
 from .writeback import Answers, Immediate, fail, resolve
@@ -38,7 +38,9 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger("seqserve.scheduler")
 
-_Job = tuple[Graph, list[Work], np.ndarray, np.ndarray, list[np.ndarray]]
+# graph, works, slots, frames, states, positions (each frame's index in its session)
+_Job = tuple[Graph, list[Work], np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]
+_Input = tuple[Graph, np.ndarray, list[np.ndarray], np.ndarray]
 _Output = tuple[np.ndarray, list[np.ndarray], float]
 
 
@@ -59,14 +61,14 @@ class _Round:
     def floats(self) -> int:
         return sum(job[3].size for job in self.jobs)
 
-    def inputs(self) -> list[tuple[Graph, np.ndarray, list[np.ndarray]]]:
-        return [(job[0], job[3], job[4]) for job in self.jobs]
+    def inputs(self) -> list[_Input]:
+        return [(job[0], job[3], job[4], job[5]) for job in self.jobs]
 
 
 class Scheduler:
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: ModelRunner,
         table: SessionTable,
         executor: Executor,
         *,
@@ -85,7 +87,9 @@ class Scheduler:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.inline_floats = inline_batch * runtime.spec.features  # frames, counted in floats
+        # Frames, counted in floats, of batches small enough to run on the loop (a window
+        # runtime does ``cost`` cell steps per frame).
+        self.inline_floats = inline_batch * runtime.spec.features // runtime.cost
         self.observer = observer or BatchObserver()
         self.answers: Answers = answers or Immediate()
         self._ready: deque[Session] = deque()
@@ -384,14 +388,17 @@ class Scheduler:
                 if steps
                 else np.empty((0, self.runtime.spec.features), np.float32)
             )
+            positions = np.fromiter((w.session.position for w in steps), np.int64, len(steps))
             if fast:
                 slots = np.concatenate([slots, *(g.slots for g in fast)])
                 frames = np.concatenate([frames, *(g.frames for g in fast)])
-            rnd.jobs.append(("step", steps, slots, frames, bank.gather(slots)))
+                positions = np.concatenate([positions, *(g.positions for g in fast)])
+            rnd.jobs.append(("step", steps, slots, frames, bank.gather(slots), positions))
         for group in sequences:
             slots = np.fromiter((w.session.slot for w in group), np.intp, len(group))
             frames = np.stack([w.frames for w in group if w.frames is not None])
-            rnd.jobs.append(("sequence", group, slots, frames, bank.gather(slots)))
+            positions = np.fromiter((w.session.position for w in group), np.int64, len(group))
+            rnd.jobs.append(("sequence", group, slots, frames, bank.gather(slots), positions))
         rnd.started = time.perf_counter()
 
     def _failed(self, rnd: _Round) -> None:
@@ -407,7 +414,7 @@ class Scheduler:
             lane.batch.fail_rows(lane.rows, error)
 
     def _apply(self, rnd: _Round, outputs: list[_Output]) -> None:
-        for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
+        for (graph, works, slots, frames, _, _), (probs, states, seconds) in zip(
             rnd.jobs, outputs, strict=True
         ):
             waited = rnd.started - min(
@@ -515,15 +522,13 @@ class Scheduler:
         session.pending = None
 
 
-def _run_jobs(
-    runtime: Runtime, jobs: list[tuple[Graph, np.ndarray, list[np.ndarray]]]
-) -> list[_Output]:
+def _run_jobs(runtime: ModelRunner, jobs: list[_Input]) -> list[_Output]:
     out = []
-    for graph, frames, states in jobs:
+    for graph, frames, states, positions in jobs:
         started = time.perf_counter()
         run: Callable[..., tuple[np.ndarray, list[np.ndarray]]] = (
             runtime.step if graph == "step" else runtime.sequence
         )
-        probs, new_states = run(frames, states)
+        probs, new_states = run(frames, states, positions)
         out.append((probs, new_states, time.perf_counter() - started))
     return out

@@ -645,7 +645,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             labels=spec.labels,
             states=[
                 pb.StateSpec(name=s.name, layer=s.layer, kind=s.kind, size=s.size)
-                for s in spec.states
+                for s in engine.runtime.base_states
             ],
             layers=[
                 pb.LayerSpec(
@@ -668,6 +668,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             latest=latest is version,
             fingerprint=spec.fingerprint,
             max_message_bytes=settings.max_message_bytes,
+            serving_mode=spec.mode,
+            window=spec.window,
         )
 
     # -- the repository -----------------------------------------------------------------------
