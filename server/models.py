@@ -82,14 +82,24 @@ class Model:
         # Sessions saved (snapshot) on a version this server cannot load: the version.
         self.unavailable: dict[str, int] = {}
         self._engines: list[Engine] = []  # serving engines, newest version first
+        self._latest: ModelVersion | None = None
+        # Features per frame of the latest version (a codec's hint; each version checks its own).
+        self.features = 0
 
     # -- which versions serve -----------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Recompute the serving engines after a version changed state."""
+        """Recompute the serving engines and the latest ready version after a version changed
+        state (every request reads them)."""
         serving = [v for v in self.versions.values() if v.serving]
         serving.sort(key=lambda v: v.number, reverse=True)
         self._engines = [v.engine for v in serving if v.engine is not None]
+        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
+        self._latest = max(ready, key=lambda v: v.number) if ready else None
+        shown = self._latest.engine if self._latest is not None else None
+        if shown is None and self._engines:
+            shown = self._engines[0]
+        self.features = shown.spec.features if shown is not None else 0
 
     @property
     def engines(self) -> list[Engine]:
@@ -97,8 +107,7 @@ class Model:
 
     def latest(self) -> ModelVersion | None:
         """The highest ready version: where new sessions go."""
-        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
-        return max(ready, key=lambda v: v.number) if ready else None
+        return self._latest
 
     def version(self, number: int) -> ModelVersion:
         found = self.versions.get(number)
@@ -397,6 +406,9 @@ class Models:
 
     def _set(self, version: ModelVersion, state: VersionState, reason: str = "") -> None:
         version.set_state(state, reason)
+        model = self.models.get(version.model)
+        if model is not None:
+            model.refresh()
         self.on_change(version)
 
     def _drain(self, model: Model, version: ModelVersion, reason: str) -> None:
