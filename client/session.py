@@ -6,6 +6,12 @@ behind them are coalesced into multi-frame requests of at most ``window`` frames
 the server applied but could not answer before a drop is then still within its replay window
 (keep ``window`` at most the server's ``--replay-window``) and is answered again after a resume.
 A rejected request rewinds the session to its position; requests pipelined behind it fail too.
+
+A session belongs to one model and is pinned to one of its versions for life. Every request names
+the model, and the version once it is known (from ``OpenSession``, ``GetSession`` or the first
+answer), so a resend after a drop or a move to another replica is answered by that version or
+refused (``version_mismatch``, ``version_retired``, ``version_unavailable``), never silently
+served by another version's graphs.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from seqserve.proto.codec import from_matrix, to_matrix
 
 from .errors import (
     DeadlineExceeded,
+    ModelNotFound,
     SeqServeError,
     ServerError,
     SessionLost,
     SessionNotFound,
     Unavailable,
+    VersionConflict,
 )
 from .frames import as_frames
 from .mux import Multiplexer
@@ -50,6 +58,7 @@ class _Send:
     outputs: list[np.ndarray | None]
     left: int
     replayed: bool = True
+    version: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -79,12 +88,16 @@ class AsyncSession:
         features: int = 0,
         window: int = 64,
         closer: Callable[[str], Awaitable[Any]] | None = None,
+        model: str = "",
+        version: int = 0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.id = session_id
         self.labels = labels
         self.features = features
+        self.model = model  # "" until the server names it: its default model
+        self._version = version  # the version it is pinned to (0: not known yet)
         self._mux = mux
         self._window = window
         self._closer = closer
@@ -100,7 +113,13 @@ class AsyncSession:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<AsyncSession {self.id!r} position={self._next}>"
+        model = f" model={self.model}:{self._version}" if self.model else ""
+        return f"<AsyncSession {self.id!r}{model} position={self._next}>"
+
+    @property
+    def version(self) -> int:
+        """The model version the session is pinned to (0 until the server has said)."""
+        return self._version
 
     @property
     def stream(self) -> Multiplexer:
@@ -229,6 +248,8 @@ class AsyncSession:
                 frames=to_matrix(frames),
                 start=position == 0,
                 end=parts[-1].end,
+                model=self.model,
+                version=self._version,
             )
             try:
                 future = self._mux.submit(request)
@@ -258,16 +279,20 @@ class AsyncSession:
                 )
             else:
                 self._acked = max(self._acked, response.next_position)
+                if response.model_version and not self._version:
+                    self._version = response.model_version  # pinned: resends name it
+                if response.model and not self.model:
+                    self.model = response.model
                 offset = 0
                 for part in parts:
                     n = len(part.frames)
-                    _done(part, probs[offset : offset + n], response.replayed, self.labels, self.id)
+                    _done(part, probs[offset : offset + n], response, self.labels)
                     offset += n
         if exc is not None:
             assert isinstance(exc, Exception)
             if self._failed_at is not None and position > self._failed_at[0]:
                 exc = _after(self._failed_at[1], self._failed_at[0])
-            elif isinstance(exc, (SessionNotFound, Unavailable)):
+            elif isinstance(exc, _FATAL):
                 self._dead = exc
                 self._fail_backlog(exc, position)
             else:  # nothing of it was applied: later sends go again from its position
@@ -286,26 +311,34 @@ class AsyncSession:
             _fail(self._backlog.popleft(), _after(exc, failed))
 
 
+# Errors after which the session cannot go on: gone, unreachable past the retry budget, its
+# model or version missing, or pinned to another version than the one the server has for it.
+_FATAL = (SessionNotFound, Unavailable, ModelNotFound, VersionConflict)
+
+
 def _done(
-    part: _Part, probs: np.ndarray, replayed: bool, labels: tuple[str, ...], session_id: str
+    part: _Part, probs: np.ndarray, response: pb.StepResponse, labels: tuple[str, ...]
 ) -> None:
     send = part.send
     if send.result.done():
         return
     send.outputs[part.index] = probs
-    send.replayed = send.replayed and replayed
+    send.replayed = send.replayed and response.replayed
+    send.version = send.version or response.model_version
     send.left -= 1
     if send.left:
         return
     outputs = [o for o in send.outputs if o is not None]
     send.result.set_result(
         Prediction(
-            session_id=session_id,
+            session_id=response.session_id,
             position=send.position,
             probabilities=outputs[0] if len(outputs) == 1 else np.concatenate(outputs),
             labels=labels,
             latency=time.perf_counter() - send.started,
             replayed=send.replayed,
+            model=response.model,
+            model_version=send.version,
         )
     )
 
@@ -330,7 +363,7 @@ def _after(exc: Exception, failed: int) -> Exception:
     """The error for a request queued behind one that failed at position ``failed``."""
     if not isinstance(exc, SeqServeError):
         return exc
-    if isinstance(exc, (SessionNotFound, Unavailable)):
+    if isinstance(exc, _FATAL):
         return _again(exc)
     return type(exc)(
         f"not applied: the send at position {failed} before it failed: {exc}",
