@@ -232,11 +232,12 @@ class AsyncClient:
         session if it does not exist, on ``version`` of ``model`` (0: the latest ready one); an
         existing session answers from the version it is pinned to (naming another is
         ``VersionConflict``). For a session this client opened, ``model`` and ``version``
-        default to the session's. Positions make a retried step harmless (answered from the
-        server's replay window), so UNAVAILABLE is retried like any unary call."""
+        default to the session's (see ``AsyncSession.version_for``). Positions make a retried
+        step harmless (answered from the server's replay window), so UNAVAILABLE is retried
+        like any unary call."""
         session = self._session_of(session_id, model)
         model = _pick(model, session.model if session else "")
-        version = _pick(version, session.version if session else 0)
+        version = _pick(version, session.version_for(position) if session else 0)
         info = await self._version_info(model, version)
         array = as_frames(frames, info.features)
         request = pb.StepRequest(
@@ -421,6 +422,7 @@ class AsyncClient:
             closer=functools.partial(self.close_session, route=mux.route, model=info.model),
             model=info.model or model,
             version=info.model_version,
+            asked=version,
         )
         self._sessions[(model, session.id)] = session
         return session

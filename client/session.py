@@ -7,11 +7,14 @@ the server applied but could not answer before a drop is then still within its r
 (keep ``window`` at most the server's ``--replay-window``) and is answered again after a resume.
 A rejected request rewinds the session to its position; requests pipelined behind it fail too.
 
-A session belongs to one model and is pinned to one of its versions for life. Every request names
-the model, and the version once it is known (from ``OpenSession``, ``GetSession`` or the first
-answer), so a resend after a drop or a move to another replica is answered by that version or
-refused (``version_mismatch``, ``version_retired``, ``version_unavailable``), never silently
-served by another version's graphs.
+A session belongs to one model and is pinned to one of its versions for life, the one the server
+names (``OpenSession``, ``GetSession``, the first answer). Every request names the model. Only a
+request that can create the session (position 0) names a version, the one asked for at open (0:
+the latest): later requests go wherever the server keeps the session, which is its version
+(another replica finds it through the shared store and loads that version if need be; naming the
+version there would refuse a version the replica has not loaded yet). Every answer is checked
+against the pinned version: one from another version would end the session (``VersionConflict``)
+rather than mix two versions' outputs.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class AsyncSession:
         closer: Callable[[str], Awaitable[Any]] | None = None,
         model: str = "",
         version: int = 0,
+        asked: int = 0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -98,6 +102,7 @@ class AsyncSession:
         self.features = features
         self.model = model  # "" until the server names it: its default model
         self._version = version  # the version it is pinned to (0: not known yet)
+        self._asked = asked  # the version asked for when it was opened (0: the latest)
         self._mux = mux
         self._window = window
         self._closer = closer
@@ -120,6 +125,11 @@ class AsyncSession:
     def version(self) -> int:
         """The model version the session is pinned to (0 until the server has said)."""
         return self._version
+
+    def version_for(self, position: int) -> int:
+        """The version a request at ``position`` names: at 0 (it may create the session) the
+        one asked for at open, else none (the session's own)."""
+        return self._asked if position == 0 else 0
 
     @property
     def stream(self) -> Multiplexer:
@@ -249,7 +259,7 @@ class AsyncSession:
                 start=position == 0,
                 end=parts[-1].end,
                 model=self.model,
-                version=self._version,
+                version=self.version_for(position),
             )
             try:
                 future = self._mux.submit(request)
@@ -277,12 +287,20 @@ class AsyncSession:
                     session_id=self.id,
                     position=position,
                 )
+            elif self._version and response.model_version not in (0, self._version):
+                exc = VersionConflict(
+                    f"session {self.id!r} is pinned to version {self._version} of model "
+                    f"{self.model!r}, but version {response.model_version} answered: the session "
+                    "cannot go on",
+                    code=grpc.StatusCode.FAILED_PRECONDITION,
+                    reason="version_mismatch",
+                    session_id=self.id,
+                    position=position,
+                )
             else:
                 self._acked = max(self._acked, response.next_position)
-                if response.model_version and not self._version:
-                    self._version = response.model_version  # pinned: resends name it
-                if response.model and not self.model:
-                    self.model = response.model
+                self._version = self._version or response.model_version
+                self.model = self.model or response.model
                 offset = 0
                 for part in parts:
                     n = len(part.frames)

@@ -13,15 +13,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cluster import Redis
 from helpers import solo_run
 
 from seqserve.client import (
     AsyncClient,
+    AsyncSession,
     Client,
     ModelNotFound,
     PermissionDenied,
@@ -189,6 +192,60 @@ async def test_a_version_loaded_live_keeps_sessions_on_theirs(serve, repository)
 
         await _until("v1 released after its last session", released)
         assert (await client.model()).version_number == 2
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = Redis("redis", tmp_path / "redis.log")
+    server.start(tmp_path / "redis")  # skips without redis-server
+    yield server.url
+    server.kill()
+
+
+async def test_a_session_resumes_on_a_replica_that_had_not_loaded_its_version(
+    start_server, repository, redis_url, tmp_path
+):
+    """Replicas sharing Redis, as in a rolling update: A serves v1; B's repository holds v1
+    and v2 and B serves v2 (latest:1). A session started on A resumes on B on v1, which B
+    loads for it (a stream moved there by a proxy, a resume, unary steps), with outputs as if
+    it had never moved; new sessions on B start on v2."""
+    newer = tmp_path / "newer"
+    shutil.copytree(repository, newer)
+    _add_version(newer, "basicmotions", 2)
+    shared = {"model_dir": "", "store": redis_url, "snapshot_path": ""}
+    _, a = await start_server(model_repository=str(repository), replica_id="a", **shared)
+    _, b = await start_server(model_repository=str(newer), replica_id="b", **shared)
+    x = _recording("basicmotions", 3)
+    half = len(x) // 2
+    async with AsyncClient(f"127.0.0.1:{a}", timeout=WAIT) as on_a:
+        started = await on_a.open_session("roams")
+        head = await started.send(x[:half])
+    async with AsyncClient(f"127.0.0.1:{b}", timeout=WAIT) as on_b:
+        assert (await on_b.models()).version("basicmotions", 1) is None  # not loaded on B
+        # What a stream a proxy moved to B sends: the session's next requests, nothing before.
+        moved = AsyncSession(
+            on_b.multiplexer,
+            "roams",
+            position=half,
+            features=started.features,
+            model=started.model,
+            version=started.version,
+        )
+        middle = await moved.send(x[half:-2])
+        resumed = await on_b.open_session("roams", resume=True)
+        assert (resumed.model, resumed.version) == ("basicmotions", 1)
+        assert resumed.position == len(x) - 2
+        middle2 = await resumed.send(x[-2])
+        last = await on_b.step("roams", x[-1], position=len(x) - 1)
+        await resumed.close()
+        async with on_b.session() as fresh:
+            assert fresh.version == 2
+        v1 = (await on_b.models()).version("basicmotions", 1)
+    assert v1 is not None and v1.state in ("draining", "unavailable")  # loaded for "roams" only
+    parts = (head, middle, middle2, last)
+    assert [p.model_version for p in parts] == [1, 1, 1, 1]
+    out = np.concatenate([p.probabilities for p in parts])
+    assert np.abs(out - solo_run(MODELS / "basicmotions", x)).max() <= TOL
 
 
 async def test_model_and_version_errors_map_to_their_classes(serve, repository):
