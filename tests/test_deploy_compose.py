@@ -265,6 +265,8 @@ def test_grafana_provisions_the_datasource_and_dashboard(compose):
     for panel in dashboard["panels"]:
         for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
             assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+    for variable in dashboard["templating"]["list"]:  # $model, $version
+        assert variable["datasource"] == {"type": "prometheus", "uid": datasource["uid"]}
 
 
 def test_docker_compose_validates_the_file_with_every_profile():
