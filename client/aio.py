@@ -538,7 +538,7 @@ class AsyncClient:
             else:
                 self._contact.seen = True
                 return response
-            if error.code not in _NO_CONTACT:
+            if error.code not in _NO_CONTACT or error.reason:  # a seqserve refusal: it answered
                 self._contact.seen = True
             if attempt == 0:
                 first_failure = time.monotonic()

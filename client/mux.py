@@ -208,6 +208,8 @@ class Multiplexer:
                 self._on_response(response)
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc, target=self._target, in_session=True)
+            if error.reason:  # ended by seqserve itself (e.g. draining): the server was reached
+                self._contact.seen = True
             if _dropped(exc):
                 return Unavailable(
                     f"connection dropped ({exc.code().name}: {exc.details()})",
