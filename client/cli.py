@@ -227,6 +227,8 @@ def _print_model(info: ModelInfo, as_json: bool) -> None:
                     "state": info.state,
                     "latest": info.latest,
                     "fingerprint": info.fingerprint,
+                    "serving_mode": info.serving_mode,
+                    "window": info.window,
                     "features": info.features,
                     "labels": list(info.labels),
                     "parameters": info.parameters,
@@ -257,6 +259,8 @@ def _print_model(info: ModelInfo, as_json: bool) -> None:
         f"device {info.device}, at most {info.max_frames_per_request} frames/request, "
         f"sessions expire after {info.session_idle_timeout:g}s idle"
     )
+    if info.serving_mode == "window":
+        print(f"answers on the last {info.window} frames (window-trained model)")
     if info.fingerprint:
         print(f"graphs {info.fingerprint}")
 

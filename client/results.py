@@ -147,7 +147,9 @@ class SessionInfo:
 class ModelInfo:
     """One model version's metadata (``GetModel``). ``state``: ``ready`` or ``draining`` (see
     ``ModelVersionStatus``); ``latest``: new sessions of the model start on it; ``fingerprint``
-    identifies its exact graphs."""
+    identifies its exact graphs. ``serving_mode``: ``stateful`` (each answer covers everything
+    since the session started) or ``window`` (the last ``window`` frames, as the model was
+    trained)."""
 
     name: str
     version: str
@@ -165,6 +167,8 @@ class ModelInfo:
     state: str = ""
     latest: bool = False
     fingerprint: str = ""
+    serving_mode: str = ""
+    window: int = 0
 
     @property
     def version_number(self) -> int:
@@ -188,6 +192,8 @@ class ModelInfo:
             state=info.state,
             latest=info.latest,
             fingerprint=info.fingerprint,
+            serving_mode=info.serving_mode,
+            window=info.window,
             layers=tuple(
                 {
                     "name": la.name,

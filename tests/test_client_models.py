@@ -114,6 +114,7 @@ async def test_models_lists_every_version_and_the_repository_problems(serve):
         True,
     )
     assert info.fingerprint == vowels.fingerprint
+    assert (info.serving_mode, info.window) == ("stateful", 0)  # trained on whole sequences
 
 
 async def test_sessions_and_predict_of_a_named_model_equal_its_solo_run(serve):
