@@ -425,6 +425,7 @@ class AsyncClient:
             asked=version,
         )
         self._sessions[(model, session.id)] = session
+        self._sessions[(session.model, session.id)] = session  # named by the server's name too
         return session
 
     @contextlib.asynccontextmanager
@@ -486,8 +487,8 @@ class AsyncClient:
         """The live session of this client with that id (and model, when named)."""
         if model is not None:
             return self._sessions.get((model, session_id))
-        found = [s for (_, i), s in list(self._sessions.items()) if i == session_id]
-        return found[0] if len(found) == 1 else None
+        found = {id(s): s for (_, i), s in list(self._sessions.items()) if i == session_id}
+        return next(iter(found.values())) if len(found) == 1 else None
 
     def _route_of(self, session: AsyncSession | None, session_id: str, route: str | None) -> str:
         """The route key of a call about ``session_id``: ``route`` if given, else the key of
