@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -742,25 +742,28 @@ class Models:
         return engine.open(session_id or None, principal)
 
     async def lookup(self, model: str, session_id: str, principal: str) -> SessionStatus:
-        engine = self.model(model).route(session_id, 0, creating=False)
-        try:
-            return await engine.lookup(session_id, principal)
-        except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).lookup(session_id, principal)
+        return await self._session_call(model, session_id, principal, Engine.lookup)
 
     async def reset(self, model: str, session_id: str, principal: str) -> SessionStatus:
-        engine = self.model(model).route(session_id, 0, creating=False)
-        try:
-            return await engine.reset(session_id, principal)
-        except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).reset(session_id, principal)
+        return await self._session_call(model, session_id, principal, Engine.reset)
 
     async def close(self, model: str, session_id: str, principal: str) -> SessionStatus:
+        return await self._session_call(model, session_id, principal, Engine.close)
+
+    async def _session_call(
+        self,
+        model: str,
+        session_id: str,
+        principal: str,
+        call: Callable[[Engine, str, str], Awaitable[SessionStatus]],
+    ) -> SessionStatus:
+        """A session call on the engine of the session's version (found in the shared store
+        when it lives on a version not loaded here: loaded, then asked)."""
         engine = self.model(model).route(session_id, 0, creating=False)
         try:
-            return await engine.close(session_id, principal)
+            return await call(engine, session_id, principal)
         except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).close(session_id, principal)
+            return await call(await self._elsewhere(model, exc), session_id, principal)
 
     # -- sessions that live on another version (shared store) ---------------------------------
 
