@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from .errors import (
 )
 from .model import ModelSpec
 from .repository import ModelFolder, VersionPolicy, VersionSource, parse_policy, scan, single
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .sessions import Quota
 from .settings import Settings
 from .versions import ModelVersion, VersionState, load_graphs
@@ -81,15 +81,28 @@ class Model:
         self.retired: OrderedDict[str, tuple[int, int]] = OrderedDict()
         # Sessions saved (snapshot) on a version this server cannot load: the version.
         self.unavailable: dict[str, int] = {}
+        # Versions loaded by name (LoadModel with a version): served whatever the policy says,
+        # until unloaded.
+        self.requested: set[int] = set()
         self._engines: list[Engine] = []  # serving engines, newest version first
+        self._latest: ModelVersion | None = None
+        # Features per frame of the latest version (a codec's hint; each version checks its own).
+        self.features = 0
 
     # -- which versions serve -----------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Recompute the serving engines after a version changed state."""
+        """Recompute the serving engines and the latest ready version after a version changed
+        state (every request reads them)."""
         serving = [v for v in self.versions.values() if v.serving]
         serving.sort(key=lambda v: v.number, reverse=True)
         self._engines = [v.engine for v in serving if v.engine is not None]
+        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
+        self._latest = max(ready, key=lambda v: v.number) if ready else None
+        shown = self._latest.engine if self._latest is not None else None
+        if shown is None and self._engines:
+            shown = self._engines[0]
+        self.features = shown.spec.features if shown is not None else 0
 
     @property
     def engines(self) -> list[Engine]:
@@ -97,8 +110,7 @@ class Model:
 
     def latest(self) -> ModelVersion | None:
         """The highest ready version: where new sessions go."""
-        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
-        return max(ready, key=lambda v: v.number) if ready else None
+        return self._latest
 
     def version(self, number: int) -> ModelVersion:
         found = self.versions.get(number)
@@ -168,8 +180,17 @@ class Model:
             )
 
     def stateless(self, version: int) -> Engine:
-        """The engine for a request that touches no session (Predict, GetModel)."""
-        return self.route("", version, creating=True) if version else self._latest_engine()
+        """The engine for a request that touches no session (Predict, GetModel): the version
+        named (draining ones too: they still serve), else the latest ready one."""
+        if not version:
+            return self._latest_engine()
+        chosen = self.version(version)
+        if not chosen.serving or chosen.engine is None:
+            raise VersionUnavailable(
+                f"model {self.name!r} version {version} is {chosen.state}"
+                + (f": {chosen.reason}" if chosen.reason else "")
+            )
+        return chosen.engine
 
     def _latest_engine(self) -> Engine:
         latest = self.latest()
@@ -203,7 +224,7 @@ class Models:
         settings: Settings,
         *,
         executor: Executor,
-        make_engine: Callable[[ModelVersion, ModelSpec, Runtime], Engine],
+        make_engine: Callable[[ModelVersion, ModelSpec, ModelRunner], Engine],
         bundled: Path | None = None,
     ) -> None:
         self.settings = settings
@@ -212,7 +233,7 @@ class Models:
         self.quota = Quota(settings.max_sessions, settings.max_sessions_per_principal)
         self.models: dict[str, Model] = {}
         self.default = settings.default_model
-        self.admins = {p for p in settings.admin_principals.split(",") if p.strip()}
+        self.admins = {p.strip() for p in settings.admin_principals.split(",") if p.strip()}
         self.policy = parse_policy(settings.version_policy)
         self._bundled = bundled
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
@@ -318,8 +339,8 @@ class Models:
                     model.refresh()
 
     async def _apply(self, model: Model, folder: ModelFolder) -> list[int]:
-        """Serve the versions the model's policy wants of ``folder`` and drain the others; the
-        version numbers it tried to serve."""
+        """Serve the versions the model's policy wants of ``folder`` and those loaded by name,
+        and drain the others; the version numbers the policy tried to serve."""
         model.policy = folder.policy
         problems = [str(p) for p in folder.problems]
         for problem in problems:
@@ -338,8 +359,13 @@ class Models:
                 break
             failed |= now
             wanted = folder.policy.select(set(folder.versions) - failed)
+        # Versions loaded by name stay, whatever the policy says, until unloaded.
+        requested = model.requested & set(folder.versions)
+        for number in sorted(requested - wanted):
+            await self._want(model, folder.versions[number])
+        keep = wanted | requested
         for number, version in list(model.versions.items()):
-            if number not in wanted and version.state in ("ready", "loading"):
+            if number not in keep and version.state in ("ready", "loading"):
                 self._drain(model, version, "not in the version policy")
             if number not in folder.versions and version.state == "unavailable":
                 del model.versions[number]  # a failed version whose folder is gone
@@ -402,7 +428,7 @@ class Models:
         version: ModelVersion,
         source: VersionSource,
         spec: ModelSpec,
-        runtime: Runtime,
+        runtime: ModelRunner,
         seconds: float,
     ) -> ModelVersion:
         version.engine = self.make_engine(version, spec, runtime)
@@ -423,6 +449,9 @@ class Models:
 
     def _set(self, version: ModelVersion, state: VersionState, reason: str = "") -> None:
         version.set_state(state, reason)
+        model = self.models.get(version.model)
+        if model is not None:
+            model.refresh()
         self.on_change(version)
 
     def _drain(self, model: Model, version: ModelVersion, reason: str) -> None:
@@ -522,17 +551,15 @@ class Models:
             model = self.models.get(name)
             if model is None:
                 model = self.models[name] = Model(name, folder.policy)
+            if version:  # loaded by name: it stays whatever the policy says, until unloaded
+                model.requested.add(version)
             numbers = [version] if version else sorted(folder.wanted)
             for number in numbers:
                 current = model.versions.get(number)
                 if current is not None and current.state == "unavailable":
                     current.failed_signature = None  # asked explicitly: try again
-            if version:  # loaded on request: it stays even if the policy does not want it
-                await self._want(model, folder.versions[version])
-                model.refresh()
-            else:  # the model as its policy has it now: versions it no longer wants drain
-                numbers = await self._apply(model, folder)
-            loaded = [model.versions[number] for number in numbers]
+            tried = await self._apply(model, folder)  # the named version is requested
+            loaded = [model.versions[number] for number in ([version] if version else tried)]
         failed = [v for v in loaded if v.state != "ready"]
         if failed:
             raise ModelError("; ".join(f"{name} v{v.number}: {v.reason}" for v in failed))
@@ -544,6 +571,10 @@ class Models:
         model = self.model(name)
         async with self._lock:
             targets = [model.version(version)] if version else list(model.versions.values())
+            if version:
+                model.requested.discard(version)
+            else:
+                model.requested.clear()
             for target in targets:
                 if target.state in ("ready", "loading"):
                     self._drain(model, target, "unloaded")
@@ -568,7 +599,8 @@ class Models:
                 loaded = model.versions.get(number)
                 if loaded is None or not loaded.serving:
                     loaded = await self._load(model, source)
-                    if loaded.state == "ready" and number not in folder.wanted:  # type: ignore[union-attr]
+                    wanted = folder.wanted | model.requested  # type: ignore[union-attr]
+                    if loaded.state == "ready" and number not in wanted:
                         self._drain(model, loaded, "loaded for sessions pinned to it")
                     model.refresh()
             if loaded.serving and loaded.fingerprint.startswith(fingerprint) and loaded.engine:
@@ -636,9 +668,29 @@ class Models:
         end: bool = False,
         principal: str = "",
     ) -> asyncio.Future[StepResult]:
-        engine = self.model(model).route(
-            session_id, version, creating=start and position in (0, None)
-        )
+        target = self.model(model)
+        creating = start and position in (0, None)
+        try:
+            engine = target.route(session_id, version, creating=creating)
+        except (UnknownModel, VersionUnavailable) as exc:
+            if creating or not self._shared(target, exc, version):
+                raise
+            return asyncio.ensure_future(
+                self._after_loading(
+                    target.name,
+                    version,
+                    lambda: self.submit(
+                        model,
+                        version,
+                        session_id,
+                        position,
+                        frames,
+                        start=start,
+                        end=end,
+                        principal=principal,
+                    ),
+                )
+            )
         future = engine.submit(
             session_id, position, frames, start=start, end=end, principal=principal
         )
@@ -651,6 +703,50 @@ class Models:
                 session_id, position, frames, start=start, end=end, principal=principal
             ),
         )
+
+    def _shared(self, model: Model, exc: SeqServeError, version: int) -> bool:
+        """A request names a version not loaded here, for a session that may live on it in the
+        shared store (another replica ran it): worth loading that version from the repository."""
+        if not version or not any(engine.store is not None for engine in model.engines):
+            return False
+        if isinstance(exc, UnknownModel) and exc.reason != "unknown_version":
+            return False
+        folder = self.folders().get(model.name)
+        return folder is not None and version in folder.versions
+
+    async def _after_loading(
+        self, name: str, version: int, again: Callable[[], asyncio.Future[StepResult]]
+    ) -> StepResult:
+        await self.ensure_version(name, version)
+        return await again()
+
+    async def ensure_version(self, name: str, number: int) -> Engine:
+        """Version ``number`` of a model, loaded from the repository if it is not served (then
+        draining, unless the policy wants it): a session may be pinned to it elsewhere."""
+        model = self.model(name)
+        current = model.versions.get(number)
+        if current is not None and current.serving and current.engine is not None:
+            return current.engine
+        folder = self.folders().get(model.name)
+        source = folder.versions.get(number) if folder is not None else None
+        if folder is None or source is None:
+            raise UnknownModel(
+                f"model {name!r} has no version {number} in the repository",
+                reason="unknown_version",
+            )
+        async with self._lock:
+            current = model.versions.get(number)
+            if current is None or not current.serving:
+                current = await self._load(model, source)
+                wanted = folder.wanted | model.requested
+                if current.state == "ready" and number not in wanted:
+                    self._drain(model, current, "loaded for the sessions pinned to it")
+                model.refresh()
+        if current.engine is None or not current.serving:
+            raise VersionUnavailable(
+                f"model {name!r} version {number} could not be loaded: {current.reason}"
+            )
+        return current.engine
 
     def submit_batch(
         self,
@@ -683,25 +779,28 @@ class Models:
         return engine.open(session_id or None, principal)
 
     async def lookup(self, model: str, session_id: str, principal: str) -> SessionStatus:
-        engine = self.model(model).route(session_id, 0, creating=False)
-        try:
-            return await engine.lookup(session_id, principal)
-        except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).lookup(session_id, principal)
+        return await self._session_call(model, session_id, principal, Engine.lookup)
 
     async def reset(self, model: str, session_id: str, principal: str) -> SessionStatus:
-        engine = self.model(model).route(session_id, 0, creating=False)
-        try:
-            return await engine.reset(session_id, principal)
-        except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).reset(session_id, principal)
+        return await self._session_call(model, session_id, principal, Engine.reset)
 
     async def close(self, model: str, session_id: str, principal: str) -> SessionStatus:
+        return await self._session_call(model, session_id, principal, Engine.close)
+
+    async def _session_call(
+        self,
+        model: str,
+        session_id: str,
+        principal: str,
+        call: Callable[[Engine, str, str], Awaitable[SessionStatus]],
+    ) -> SessionStatus:
+        """A session call on the engine of the session's version (found in the shared store
+        when it lives on a version not loaded here: loaded, then asked)."""
         engine = self.model(model).route(session_id, 0, creating=False)
         try:
-            return await engine.close(session_id, principal)
+            return await call(engine, session_id, principal)
         except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).close(session_id, principal)
+            return await call(await self._elsewhere(model, exc), session_id, principal)
 
     # -- sessions that live on another version (shared store) ---------------------------------
 

@@ -132,7 +132,8 @@ def write_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     log.info("saved %d sessions to %s", count, path)
 
 
-def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
+def _load(path: Path) -> tuple[dict[str, np.ndarray], Any]:
+    """A snapshot file's arrays and decoded header; SnapshotError if it is unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -142,6 +143,11 @@ def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
         header = json.loads(arrays["header"].tobytes())
     except (KeyError, ValueError) as exc:
         raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    return arrays, header
+
+
+def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
+    arrays, header = _load(path)
     return _check(path, arrays, header, spec, window)
 
 
@@ -273,15 +279,7 @@ def read_parts(path: str | Path) -> list[Part]:
     """The parts of a snapshot of any format (a /1 or /2 file is one part); SnapshotError if it
     is unreadable. Each part is checked against its model by ``restore_part``."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise SnapshotError(f"{path}: not a readable seqserve snapshot ({exc})") from None
-    try:
-        header = json.loads(arrays["header"].tobytes())
-    except (KeyError, ValueError) as exc:
-        raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    arrays, header = _load(path)
     if not isinstance(header, dict):
         raise SnapshotError(f"{path}: snapshot header is not an object")
     if header.get("format") in _READABLE:
