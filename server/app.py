@@ -28,7 +28,7 @@ from .metrics import Metrics, VersionGauges
 from .model import ModelSpec, bundled_models_dir
 from .models import Models
 from .oip import HttpFront, InferenceService, OipFront, bind_socket
-from .runtime import ModelRunner
+from .runtime import ModelRunner, inference_executor
 from .servicer import SeqServeServicer
 from .settings import Settings, parse_settings
 from .snapshot import (
@@ -218,7 +218,7 @@ def _create(
     if tokens or settings.tls_client_ca:
         interceptors.append(AuthInterceptor(tokens, certificates=bool(settings.tls_client_ca)))
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
+    executor = inference_executor()
     models: Models
 
     def make_engine(version: ModelVersion, spec: ModelSpec, runtime: ModelRunner) -> Engine:

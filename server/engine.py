@@ -18,7 +18,7 @@ import os
 import socket
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ from .errors import (
 from .handover import Handover, Local, Shared, restore_rows
 from .model import ModelSpec
 from .observer import BatchObserver
-from .runtime import ModelRunner
+from .runtime import ModelRunner, inference_executor
 from .scheduler import Scheduler
 from .sessions import Quota, SessionTable, check_session_id, gap_error
 from .settings import Settings
@@ -133,7 +133,7 @@ class Engine:
         )
         self.columns = self.table.columns
         self._owns_executor = executor is None
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
+        self.executor = executor or inference_executor()
         self.store = store if store is not None else make_store(settings, spec)
         self.handover: Handover
         answers: Answers

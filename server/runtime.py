@@ -7,6 +7,7 @@ ordered like ``ModelSpec.states``; each array is ``[batch, size]`` float32.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +17,7 @@ import onnxruntime as ort
 from .errors import ModelError
 from .model import ModelSpec, StateSpec
 
-__all__ = ["ModelRunner", "Runtime", "States"]
+__all__ = ["ModelRunner", "Runtime", "States", "inference_executor"]
 
 log = logging.getLogger("seqserve.runtime")
 
@@ -52,11 +53,6 @@ def _options(threads: int, spinning: bool, cuda: bool) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    # Relu LSTM states that decay leave denormal floats behind, and every multiply-add on one is
-    # ~100x slower: measured on the bundled model, sessions replaying recordings in a loop grew
-    # 11 % denormal state values and onnxruntime's step went from 5 to 25 us per session.
-    # Flushing them to zero changes results by < 1.2e-38.
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     if cuda:
         # A node the CUDA provider cannot run becomes a load error instead of a silent CPU run.
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -98,7 +94,7 @@ class Runtime:
         self, path: Path, opts: ort.SessionOptions, providers: list[str], rank: int
     ) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            session = _create(path, opts, providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"{path.name}: onnxruntime cannot load it: {exc}") from None
         inputs = {i.name: i.shape for i in session.get_inputs()}
@@ -151,3 +147,19 @@ class Runtime:
         feeds["frames"] = frames
         probs, *new_states = self._sequence.run(self._outputs, feeds)
         return probs, new_states
+
+
+def _create(path: Path, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """An InferenceSession, made in a thread of its own: onnxruntime may change the creating
+    thread's floating-point mode for good (flushing denormals, which threads started later then
+    inherit), which would change every float computation of the caller (the server's event
+    loop, a test) behind its back."""
+    with ThreadPoolExecutor(1, thread_name_prefix="seqserve-load") as loader:
+        return loader.submit(
+            ort.InferenceSession, str(path), sess_options=opts, providers=providers
+        ).result()
+
+
+def inference_executor() -> ThreadPoolExecutor:
+    """The inference thread: one for the whole server (onnxruntime runs one call at a time)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")

