@@ -164,7 +164,7 @@ class RedisStore:
                         args=[self.replica, principal, self.ttl_ms],
                         client=pipe,
                     )
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         replies = await self._guard(run, "claim")
         if replies is None:
