@@ -10,7 +10,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .store import Checkpoint, Claim, CommitOutcome, Commits, Peek, StoreUnavailable
+from .store import (
+    CallKind,
+    CallOutcome,
+    Checkpoint,
+    Claim,
+    CommitOutcome,
+    Commits,
+    Peek,
+    StoreUnavailable,
+)
 
 __all__ = ["MemoryStore", "Shelf"]
 
@@ -49,13 +58,13 @@ class MemoryStore:
         self.replica = replica
         self.ttl = ttl
         self.calls: list[str] = []  # every call made, in order (tests read it)
-        self.observe: Callable[[str, float, str], None] = lambda kind, seconds, outcome: None
+        self.observe: Callable[[CallKind, float, CallOutcome], None] = lambda kind, sec, out: None
 
     @property
     def available(self) -> bool:
         return not self.shelf.down
 
-    def _call(self, kind: str) -> bool:
+    def _call(self, kind: CallKind) -> bool:
         self.calls.append(kind)
         self.observe(kind, 0.0, "failed" if self.shelf.down else "ok")
         return not self.shelf.down
