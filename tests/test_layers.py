@@ -6,7 +6,9 @@ added tomorrow, is covered without being listed here):
   seqserve.proto, not even through another server module;
 - client/ and export/ never import seqserve.server; proto/ imports none of the other packages;
 - metrics does not import the scheduler (directly or not);
-- work.py, the leaf of shared value types, imports numpy and the standard library only.
+- work.py, the leaf of shared value types, imports numpy and the standard library only;
+- no two modules import each other, directly or in a loop (the command-line entry lives in
+  server/cli.py so that app and workers need not).
 
 Imports are collected from the syntax tree (those inside functions too), relative ones resolved,
 so nothing here imports the code it checks.
@@ -46,7 +48,7 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
 
 def imports(name: str, path: Path, known: Iterable[str]) -> set[str]:
     """The absolute names of the modules ``path`` (module ``name``) imports. ``from a import b``
-    counts ``a`` and also ``a.b`` when that is a module of ours."""
+    counts ``a.b`` when that is a module of ours, else ``a``."""
     known = set(known)
     is_package = path.name == "__init__.py"
     package = name if is_package else name.rpartition(".")[0]
@@ -61,10 +63,9 @@ def imports(name: str, path: Path, known: Iterable[str]) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            out.add(target)
             for alias in node.names:
-                if f"{target}.{alias.name}" in known:
-                    out.add(f"{target}.{alias.name}")
+                submodule = f"{target}.{alias.name}"
+                out.add(submodule if submodule in known else target)
     out.discard("__future__")
     return out
 
@@ -139,6 +140,28 @@ def test_the_layer_rules_hold():
     assert violations(deps) == []
 
 
+def cycles(deps: dict[str, set[str]]) -> list[list[str]]:
+    """Import loops among our modules (each found once, from its smallest module name)."""
+    found = []
+    for start in sorted(deps):
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            module, path = stack.pop()
+            for target in sorted(deps.get(module, ())):
+                if target == start:
+                    if min(path) == start:
+                        found.append([*path, start])
+                elif target in deps and target not in seen:
+                    seen.add(target)
+                    stack.append((target, [*path, target]))
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
 def test_every_module_is_seen():
     """The rules are only as good as the module list: it comes from the files, fronts by name."""
     deps = graph()
@@ -205,3 +228,15 @@ def test_fronts_may_import_the_wire(tmp_path):
         "server/work.py": "import time\nimport numpy as np\n",
     }
     assert violations(graph(_tree(tmp_path, files))) == []
+
+
+def test_an_import_cycle_is_caught(tmp_path):
+    """The one that was: app importing workers (for main) while workers import app."""
+    files = {
+        "server/app.py": "def main():\n    from .workers import run_workers\n",
+        "server/workers.py": "from .app import run_forever\n",
+        "server/engine.py": "from . import states\n",
+        "server/states.py": "",
+    }
+    found = cycles(graph(_tree(tmp_path, files)))
+    assert found == [["seqserve.server.app", "seqserve.server.workers", "seqserve.server.app"]]
