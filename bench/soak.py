@@ -65,19 +65,28 @@ def _thread_names(pid: int) -> Counter[str]:
 
 
 def _scrape(port: int) -> dict[str, float]:
+    """The metrics the soak reads, summed over models and versions: ``live``,
+    ``event:<name>``, and ``le:<bound>`` (the Stream request-duration buckets)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(
-            (
-                "seqserve_live_sessions ",
-                "seqserve_session_events_total{",
-                "seqserve_request_duration_seconds_bucket{le=",
-            )
-        ):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "seqserve_live_sessions":
+                key = "live"
+            elif sample.name == "seqserve_session_events_total":
+                key = f"event:{sample.labels['event']}"
+            elif (
+                sample.name == "seqserve_request_duration_seconds_bucket"
+                and sample.labels.get("rpc") == "Stream"
+                and sample.labels.get("protocol") == "native"
+            ):
+                key = f"le:{sample.labels['le']}"
+            else:
+                continue
+            values[key] = values.get(key, 0.0) + sample.value
     return values
 
 
@@ -86,15 +95,11 @@ def _server_quantiles(
 ) -> list[float]:
     """Upper bounds (ms) of the Stream request-duration buckets holding each quantile, over the
     requests between two scrapes: the server's own share of the round trip."""
-    buckets = []
-    for name, count in after.items():
-        m = re.fullmatch(
-            r'seqserve_request_duration_seconds_bucket\{le="([^"]+)",protocol="native",'
-            r'rpc="Stream"\}',
-            name,
-        )
-        if m:
-            buckets.append((float(m.group(1)), count - before.get(name, 0.0)))
+    buckets = [
+        (float(name[3:]), count - before.get(name, 0.0))
+        for name, count in after.items()
+        if name.startswith("le:")
+    ]
     buckets.sort()
     total = buckets[-1][1] if buckets else 0.0
     return [
@@ -342,7 +347,7 @@ async def soak(args: argparse.Namespace) -> int:
         # Every slot stopped without closing: its session must expire, and only once.
         deadline = time.monotonic() + args.session_idle_timeout + 15
         metrics = await asyncio.to_thread(_scrape, metrics_port)
-        while metrics.get("seqserve_live_sessions", -1) != 0 and time.monotonic() < deadline:
+        while metrics.get("live", -1) != 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             metrics = await asyncio.to_thread(_scrape, metrics_port)
         after = _proc_stats(server.pid)
@@ -357,9 +362,9 @@ async def soak(args: argparse.Namespace) -> int:
             server.wait(10)
 
     def event(name: str) -> float:
-        return metrics.get(f'seqserve_session_events_total{{event="{name}"}}', float("nan"))
+        return metrics.get(f"event:{name}", float("nan"))
 
-    live = metrics.get("seqserve_live_sessions", float("nan"))
+    live = metrics.get("live", float("nan"))
     opened, closed, expired = event("opened"), event("closed"), event("expired")
 
     def growth(key: str) -> float:

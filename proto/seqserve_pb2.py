@@ -24,51 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dseqserve/proto/seqserve.proto\x12\x0bseqserve.v1\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xaa\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12#\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\'\n\x06output\x18\x06 \x01(\x0e\x32\x17.seqserve.v1.OutputMode\x12\x0b\n\x03tag\x18\x07 \x01(\x04\"Q\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_position\x18\x04 \x01(\x04\"\xeb\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x03 \x01(\r\x12*\n\rprobabilities\x18\x04 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\x11\n\ttop_class\x18\x05 \x03(\r\x12\x15\n\rnext_position\x18\x06 \x01(\x04\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\r\n\x05\x65nded\x18\x08 \x01(\x08\x12\x0b\n\x03tag\x18\t \x01(\x04\x12!\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.seqserve.v1.Error\"/\n\x08Sequence\x12#\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x13.seqserve.v1.Matrix\"L\n\x0ePredictRequest\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.seqserve.v1.Sequence\x12\x10\n\x08per_step\x18\x02 \x01(\x08\"r\n\nPrediction\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\x11\n\ttop_class\x18\x02 \x01(\r\x12%\n\x08per_step\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Matrix\"?\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.Prediction\"(\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"u\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06\x63losed\x18\x05 \x01(\x08\"\x0e\n\x0cModelRequest\"D\n\tStateSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\"r\n\tLayerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\r\x12\x12\n\ninput_size\x18\x04 \x01(\r\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12\x12\n\nactivation\x18\x06 \x01(\t\"\xb2\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\r\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12&\n\x06states\x18\x05 \x03(\x0b\x32\x16.seqserve.v1.StateSpec\x12&\n\x06layers\x18\x06 \x03(\x0b\x32\x16.seqserve.v1.LayerSpec\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1e\n\x16max_frames_per_request\x18\n \x01(\r\x12$\n\x1csession_idle_timeout_seconds\x18\x0b \x01(\x01\x12\x15\n\rreplay_window\x18\x0c \x01(\r\"{\n\x10StepBatchRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\x11\n\tpositions\x18\x02 \x03(\x04\x12#\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03tag\x18\x05 \x01(\x04\">\n\nEntryError\x12\r\n\x05index\x18\x01 \x01(\r\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.Error\"\xb2\x01\n\x11StepBatchResponse\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\x11\n\ttop_class\x18\x02 \x03(\r\x12\x16\n\x0enext_positions\x18\x03 \x03(\x04\x12\x10\n\x08replayed\x18\x04 \x03(\x08\x12\'\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x17.seqserve.v1.EntryError\x12\x0b\n\x03tag\x18\x06 \x01(\x04*,\n\nOutputMode\x12\x0e\n\nALL_FRAMES\x10\x00\x12\x0e\n\nLAST_FRAME\x10\x01\x32\xbe\x05\n\x08SeqServe\x12\x41\n\x06Stream\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse(\x01\x30\x01\x12;\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse\x12J\n\tStepBatch\x12\x1d.seqserve.v1.StepBatchRequest\x1a\x1e.seqserve.v1.StepBatchResponse\x12P\n\x0bStreamBatch\x12\x1d.seqserve.v1.StepBatchRequest\x1a\x1e.seqserve.v1.StepBatchResponse(\x01\x30\x01\x12\x44\n\x07Predict\x12\x1b.seqserve.v1.PredictRequest\x1a\x1c.seqserve.v1.PredictResponse\x12H\n\x0bOpenSession\x12\x1f.seqserve.v1.OpenSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12?\n\nGetSession\x12\x17.seqserve.v1.SessionRef\x1a\x18.seqserve.v1.SessionInfo\x12\x41\n\x0cResetSession\x12\x17.seqserve.v1.SessionRef\x1a\x18.seqserve.v1.SessionInfo\x12\x41\n\x0c\x43loseSession\x12\x17.seqserve.v1.SessionRef\x1a\x18.seqserve.v1.SessionInfo\x12=\n\x08GetModel\x12\x19.seqserve.v1.ModelRequest\x1a\x16.seqserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dseqserve/proto/seqserve.proto\x12\x0bseqserve.v1\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xca\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12#\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\'\n\x06output\x18\x06 \x01(\x0e\x32\x17.seqserve.v1.OutputMode\x12\x0b\n\x03tag\x18\x07 \x01(\x04\x12\r\n\x05model\x18\x14 \x01(\t\x12\x0f\n\x07version\x18\x15 \x01(\x04\"Q\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x19\n\x11\x65xpected_position\x18\x04 \x01(\x04\"\x91\x02\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x03 \x01(\r\x12*\n\rprobabilities\x18\x04 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\x11\n\ttop_class\x18\x05 \x03(\r\x12\x15\n\rnext_position\x18\x06 \x01(\x04\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\r\n\x05\x65nded\x18\x08 \x01(\x08\x12\x0b\n\x03tag\x18\t \x01(\x04\x12!\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x12.seqserve.v1.Error\x12\r\n\x05model\x18\x14 \x01(\t\x12\x15\n\rmodel_version\x18\x15 \x01(\x04\"/\n\x08Sequence\x12#\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x13.seqserve.v1.Matrix\"l\n\x0ePredictRequest\x12(\n\tsequences\x18\x01 \x03(\x0b\x32\x15.seqserve.v1.Sequence\x12\x10\n\x08per_step\x18\x02 \x01(\x08\x12\r\n\x05model\x18\x14 \x01(\t\x12\x0f\n\x07version\x18\x15 \x01(\x04\"r\n\nPrediction\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\x11\n\ttop_class\x18\x02 \x01(\r\x12%\n\x08per_step\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Matrix\"e\n\x0fPredictResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.Prediction\x12\r\n\x05model\x18\x14 \x01(\t\x12\x15\n\rmodel_version\x18\x15 \x01(\x04\"H\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x14 \x01(\t\x12\x0f\n\x07version\x18\x15 \x01(\x04\"/\n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x14 \x01(\t\"\x9b\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x65xpires_in_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06\x63losed\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x14 \x01(\t\x12\x15\n\rmodel_version\x18\x15 \x01(\x04\".\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"D\n\tStateSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\"r\n\tLayerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\r\x12\x12\n\ninput_size\x18\x04 \x01(\r\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12\x12\n\nactivation\x18\x06 \x01(\t\"\xe6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\r\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12&\n\x06states\x18\x05 \x03(\x0b\x32\x16.seqserve.v1.StateSpec\x12&\n\x06layers\x18\x06 \x03(\x0b\x32\x16.seqserve.v1.LayerSpec\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x1e\n\x16max_frames_per_request\x18\n \x01(\r\x12$\n\x1csession_idle_timeout_seconds\x18\x0b \x01(\x01\x12\x15\n\rreplay_window\x18\x0c \x01(\r\x12\r\n\x05state\x18\x14 \x01(\t\x12\x0e\n\x06latest\x18\x15 \x01(\x08\x12\x13\n\x0b\x66ingerprint\x18\x16 \x01(\t\"\x9b\x01\n\x10StepBatchRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\x12\x11\n\tpositions\x18\x02 \x03(\x04\x12#\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0b\n\x03tag\x18\x05 \x01(\x04\x12\r\n\x05model\x18\x14 \x01(\t\x12\x0f\n\x07version\x18\x15 \x01(\x04\">\n\nEntryError\x12\r\n\x05index\x18\x01 \x01(\r\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.seqserve.v1.Error\"\xd9\x01\n\x11StepBatchResponse\x12*\n\rprobabilities\x18\x01 \x01(\x0b\x32\x13.seqserve.v1.Matrix\x12\x11\n\ttop_class\x18\x02 \x03(\r\x12\x16\n\x0enext_positions\x18\x03 \x03(\x04\x12\x10\n\x08replayed\x18\x04 \x03(\x08\x12\'\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x17.seqserve.v1.EntryError\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x12\r\n\x05model\x18\x14 \x01(\t\x12\x16\n\x0emodel_versions\x18\x15 \x03(\x04\"\x13\n\x11ListModelsRequest\"\xb7\x01\n\x12ModelVersionStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08sessions\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x15\n\rdefault_model\x18\x08 \x01(\x08\x12\x0e\n\x06latest\x18\t \x01(\x08\".\n\x11RepositoryProblem\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03why\x18\x02 \x01(\t\"\x87\x01\n\tModelList\x12\x31\n\x08versions\x18\x01 \x03(\x0b\x32\x1f.seqserve.v1.ModelVersionStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x30\n\x08problems\x18\x03 \x03(\x0b\x32\x1e.seqserve.v1.RepositoryProblem\"2\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04*,\n\nOutputMode\x12\x0e\n\nALL_FRAMES\x10\x00\x12\x0e\n\nLAST_FRAME\x10\x01\x32\x8e\x07\n\x08SeqServe\x12\x41\n\x06Stream\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse(\x01\x30\x01\x12;\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x19.seqserve.v1.StepResponse\x12J\n\tStepBatch\x12\x1d.seqserve.v1.StepBatchRequest\x1a\x1e.seqserve.v1.StepBatchResponse\x12P\n\x0bStreamBatch\x12\x1d.seqserve.v1.StepBatchRequest\x1a\x1e.seqserve.v1.StepBatchResponse(\x01\x30\x01\x12\x44\n\x07Predict\x12\x1b.seqserve.v1.PredictRequest\x1a\x1c.seqserve.v1.PredictResponse\x12H\n\x0bOpenSession\x12\x1f.seqserve.v1.OpenSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12?\n\nGetSession\x12\x17.seqserve.v1.SessionRef\x1a\x18.seqserve.v1.SessionInfo\x12\x41\n\x0cResetSession\x12\x17.seqserve.v1.SessionRef\x1a\x18.seqserve.v1.SessionInfo\x12\x41\n\x0c\x43loseSession\x12\x17.seqserve.v1.SessionRef\x1a\x18.seqserve.v1.SessionInfo\x12=\n\x08GetModel\x12\x19.seqserve.v1.ModelRequest\x1a\x16.seqserve.v1.ModelInfo\x12\x44\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x16.seqserve.v1.ModelList\x12\x42\n\tLoadModel\x12\x1d.seqserve.v1.LoadModelRequest\x1a\x16.seqserve.v1.ModelList\x12\x44\n\x0bUnloadModel\x12\x1d.seqserve.v1.LoadModelRequest\x1a\x16.seqserve.v1.ModelListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.proto.seqserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTMODE']._serialized_start=1976
-  _globals['_OUTPUTMODE']._serialized_end=2020
+  _globals['_OUTPUTMODE']._serialized_start=2803
+  _globals['_OUTPUTMODE']._serialized_end=2847
   _globals['_MATRIX']._serialized_start=46
   _globals['_MATRIX']._serialized_end=96
   _globals['_STEPREQUEST']._serialized_start=99
-  _globals['_STEPREQUEST']._serialized_end=269
-  _globals['_ERROR']._serialized_start=271
-  _globals['_ERROR']._serialized_end=352
-  _globals['_STEPRESPONSE']._serialized_start=355
-  _globals['_STEPRESPONSE']._serialized_end=590
-  _globals['_SEQUENCE']._serialized_start=592
-  _globals['_SEQUENCE']._serialized_end=639
-  _globals['_PREDICTREQUEST']._serialized_start=641
-  _globals['_PREDICTREQUEST']._serialized_end=717
-  _globals['_PREDICTION']._serialized_start=719
-  _globals['_PREDICTION']._serialized_end=833
-  _globals['_PREDICTRESPONSE']._serialized_start=835
-  _globals['_PREDICTRESPONSE']._serialized_end=898
-  _globals['_OPENSESSIONREQUEST']._serialized_start=900
-  _globals['_OPENSESSIONREQUEST']._serialized_end=940
-  _globals['_SESSIONREF']._serialized_start=942
-  _globals['_SESSIONREF']._serialized_end=974
-  _globals['_SESSIONINFO']._serialized_start=976
-  _globals['_SESSIONINFO']._serialized_end=1093
-  _globals['_MODELREQUEST']._serialized_start=1095
-  _globals['_MODELREQUEST']._serialized_end=1109
-  _globals['_STATESPEC']._serialized_start=1111
-  _globals['_STATESPEC']._serialized_end=1179
-  _globals['_LAYERSPEC']._serialized_start=1181
-  _globals['_LAYERSPEC']._serialized_end=1295
-  _globals['_MODELINFO']._serialized_start=1298
-  _globals['_MODELINFO']._serialized_end=1604
-  _globals['_STEPBATCHREQUEST']._serialized_start=1606
-  _globals['_STEPBATCHREQUEST']._serialized_end=1729
-  _globals['_ENTRYERROR']._serialized_start=1731
-  _globals['_ENTRYERROR']._serialized_end=1793
-  _globals['_STEPBATCHRESPONSE']._serialized_start=1796
-  _globals['_STEPBATCHRESPONSE']._serialized_end=1974
-  _globals['_SEQSERVE']._serialized_start=2023
-  _globals['_SEQSERVE']._serialized_end=2725
+  _globals['_STEPREQUEST']._serialized_end=301
+  _globals['_ERROR']._serialized_start=303
+  _globals['_ERROR']._serialized_end=384
+  _globals['_STEPRESPONSE']._serialized_start=387
+  _globals['_STEPRESPONSE']._serialized_end=660
+  _globals['_SEQUENCE']._serialized_start=662
+  _globals['_SEQUENCE']._serialized_end=709
+  _globals['_PREDICTREQUEST']._serialized_start=711
+  _globals['_PREDICTREQUEST']._serialized_end=819
+  _globals['_PREDICTION']._serialized_start=821
+  _globals['_PREDICTION']._serialized_end=935
+  _globals['_PREDICTRESPONSE']._serialized_start=937
+  _globals['_PREDICTRESPONSE']._serialized_end=1038
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1040
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1112
+  _globals['_SESSIONREF']._serialized_start=1114
+  _globals['_SESSIONREF']._serialized_end=1161
+  _globals['_SESSIONINFO']._serialized_start=1164
+  _globals['_SESSIONINFO']._serialized_end=1319
+  _globals['_MODELREQUEST']._serialized_start=1321
+  _globals['_MODELREQUEST']._serialized_end=1367
+  _globals['_STATESPEC']._serialized_start=1369
+  _globals['_STATESPEC']._serialized_end=1437
+  _globals['_LAYERSPEC']._serialized_start=1439
+  _globals['_LAYERSPEC']._serialized_end=1553
+  _globals['_MODELINFO']._serialized_start=1556
+  _globals['_MODELINFO']._serialized_end=1914
+  _globals['_STEPBATCHREQUEST']._serialized_start=1917
+  _globals['_STEPBATCHREQUEST']._serialized_end=2072
+  _globals['_ENTRYERROR']._serialized_start=2074
+  _globals['_ENTRYERROR']._serialized_end=2136
+  _globals['_STEPBATCHRESPONSE']._serialized_start=2139
+  _globals['_STEPBATCHRESPONSE']._serialized_end=2356
+  _globals['_LISTMODELSREQUEST']._serialized_start=2358
+  _globals['_LISTMODELSREQUEST']._serialized_end=2377
+  _globals['_MODELVERSIONSTATUS']._serialized_start=2380
+  _globals['_MODELVERSIONSTATUS']._serialized_end=2563
+  _globals['_REPOSITORYPROBLEM']._serialized_start=2565
+  _globals['_REPOSITORYPROBLEM']._serialized_end=2611
+  _globals['_MODELLIST']._serialized_start=2614
+  _globals['_MODELLIST']._serialized_end=2749
+  _globals['_LOADMODELREQUEST']._serialized_start=2751
+  _globals['_LOADMODELREQUEST']._serialized_end=2801
+  _globals['_SEQSERVE']._serialized_start=2850
+  _globals['_SEQSERVE']._serialized_end=3760
 # @@protoc_insertion_point(module_scope)

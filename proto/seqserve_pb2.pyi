@@ -25,7 +25,7 @@ class Matrix(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "position", "frames", "start", "end", "output", "tag")
+    __slots__ = ("session_id", "position", "frames", "start", "end", "output", "tag", "model", "version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class StepRequest(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     frames: Matrix
@@ -40,7 +42,9 @@ class StepRequest(_message.Message):
     end: bool
     output: OutputMode
     tag: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., frames: _Optional[_Union[Matrix, _Mapping]] = ..., start: _Optional[bool] = ..., end: _Optional[bool] = ..., output: _Optional[_Union[OutputMode, str]] = ..., tag: _Optional[int] = ...) -> None: ...
+    model: str
+    version: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., frames: _Optional[_Union[Matrix, _Mapping]] = ..., start: _Optional[bool] = ..., end: _Optional[bool] = ..., output: _Optional[_Union[OutputMode, str]] = ..., tag: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "reason", "message", "expected_position")
@@ -55,7 +59,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "position", "frames", "probabilities", "top_class", "next_position", "replayed", "ended", "tag", "error")
+    __slots__ = ("session_id", "position", "frames", "probabilities", "top_class", "next_position", "replayed", "ended", "tag", "error", "model", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +70,8 @@ class StepResponse(_message.Message):
     ENDED_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     frames: int
@@ -76,7 +82,9 @@ class StepResponse(_message.Message):
     ended: bool
     tag: int
     error: Error
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., frames: _Optional[int] = ..., probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., top_class: _Optional[_Iterable[int]] = ..., next_position: _Optional[int] = ..., replayed: _Optional[bool] = ..., ended: _Optional[bool] = ..., tag: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., frames: _Optional[int] = ..., probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., top_class: _Optional[_Iterable[int]] = ..., next_position: _Optional[int] = ..., replayed: _Optional[bool] = ..., ended: _Optional[bool] = ..., tag: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class Sequence(_message.Message):
     __slots__ = ("frames",)
@@ -85,12 +93,16 @@ class Sequence(_message.Message):
     def __init__(self, frames: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("sequences", "per_step")
+    __slots__ = ("sequences", "per_step", "model", "version")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     per_step: bool
-    def __init__(self, sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., per_step: _Optional[bool] = ...) -> None: ...
+    model: str
+    version: int
+    def __init__(self, sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., per_step: _Optional[bool] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("probabilities", "top_class", "per_step")
@@ -103,40 +115,58 @@ class Prediction(_message.Message):
     def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., top_class: _Optional[int] = ..., per_step: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions",)
+    __slots__ = ("predictions", "model", "model_version")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "model", "version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    model: str
+    version: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SessionRef(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "model")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "position", "idle_seconds", "expires_in_seconds", "closed")
+    __slots__ = ("session_id", "position", "idle_seconds", "expires_in_seconds", "closed", "model", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     idle_seconds: float
     expires_in_seconds: float
     closed: bool
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., closed: _Optional[bool] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., closed: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StateSpec(_message.Message):
     __slots__ = ("name", "layer", "kind", "size")
@@ -167,7 +197,7 @@ class LayerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., units: _Optional[int] = ..., input_size: _Optional[int] = ..., parameters: _Optional[int] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window")
+    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window", "state", "latest", "fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +210,9 @@ class ModelInfo(_message.Message):
     MAX_FRAMES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     features: int
@@ -192,21 +225,28 @@ class ModelInfo(_message.Message):
     max_frames_per_request: int
     session_idle_timeout_seconds: float
     replay_window: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ...) -> None: ...
+    state: str
+    latest: bool
+    fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ..., state: _Optional[str] = ..., latest: _Optional[bool] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
-    __slots__ = ("session_ids", "positions", "frames", "start", "tag")
+    __slots__ = ("session_ids", "positions", "frames", "start", "tag", "model", "version")
     SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     session_ids: _containers.RepeatedScalarFieldContainer[str]
     positions: _containers.RepeatedScalarFieldContainer[int]
     frames: Matrix
     start: bool
     tag: int
-    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., frames: _Optional[_Union[Matrix, _Mapping]] = ..., start: _Optional[bool] = ..., tag: _Optional[int] = ...) -> None: ...
+    model: str
+    version: int
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., frames: _Optional[_Union[Matrix, _Mapping]] = ..., start: _Optional[bool] = ..., tag: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class EntryError(_message.Message):
     __slots__ = ("index", "error")
@@ -217,17 +257,73 @@ class EntryError(_message.Message):
     def __init__(self, index: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class StepBatchResponse(_message.Message):
-    __slots__ = ("probabilities", "top_class", "next_positions", "replayed", "errors", "tag")
+    __slots__ = ("probabilities", "top_class", "next_positions", "replayed", "errors", "tag", "model", "model_versions")
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     TOP_CLASS_FIELD_NUMBER: _ClassVar[int]
     NEXT_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     probabilities: Matrix
     top_class: _containers.RepeatedScalarFieldContainer[int]
     next_positions: _containers.RepeatedScalarFieldContainer[int]
     replayed: _containers.RepeatedScalarFieldContainer[bool]
     errors: _containers.RepeatedCompositeFieldContainer[EntryError]
     tag: int
-    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., top_class: _Optional[_Iterable[int]] = ..., next_positions: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[_Union[EntryError, _Mapping]]] = ..., tag: _Optional[int] = ...) -> None: ...
+    model: str
+    model_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, probabilities: _Optional[_Union[Matrix, _Mapping]] = ..., top_class: _Optional[_Iterable[int]] = ..., next_positions: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., errors: _Optional[_Iterable[_Union[EntryError, _Mapping]]] = ..., tag: _Optional[int] = ..., model: _Optional[str] = ..., model_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersionStatus(_message.Message):
+    __slots__ = ("model", "version", "state", "reason", "sessions", "fingerprint", "load_seconds", "default_model", "latest")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    state: str
+    reason: str
+    sessions: int
+    fingerprint: str
+    load_seconds: float
+    default_model: bool
+    latest: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., sessions: _Optional[int] = ..., fingerprint: _Optional[str] = ..., load_seconds: _Optional[float] = ..., default_model: _Optional[bool] = ..., latest: _Optional[bool] = ...) -> None: ...
+
+class RepositoryProblem(_message.Message):
+    __slots__ = ("path", "why")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    why: str
+    def __init__(self, path: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("versions", "default_model", "problems")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
+    default_model: str
+    problems: _containers.RepeatedCompositeFieldContainer[RepositoryProblem]
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., default_model: _Optional[str] = ..., problems: _Optional[_Iterable[_Union[RepositoryProblem, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

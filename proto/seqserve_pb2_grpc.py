@@ -84,6 +84,21 @@ class SeqServeStub:
                 request_serializer=seqserve_dot_proto_dot_seqserve__pb2.ModelRequest.SerializeToString,
                 response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/seqserve.v1.SeqServe/ListModels',
+                request_serializer=seqserve_dot_proto_dot_seqserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/seqserve.v1.SeqServe/LoadModel',
+                request_serializer=seqserve_dot_proto_dot_seqserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.ModelList.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/seqserve.v1.SeqServe/UnloadModel',
+                request_serializer=seqserve_dot_proto_dot_seqserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=seqserve_dot_proto_dot_seqserve__pb2.ModelList.FromString,
+                _registered_method=True)
 
 
 class SeqServeServicer:
@@ -156,6 +171,29 @@ class SeqServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model and version with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model's wanted versions (or one version) from the repository; with authentication
+        on, only principals named in --admin-principals may.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Drain a model's versions (or one): sessions pinned to them finish there, new ones go
+        elsewhere or are refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SeqServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +246,21 @@ def add_SeqServeServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.ModelRequest.FromString,
                     response_serializer=seqserve_dot_proto_dot_seqserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=seqserve_dot_proto_dot_seqserve__pb2.ModelList.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=seqserve_dot_proto_dot_seqserve__pb2.ModelList.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=seqserve_dot_proto_dot_seqserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=seqserve_dot_proto_dot_seqserve__pb2.ModelList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +533,87 @@ class SeqServe:
             '/seqserve.v1.SeqServe/GetModel',
             seqserve_dot_proto_dot_seqserve__pb2.ModelRequest.SerializeToString,
             seqserve_dot_proto_dot_seqserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SeqServe/ListModels',
+            seqserve_dot_proto_dot_seqserve__pb2.ListModelsRequest.SerializeToString,
+            seqserve_dot_proto_dot_seqserve__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SeqServe/LoadModel',
+            seqserve_dot_proto_dot_seqserve__pb2.LoadModelRequest.SerializeToString,
+            seqserve_dot_proto_dot_seqserve__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.SeqServe/UnloadModel',
+            seqserve_dot_proto_dot_seqserve__pb2.LoadModelRequest.SerializeToString,
+            seqserve_dot_proto_dot_seqserve__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,13 +25,15 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from .auth import AuthInterceptor, ConfigError, load_tokens, server_credentials
 from .engine import Engine
 from .errors import ModelError, SnapshotError
-from .metrics import Metrics
-from .model import ModelSpec, load_model_spec
+from .metrics import Metrics, VersionGauges
+from .model import ModelSpec, bundled_models_dir
+from .models import Models
 from .oip import HttpFront, InferenceService, OipFront, bind_socket
 from .runtime import Runtime
 from .servicer import SeqServeServicer
 from .settings import Settings
-from .snapshot import capture, load_snapshot, write_snapshot
+from .snapshot import capture_parts, read_parts, restore_part, write_snapshot
+from .versions import ModelVersion
 
 __all__ = ["App", "configure_logging", "create_server", "run_forever", "serve"]
 
@@ -40,13 +43,14 @@ SERVICE = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name
 
 
 class App:
-    """A built, bound server: gRPC, engine, metrics endpoint. ``start`` then ``stop``."""
+    """A built, bound server: gRPC, the models and their engines, metrics endpoint. ``start``
+    then ``stop``."""
 
     def __init__(
         self,
         settings: Settings,
         grpc_server: grpc.aio.Server,
-        engine: Engine,
+        models: Models,
         servicer: SeqServeServicer,
         health_servicer: health.aio.HealthServicer,
         metrics: Metrics,
@@ -55,7 +59,7 @@ class App:
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
-        self.engine = engine
+        self.models = models
         self.servicer = servicer
         self.health = health_servicer
         self.metrics = metrics
@@ -68,6 +72,13 @@ class App:
         # drain snapshot is never overwritten by an older periodic one finishing late.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="seqserve-snapshot")
         self._checkpoints: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the default model's latest version (what a request naming no model
+        and no version gets)."""
+        return self.models.model("").stateless(0)
 
     async def start(self) -> None:
         if self.settings.metrics_port >= 0:
@@ -75,14 +86,17 @@ class App:
                 self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
             )
             self.metrics_port = self._http.server_port
-        self.engine.start()
-        if self.engine.store is not None and not await self.engine.store.ping():
-            log.warning(
-                "session store %s is not reachable; serving from memory until it is",
-                self.engine.store.url,
-            )
+        stores = {engine.store for engine in self.models.engines() if engine.store is not None}
+        for store in stores:
+            if not await store.ping():
+                log.warning(
+                    "session store %s is not reachable; serving from memory until it is",
+                    store.url,
+                )
+                break
         if self.settings.snapshot_path and self.settings.snapshot_interval > 0:
             self._checkpoints = asyncio.create_task(self._checkpoint_loop())
+        self._housekeeping = asyncio.create_task(self.models.run(), name="seqserve-models")
         await self.grpc.start()
         if self.rest is not None:
             await self.rest.start()
@@ -94,40 +108,51 @@ class App:
         period), end streams with UNAVAILABLE, snapshot every session, stop."""
         grace = self.settings.drain_grace
         await self.health.enter_graceful_shutdown()
-        self.engine.draining = True
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        self.models.draining = True
+        engines = list(self.models.engines())
+        for engine in engines:
+            engine.draining = True
         self.servicer.drain()
         if self.inference is not None:
             self.inference.drain()
         try:
-            await asyncio.wait_for(self.engine.drain(), grace)
+            await asyncio.wait_for(asyncio.gather(*(e.drain() for e in engines)), grace)
         except TimeoutError:
             log.warning("drain grace (%.1fs) ran out with requests still queued", grace)
-        await self.engine.scheduler.stop()  # nothing runs past here, so the snapshot is consistent
-        if self.engine.store is not None:
-            saved = await self.engine.save_to_store()
+        for engine in engines:  # nothing runs past here, so the snapshot is consistent
+            await engine.scheduler.stop()
+        saved = 0
+        for engine in engines:
+            saved += await engine.save_to_store()
+        if saved:
             log.info("drain: %d sessions saved to the session store", saved)
         if self._checkpoints is not None:
             self._checkpoints.cancel()
         if self.settings.snapshot_path:
             await asyncio.wrap_future(
-                self._writer.submit(
-                    write_snapshot,
-                    self.settings.snapshot_path,
-                    capture(self.engine.spec, self.engine.table),
-                )
+                self._writer.submit(write_snapshot, self.settings.snapshot_path, self._capture())
             )
         self._writer.shutdown(wait=True)
         if self.rest is not None:
             await self.rest.stop()
         await self.grpc.stop(min(grace, 5.0))
-        await self.engine.stop()
+        for engine in engines:
+            await engine.stop()
+        self.models.executor.shutdown(wait=True)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
 
+    def _capture(self) -> dict[str, np.ndarray]:
+        return capture_parts(
+            [(e.spec, e.table, e.version) for e in self.models.engines() if len(e.table)]
+        )
+
     async def checkpoint(self) -> None:
         """Save every session now (captured on the loop, written in the writer thread)."""
-        arrays = capture(self.engine.spec, self.engine.table)
+        arrays = self._capture()
         await asyncio.wrap_future(
             self._writer.submit(write_snapshot, self.settings.snapshot_path, arrays)
         )
@@ -142,9 +167,10 @@ class App:
 
 
 def create_server(
-    settings: Settings, *, registry: CollectorRegistry | None = None, spec: ModelSpec | None = None
+    settings: Settings, *, registry: CollectorRegistry | None = None
 ) -> tuple[App, int]:
-    """Build everything and bind the gRPC port (0 picks one); call from a running event loop.
+    """Build everything, load the models and bind the gRPC port (0 picks one); call from a
+    running event loop.
 
     Raises ModelError / SnapshotError / auth.ConfigError with a message fit for the user."""
     credentials = server_credentials(settings)  # bad TLS or token files fail before the model
@@ -152,14 +178,44 @@ def create_server(
     interceptors = []
     if tokens or settings.tls_client_ca:
         interceptors.append(AuthInterceptor(tokens, certificates=bool(settings.tls_client_ca)))
-    spec = spec or load_model_spec(settings.model_dir or None)
-    runtime = Runtime(
-        spec, device=settings.device, threads=settings.ort_threads, spinning=settings.ort_spinning
-    )
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    engine = Engine(spec, runtime, settings, observer=metrics)
-    metrics.track_sessions(lambda: len(engine.table), engine.bank.bytes_per_slot)
-    _restore(settings, engine)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
+    models: Models
+
+    def make_engine(version: ModelVersion, spec: ModelSpec, runtime: Runtime) -> Engine:
+        return Engine(
+            spec,
+            runtime,
+            settings,
+            observer=metrics.observer(spec.name, version.number),
+            executor=executor,
+            quota=models.quota,
+            version=version.number,
+        )
+
+    models = Models(
+        settings, executor=executor, make_engine=make_engine, bundled=bundled_models_dir()
+    )
+    models.on_failure = lambda v: metrics.load_failures.labels(v.model, str(v.number)).inc()
+    try:
+        models.start()
+        _restore(settings, models)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    metrics.track_versions(
+        lambda: [
+            VersionGauges(
+                v.model,
+                v.number,
+                v.state,
+                v.sessions,
+                v.sessions * (v.engine.bank.bytes_per_slot if v.engine else 0),
+                v.load_seconds,
+            )
+            for v in models.versions()
+        ]
+    )
 
     limit = settings.max_message_bytes
     server = grpc.aio.server(
@@ -176,9 +232,9 @@ def create_server(
             ("grpc.so_reuseport", int(settings.reuse_port)),
         ],
     )
-    servicer = SeqServeServicer(engine, metrics)
+    servicer = SeqServeServicer(models, metrics)
     pb_grpc.add_SeqServeServicer_to_server(servicer, server)
-    front = OipFront(engine, metrics, settings)
+    front = OipFront(models, metrics, settings)
     inference = InferenceService(front)
     server.add_generic_rpc_handlers((inference,))
     health_servicer = health.aio.HealthServicer()
@@ -198,19 +254,55 @@ def create_server(
     if settings.http_port >= 0:
         sock = bind_socket(settings.host, settings.http_port, settings.reuse_port)
         rest = HttpFront(front, settings, sock, tokens)
-    app = App(settings, server, engine, servicer, health_servicer, metrics, inference, rest)
+    app = App(settings, server, models, servicer, health_servicer, metrics, inference, rest)
     return app, port
 
 
-def _restore(settings: Settings, engine: Engine) -> None:
+def _restore(settings: Settings, models: Models) -> None:
+    """Sessions of the last snapshot, each into exactly the version and graphs it ran on
+    (loaded from the repository if it is there but not wanted: it then drains). Sessions of a
+    version of a served model this server lacks answer version_unavailable; a snapshot of a
+    model not served at all is refused whole (a server started on the wrong folder)."""
     path = Path(settings.snapshot_path) if settings.snapshot_path else None
     if path is None or not path.exists():
         return
     try:
-        load_snapshot(path, engine.spec, engine.table)
+        parts = read_parts(path)
+        for part in parts:
+            if part.model not in models.models:
+                raise SnapshotError(
+                    f"{path}: saved for model {part.model!r} v{part.version}, which this "
+                    f"server does not serve ({', '.join(sorted(models.models))})"
+                )
+        targets = [
+            (part, models.restore_target(part.model, part.version, part.fingerprint))
+            for part in parts
+        ]
+        for part, engine in targets:
+            if engine is not None and len(engine.table):
+                raise SnapshotError(f"{path}: two parts for {part.model} v{part.version}")
+        for part, engine in targets:
+            if engine is None:
+                model = models.models[part.model]
+                for session_id in part.arrays.get("ids", ()):
+                    model.unavailable[str(session_id)] = part.version
+                log.warning(
+                    "%s: %d sessions ran on %s version %d (graphs %s), which this server "
+                    "cannot load; they answer version_unavailable",
+                    path,
+                    part.sessions,
+                    part.model,
+                    part.version,
+                    part.fingerprint[:12],
+                )
+                continue
+            restore_part(path, part, engine.spec, engine.table)
     except SnapshotError as exc:
         if not settings.ignore_bad_snapshot:
             raise
+        for engine in models.engines():
+            for session in engine.table:
+                engine.table.end(session, "expired")
         log.error("%s; starting with no sessions (--ignore-bad-snapshot)", exc)
         return
     if settings.snapshot_interval <= 0:
@@ -224,9 +316,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     app, port = create_server(settings)
     await app.start()
     log.info(
-        "serving %s v%s on %s:%d (%s, %s; REST on :%s, metrics on :%s, %d sessions restored)",
-        app.engine.spec.name,
-        app.engine.spec.version,
+        "serving %s (default %s) on %s:%d (%s, %s; REST on :%s, metrics on :%s, %d sessions "
+        "restored)",
+        ", ".join(f"{v.model} v{v.version} {v.state}" for v in app.models.list()),
+        app.models.default,
         settings.host,
         port,
         "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
@@ -235,7 +328,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         else "authentication off",
         app.http_port,
         app.metrics_port,
-        len(app.engine.table),
+        app.models.live_sessions,
     )
     stop = stop or asyncio.Event()
     await stop.wait()

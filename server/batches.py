@@ -23,6 +23,7 @@ class BatchResult:
     probabilities: np.ndarray  # [entries, classes]; zeros for failed entries
     next_positions: np.ndarray  # uint64 [entries]
     replayed: np.ndarray  # bool [entries]
+    versions: np.ndarray  # uint64 [entries]: the model version that answered (0: failed)
     errors: dict[int, Exception] = field(default_factory=dict)
 
 
@@ -34,6 +35,7 @@ class PendingBatch:
             np.zeros((entries, classes), np.float32),
             np.zeros(entries, np.uint64),
             np.zeros(entries, np.bool_),
+            np.zeros(entries, np.uint64),
         )
         self.future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._left = entries
@@ -52,11 +54,14 @@ class PendingBatch:
         result.next_positions[index] = position
         self._settled()
 
-    def fill(self, rows: np.ndarray, probabilities: np.ndarray, next_positions: np.ndarray) -> None:
+    def fill(
+        self, rows: np.ndarray, probabilities: np.ndarray, next_positions: np.ndarray, version: int
+    ) -> None:
         """Many entries at once (the scheduler's fast lane)."""
         result = self.result
         result.probabilities[rows] = probabilities
         result.next_positions[rows] = next_positions
+        result.versions[rows] = version
         self._settled(len(rows))
 
     def fail_rows(self, rows: np.ndarray, exc: Exception) -> None:
@@ -90,6 +95,7 @@ class EntrySink:
         result.probabilities[self._index] = value.probabilities[-1]  # entries are one frame
         result.next_positions[self._index] = value.next_position
         result.replayed[self._index] = value.replayed
+        result.versions[self._index] = value.version
         self._batch._settled()
 
     def set_exception(self, exc: BaseException) -> None:

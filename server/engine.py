@@ -18,7 +18,7 @@ import os
 import socket
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,24 +33,37 @@ from .errors import (
     SessionExists,
     SessionNotFound,
     StoreUnavailable,
+    VersionDraining,
+    VersionElsewhere,
 )
 from .handover import Handover, Local, Shared, restore_rows
 from .model import ModelSpec
 from .observer import BatchObserver
 from .runtime import Runtime
 from .scheduler import Scheduler
-from .sessions import SessionTable, check_session_id, gap_error
+from .sessions import Quota, SessionTable, check_session_id, gap_error
 from .settings import Settings
 from .states import StateBank
 from .store import Claim, CommitOutcome, Store
 from .work import Group, Session, StepResult, Work
 from .writeback import Answers, Immediate, WriteBack, checkpoint_commits
 
-__all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult", "make_store"]
+__all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult", "make_store", "store_namespace"]
 
 log = logging.getLogger("seqserve.engine")
 
 _PLANS = 64  # batches' id lists remembered (a gateway re-sends the same sessions every step)
+
+
+def _version_number(version: str) -> int:
+    """A model.json version as the integer the wire carries (non-integer versions: 1)."""
+    return int(version) if version.isdigit() and int(version) > 0 else 1
+
+
+def store_namespace(spec: ModelSpec) -> str:
+    """Where a version's sessions live in the shared store: by model, version and graphs, so
+    sessions of one name and version with other graphs never mix."""
+    return f"seqserve:{spec.name}:{spec.version}:{spec.fingerprint[:16]}"
 
 
 def make_store(settings: Settings, spec: ModelSpec) -> Store | None:
@@ -61,7 +74,9 @@ def make_store(settings: Settings, spec: ModelSpec) -> Store | None:
     replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
     return RedisStore(
         settings.store,
-        namespace=f"seqserve:{spec.name}:{spec.version}",
+        namespace=store_namespace(spec),
+        where=f"seqserve:{spec.name}:where:",
+        tag=f"{spec.version}|{spec.fingerprint[:16]}",
         replica=replica,
         ttl=settings.session_idle_timeout,
         timeout=settings.store_timeout,
@@ -76,6 +91,8 @@ class SessionStatus:
     idle_seconds: float
     expires_in_seconds: float
     closed: bool = False
+    model: str = ""
+    version: int = 0  # the model version the session is pinned to
 
 
 def _duplicate(session_id: str) -> BadRequest:
@@ -93,20 +110,29 @@ class Engine:
         observer: BatchObserver | None = None,
         *,
         store: Store | None = None,
+        executor: Executor | None = None,
+        quota: Quota | None = None,
+        version: int | None = None,
     ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.settings = settings
         self.observer = observer or BatchObserver()
+        self.model = spec.name
+        self.version = version if version is not None else _version_number(spec.version)
+        # Accepts new sessions; a version leaving the policy keeps only its own (draining).
+        self.accepting = True
         self.bank = StateBank(spec, settings.max_sessions, settings.replay_window)
         self.table = SessionTable(
             self.bank,
             max_sessions=settings.max_sessions,
             idle_timeout=settings.session_idle_timeout,
             max_per_owner=settings.max_sessions_per_principal,
+            quota=quota,
         )
         self.columns = self.table.columns
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
+        self._owns_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
         self.store = store if store is not None else make_store(settings, spec)
         self.handover: Handover
         answers: Answers
@@ -126,6 +152,7 @@ class Engine:
             inline_batch=settings.inline_batch,
             observer=self.observer,
             answers=answers,
+            version=self.version,
         )
         # (principal, ids) -> (slots, generations, unique): the batches' id lists seen last.
         self._plans: OrderedDict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray, bool]]
@@ -150,7 +177,8 @@ class Engine:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.scheduler.stop()
-        self.executor.shutdown(wait=True)
+        if self._owns_executor:
+            self.executor.shutdown(wait=True)
         await self.handover.close()
 
     async def save_to_store(self) -> int:
@@ -223,6 +251,8 @@ class Engine:
             max(0.0, self.table.clock() - session.last_used),
             self.table.expires_in(session),
             session.ended is not None,
+            self.model,
+            self.version,
         )
 
     def open(self, session_id: str | None = None, principal: str = "") -> SessionStatus:
@@ -230,6 +260,11 @@ class Engine:
         return self.status(self._create(session_id or None, principal))
 
     def _create(self, session_id: str | None, principal: str) -> Session:
+        if not self.accepting:
+            raise VersionDraining(
+                f"model {self.model!r} version {self.version} is draining: it serves only the "
+                "sessions it has; start new ones on the latest version"
+            )
         try:
             session = self.table.create(session_id, owner=principal)
         except CapacityExceeded:
@@ -249,6 +284,11 @@ class Engine:
             return self.get(session_id, principal)
         check_session_id(session_id)
         found = await self.handover.peek(session_id, principal)
+        if found is not None and found.where:
+            raise VersionElsewhere(
+                f"session {session_id!r} lives on version {found.where} of its model",
+                where=found.where,
+            )
         if found is None:
             return self.get(session_id, principal)  # unknown, or a tombstone here
         if found.closed:
@@ -258,7 +298,9 @@ class Engine:
                 position=found.head,
             )
         idle = max(0.0, self.settings.session_idle_timeout - found.expires_in)
-        return SessionStatus(session_id, found.head, idle, found.expires_in)
+        return SessionStatus(
+            session_id, found.head, idle, found.expires_in, False, self.model, self.version
+        )
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
         self._refuse_if_draining()
@@ -449,6 +491,7 @@ class Engine:
                 batch,
                 seq,
                 after,
+                self.version,
             )
         )
 
@@ -625,4 +668,5 @@ class Engine:
                 )
                 for row, i in enumerate(chunk):
                     results[i] = probs[row]
+        self.observer.predicted(total)
         return [r for r in results if r is not None]

@@ -10,6 +10,7 @@ __all__ = [
     "CapacityExceeded",
     "Draining",
     "ModelError",
+    "NotAllowed",
     "PositionError",
     "SeqServeError",
     "SessionExists",
@@ -17,6 +18,12 @@ __all__ = [
     "SessionNotFound",
     "SnapshotError",
     "StoreUnavailable",
+    "UnknownModel",
+    "VersionDraining",
+    "VersionElsewhere",
+    "VersionMismatch",
+    "VersionRetired",
+    "VersionUnavailable",
 ]
 
 
@@ -89,3 +96,66 @@ class SessionMoved(SeqServeError):
     goes to (or reloads on) the current owner."""
 
     reason = "session_moved"
+
+
+class VersionDraining(SeqServeError):
+    """The model version is being retired: it takes no new sessions (its own go on)."""
+
+    reason = "version_draining"
+
+
+class VersionRetired(SeqServeError):
+    """The session's model version was retired (unloaded, or out of the version policy past
+    --version-drain-timeout); the session ended with it, never moved to another graph."""
+
+    reason = "version_retired"
+
+    def __init__(self, message: str, *, position: int = 0) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class VersionUnavailable(SeqServeError):
+    """The session ran on a model version (exact graphs) this server cannot load: it is kept
+    until a server that has that version takes it."""
+
+    reason = "version_unavailable"
+
+
+class UnknownModel(SeqServeError):
+    """No such model (``unknown_model``) or version (``unknown_version``) here."""
+
+    reason = "unknown_model"
+
+
+class VersionMismatch(SeqServeError):
+    """The request names a version other than the one its session is pinned to."""
+
+    reason = "version_mismatch"
+
+
+class NotAllowed(SeqServeError):
+    """The caller may not do this (loading and unloading models: --admin-principals)."""
+
+    reason = "not_allowed"
+
+
+class VersionElsewhere(SeqServeError):
+    """The session lives (in the shared store) on another version of its model: ``where`` is
+    that version's tag, ``<version>|<graphs>``. The server loads that version and retries;
+    a client sees this only as version_unavailable, when it cannot."""
+
+    reason = "version_elsewhere"
+
+    def __init__(self, message: str, *, where: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+    @property
+    def version(self) -> int:
+        number = self.where.partition("|")[0]
+        return int(number) if number.isdigit() else 0
+
+    @property
+    def fingerprint(self) -> str:
+        return self.where.partition("|")[2]

@@ -31,7 +31,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import PositionError, SeqServeError, SessionExists, SessionNotFound, StoreUnavailable
+from .errors import (
+    PositionError,
+    SeqServeError,
+    SessionExists,
+    SessionNotFound,
+    StoreUnavailable,
+    VersionElsewhere,
+)
 from .observer import BatchObserver
 from .sessions import SessionTable
 from .store import Claim, Peek, Store
@@ -291,9 +298,16 @@ class Shared:
                 f"session {session_id!r} could not be resumed from the shared store: {exc}"
             )
         foreign = claim is not None and claim.kind == "foreign"
+        if claim is not None and claim.kind == "elsewhere":
+            error = VersionElsewhere(
+                f"session {session_id!r} lives on version {claim.where} of its model",
+                where=claim.where,
+            )
         for waiter in self._claims.pop(session_id, []):
             problem = error
-            if isinstance(error, StoreUnavailable) and (
+            if isinstance(error, VersionElsewhere):
+                problem = error
+            elif isinstance(error, StoreUnavailable) and (
                 waiter.creating or self.table.find(session_id) is not None
             ):
                 problem = None  # a new session starts in memory; the store catches up

@@ -40,8 +40,15 @@ class Shelf:
     """What the replicas share: the sessions, and whether the store answers at all."""
 
     entries: dict[str, _Entry] = field(default_factory=dict)
+    where: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> (tag, expiry)
     clock: Callable[[], float] = time.monotonic
     down: bool = False  # every call fails (the store is unreachable)
+
+    def locate(self, key: str) -> str | None:
+        found = self.where.get(key)
+        if found is None or found[1] <= self.clock():
+            return None
+        return found[0]
 
     def get(self, session_id: str) -> _Entry | None:
         entry = self.entries.get(session_id)
@@ -52,9 +59,20 @@ class Shelf:
 
 
 class MemoryStore:
-    def __init__(self, shelf: Shelf, *, replica: str, ttl: float) -> None:
+    def __init__(
+        self,
+        shelf: Shelf,
+        *,
+        replica: str,
+        ttl: float,
+        namespace: str = "",
+        where: str = "",
+        tag: str = "",
+    ) -> None:
         self.url = "memory://"
         self.shelf = shelf
+        self.namespace = namespace  # sessions of another namespace (version) are not seen
+        self.where, self.tag = where, tag
         self.replica = replica
         self.ttl = ttl
         self.calls: list[str] = []  # every call made, in order (tests read it)
@@ -80,9 +98,13 @@ class MemoryStore:
             raise StoreUnavailable("the session store cannot be reached; retry shortly")
         out: list[Claim] = []
         for session_id, principal in items:
-            entry = self.shelf.get(session_id)
+            entry = self.shelf.get(self.namespace + session_id)
             if entry is None or entry.position is None:
-                out.append(Claim("none"))
+                where = self.shelf.locate(self.where + session_id)
+                if where is not None and where != self.tag:
+                    out.append(Claim("elsewhere", where=where))
+                else:
+                    out.append(Claim("none"))
             elif entry.principal != principal:
                 out.append(Claim("foreign"))
             elif entry.closed:
@@ -97,8 +119,13 @@ class MemoryStore:
     async def peek(self, session_id: str, principal: str) -> Peek | None:
         if not self._call("peek"):
             raise StoreUnavailable("the session store cannot be reached; retry shortly")
-        entry = self.shelf.get(session_id)
-        if entry is None or entry.principal != principal:
+        entry = self.shelf.get(self.namespace + session_id)
+        if entry is None:
+            where = self.shelf.locate(self.where + session_id)
+            if where is not None and where != self.tag:
+                return Peek(0, 0, False, 0.0, where=where)
+            return None
+        if entry.principal != principal:
             return None
         position = entry.head if entry.position is None else entry.position
         expires_in = max(0.0, entry.expires_at - self.shelf.clock())
@@ -107,7 +134,7 @@ class MemoryStore:
     async def owner(self, session_id: str) -> str | None:
         if not self._call("owner"):
             return None
-        entry = self.shelf.get(session_id)
+        entry = self.shelf.get(self.namespace + session_id)
         return "" if entry is None else entry.owner
 
     async def commit(self, commits: Commits) -> list[CommitOutcome] | None:
@@ -122,7 +149,8 @@ class MemoryStore:
             if is_full:
                 data = commits.data[at : at + commits.record_bytes]
                 at += commits.record_bytes
-            entry = self.shelf.get(session_id)
+            key = self.namespace + session_id
+            entry = self.shelf.get(key)
             if entry is None:
                 ok = is_full
             elif entry.closed:
@@ -138,6 +166,8 @@ class MemoryStore:
             if is_full:
                 entry.position, entry.principal, entry.data = int(head), principal, data
             entry.expires_at = self._expiry()
+            if self.where:
+                self.shelf.where[self.where + session_id] = (self.tag, self._expiry())
             out.append(CommitOutcome.WRITTEN)
         return out
 

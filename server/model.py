@@ -14,7 +14,15 @@ from onnx.external_data_helper import ExternalDataInfo
 
 from .errors import ModelError
 
-__all__ = ["FORMAT", "LayerSpec", "ModelSpec", "StateSpec", "default_model_dir", "load_model_spec"]
+__all__ = [
+    "FORMAT",
+    "LayerSpec",
+    "ModelSpec",
+    "StateSpec",
+    "bundled_models_dir",
+    "default_model_dir",
+    "load_model_spec",
+]
 
 FORMAT = "seqserve-model/1"
 
@@ -60,6 +68,13 @@ class ModelSpec:
     @property
     def state_floats(self) -> int:
         return sum(s.size for s in self.states)
+
+
+def bundled_models_dir() -> Path:
+    """The bundled models (the default repository): basicmotions, japanesevowels."""
+    import seqserve.models
+
+    return Path(seqserve.models.__file__).resolve().parent
 
 
 def default_model_dir() -> Path:
@@ -113,7 +128,10 @@ def _check_external_data(path: Path, directory: Path) -> None:
             )
 
 
-def _graph_path(directory: Path, graphs: dict[str, Any], key: str) -> Path:
+def _graph_path(
+    directory: Path, graphs: dict[str, Any], key: str, require_checksum: bool
+) -> tuple[Path, str]:
+    """The graph's path and its sha256 (checked against model.json's)."""
     entry = graphs.get(key)
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
         raise ModelError(f"model.json: graphs.{key}.file is missing")
@@ -123,13 +141,28 @@ def _graph_path(directory: Path, graphs: dict[str, Any], key: str) -> Path:
     if not path.is_file():
         raise ModelError(f"{path} does not exist")
     expected = entry.get("sha256")
-    if expected and _sha256(path) != expected:
+    if require_checksum and not expected:
+        raise ModelError(
+            f"model.json: graphs.{key}.sha256 is missing: a repository version must name its "
+            "graphs' checksums (a half-copied graph is told from a whole one by them)"
+        )
+    digest = _sha256(path)
+    if expected and digest != expected:
         raise ModelError(f"{path.name}: checksum does not match model.json (file changed?)")
     _check_external_data(path, directory)
-    return path
+    return path, digest
 
 
-def load_model_spec(directory: str | Path | None = None) -> ModelSpec:
+def load_model_spec(
+    directory: str | Path | None = None,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    require_checksums: bool = False,
+) -> ModelSpec:
+    """The model directory as a checked spec. ``name`` / ``version`` override model.json's (a
+    repository names models and versions by folder); ``require_checksums`` refuses graphs
+    whose checksums model.json does not give."""
     directory = Path(directory).resolve() if directory else default_model_dir()
     meta_path = directory / "model.json"
     try:
@@ -157,19 +190,33 @@ def load_model_spec(directory: str | Path | None = None) -> ModelSpec:
             for layer in meta.get("layers", [])
         )
         graphs = meta["graphs"]
+        if not isinstance(graphs, dict):
+            raise TypeError("graphs")
+        sequence, sequence_digest = _graph_path(directory, graphs, "sequence", require_checksums)
+        step, step_digest = _graph_path(directory, graphs, "step", require_checksums)
+        # The fingerprint names the exact graphs: model.json's checksums (the actual digests
+        # where it gives none), so two versions with the same name and different graphs never
+        # pass for one another.
+        digests = {"sequence": sequence_digest, "step": step_digest}
+        pinned = {
+            key: {**entry, "sha256": entry.get("sha256") or digests.get(key)}
+            if isinstance(entry, dict)
+            else entry
+            for key, entry in graphs.items()
+        }
         spec = ModelSpec(
             directory=directory,
-            name=str(meta["name"]),
-            version=str(meta.get("version", "1")),
+            name=name or str(meta["name"]),
+            version=version or str(meta.get("version", "1")),
             features=int(meta["features"]),
             labels=tuple(str(label) for label in meta["labels"]),
             states=states,
             layers=layers,
             parameters=int(meta.get("parameters", 0)),
-            sequence_graph=_graph_path(directory, graphs, "sequence"),
-            step_graph=_graph_path(directory, graphs, "step"),
+            sequence_graph=sequence,
+            step_graph=step,
             fingerprint=hashlib.sha256(
-                json.dumps([graphs, meta["states"]], sort_keys=True).encode()
+                json.dumps([pinned, meta["states"]], sort_keys=True).encode()
             ).hexdigest(),
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -21,5 +21,8 @@ class BatchObserver:
     def session_event(self, event: SessionEvent) -> None:
         pass
 
+    def predicted(self, frames: int) -> None:
+        """Frames run by a stateless (whole-sequence) request."""
+
     def store_call(self, kind: CallKind, seconds: float, outcome: CallOutcome) -> None:
         pass

@@ -45,6 +45,7 @@ log = logging.getLogger("seqserve.store")
 # checkpoint (nothing written).
 _COMMIT = r"""
 local ttl, owner, size, prefix, data = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[6]
+local where, tag = ARGV[7], ARGV[8]
 local out, at = {}, 1
 for id, expected, head, closed, full, principal in string.gmatch(
     ARGV[5], '([^\t\n]+)\t(%-?%d+)\t(%d+)\t(%d)\t(%d)\t([^\n]*)\n') do
@@ -65,6 +66,7 @@ for id, expected, head, closed, full, principal in string.gmatch(
       redis.call('HSET', key, 'pos', head, 'p', principal, 'd', string.sub(data, at, at + size - 1))
     end
     redis.call('PEXPIRE', key, ttl)
+    if where ~= '' then redis.call('SET', where .. id, tag, 'PX', ttl) end
     out[#out + 1] = '1'
   elseif not cur[1] then
     out[#out + 1] = '2'
@@ -76,10 +78,15 @@ end
 return table.concat(out)
 """
 
-# KEYS[1]: the session. ARGV: owner, principal, ttl_ms.
+# KEYS[1]: the session, KEYS[2]: where its model's sessions live (version and graphs).
+# ARGV: owner, principal, ttl_ms, this version's tag.
 _CLAIM = """
 local h = redis.call('HMGET', KEYS[1], 'h', 'pos', 'd', 'p', 'c')
-if not h[1] or not h[2] then return {'none'} end
+if not h[1] or not h[2] then
+  local where = redis.call('GET', KEYS[2])
+  if where and where ~= ARGV[4] then return {'elsewhere', where} end
+  return {'none'}
+end
 if h[4] ~= ARGV[2] then return {'foreign'} end
 local head = string.match(h[1], '|(%d+)$')
 if h[5] == '1' then return {'closed', head} end
@@ -88,10 +95,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'ok', head, h[2], h[3]}
 """
 
-# KEYS[1]: the session. Returns {h, c, p, pttl, pos} (h false: none).
+# KEYS[1]: the session, KEYS[2]: where it lives. Returns {h, c, p, pttl, pos, where}.
 _PEEK = """
 local h = redis.call('HMGET', KEYS[1], 'h', 'c', 'p', 'pos')
-return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1]), h[4]}
+return {h[1], h[2], h[3], redis.call('PTTL', KEYS[1]), h[4], redis.call('GET', KEYS[2])}
 """
 
 _OWNER = """
@@ -111,6 +118,8 @@ class RedisStore:
         *,
         namespace: str,
         replica: str,
+        where: str = "",
+        tag: str = "",
         ttl: float,
         timeout: float = 0.25,
         retry_after: float = 1.0,
@@ -118,6 +127,9 @@ class RedisStore:
     ) -> None:
         self.url = url
         self.namespace = namespace
+        # Keys naming the version (and graphs) each session of the model lives on, so a replica
+        # asked for a session it holds on no version here learns which one to load.
+        self.where, self.tag = where, tag
         self.replica = replica
         self.ttl_ms = max(1, int(ttl * 1000))
         self.retry_after = retry_after
@@ -168,8 +180,8 @@ class RedisStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for session_id, principal in items:
                     await self._claim(
-                        keys=[self.key(session_id)],
-                        args=[self.replica, principal, self.ttl_ms],
+                        keys=[self.key(session_id), self.where + session_id],
+                        args=[self.replica, principal, self.ttl_ms, self.tag],
                         client=pipe,
                     )
                 return await pipe.execute()
@@ -192,6 +204,8 @@ class RedisStore:
                 out.append(Claim("closed", final_position=int(reply[1])))
             elif kind == "foreign":
                 out.append(Claim("foreign"))
+            elif kind == "elsewhere":
+                out.append(Claim("elsewhere", where=reply[1].decode()))
             else:
                 out.append(Claim("none"))
         return out
@@ -199,15 +213,21 @@ class RedisStore:
     async def peek(self, session_id: str, principal: str) -> Peek | None:
         """A session in the store, without taking it over; None if it is not there (or is
         another principal's). StoreUnavailable when Redis cannot answer."""
-        reply = await self._guard(lambda: self._peek(keys=[self.key(session_id)]), "peek")
+        reply = await self._guard(
+            lambda: self._peek(keys=[self.key(session_id), self.where + session_id]), "peek"
+        )
         if reply is None:
             raise StoreUnavailable(
                 f"the session store ({self.url}) cannot be reached to look "
                 f"up session {session_id!r}, which this replica does not "
                 "hold; retry shortly"
             )
-        h, closed, owner, ttl, position = reply
-        if h is None or (owner or b"").decode() != principal:
+        h, closed, owner, ttl, position, where = reply
+        if h is None:
+            if where is not None and where.decode() != self.tag:
+                return Peek(0, 0, False, 0.0, where=where.decode())
+            return None
+        if (owner or b"").decode() != principal:
             return None
         head = int(h.decode().rpartition("|")[2])
         return Peek(
@@ -237,6 +257,8 @@ class RedisStore:
                     self.prefix,
                     commits.lines,
                     commits.data,
+                    self.where,
+                    self.tag,
                 ]
             ),
             "commit",

@@ -75,8 +75,10 @@ class Scheduler:
         inline_batch: int = 0,
         observer: BatchObserver | None = None,
         answers: Answers | None = None,
+        version: int = 0,
     ) -> None:
         self.runtime = runtime
+        self.version = version  # the model version this scheduler runs, named in every answer
         self.table = table
         self.columns = table.columns
         self.bank = table.bank
@@ -357,7 +359,14 @@ class Scheduler:
             if done == count:
                 resolve(
                     future,
-                    StepResult(session.id, position, work.prefix, applied, replayed=True),
+                    StepResult(
+                        session.id,
+                        position,
+                        work.prefix,
+                        applied,
+                        replayed=True,
+                        version=self.version,
+                    ),
                 )
                 return False
             work.frames = work.frames[done:]
@@ -492,7 +501,7 @@ class Scheduler:
             self._end(session, "closed")
         self.answers.answer(
             work.future,
-            StepResult(session.id, first, probs, position, ended=work.end),
+            StepResult(session.id, first, probs, position, ended=work.end, version=self.version),
             session,
         )
 

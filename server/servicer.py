@@ -22,19 +22,27 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.proto.codec import from_matrix, to_matrix
 
 from .auth import current_principal
-from .engine import BatchResult, Engine, SessionStatus, StepResult
+from .engine import BatchResult, SessionStatus, StepResult
 from .errors import (
     BadRequest,
     CapacityExceeded,
     Draining,
+    ModelError,
+    NotAllowed,
     PositionError,
     SeqServeError,
     SessionExists,
     SessionMoved,
     SessionNotFound,
     StoreUnavailable,
+    UnknownModel,
+    VersionDraining,
+    VersionMismatch,
+    VersionRetired,
+    VersionUnavailable,
 )
 from .metrics import Metrics
+from .models import Models
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
 
@@ -49,6 +57,12 @@ STATUS_CODES: dict[type[SeqServeError], grpc.StatusCode] = {
     Draining: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     SessionMoved: grpc.StatusCode.ABORTED,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
+    VersionRetired: grpc.StatusCode.NOT_FOUND,
+    VersionUnavailable: grpc.StatusCode.UNAVAILABLE,
+    VersionDraining: grpc.StatusCode.FAILED_PRECONDITION,
+    VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 _END = object()  # reader finished
@@ -89,7 +103,7 @@ def _error(exc: Exception) -> pb.Error:
 def _expected(exc: Exception) -> int:
     if isinstance(exc, PositionError):
         return exc.expected
-    if isinstance(exc, SessionNotFound):
+    if isinstance(exc, (SessionNotFound, VersionRetired)):
         return exc.position
     return 0
 
@@ -101,38 +115,35 @@ def _session_info(status: SessionStatus) -> pb.SessionInfo:
         idle_seconds=status.idle_seconds,
         expires_in_seconds=status.expires_in_seconds,
         closed=status.closed,
+        model=status.model,
+        model_version=status.version,
     )
 
 
 class SeqServeServicer(pb_grpc.SeqServeServicer):
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
-        self.engine = engine
+    def __init__(self, models: Models, metrics: Metrics) -> None:
+        self.models = models
         self.metrics = metrics
-        self.features = engine.spec.features
+        self.settings = models.settings
         self._streams: set[asyncio.Queue[Any]] = set()
         # Streams whose one task is waiting for the next request (nothing outstanding).
         self._reading: dict[asyncio.Queue[Any], asyncio.Task[Any]] = {}
-        self._observe = {
-            rpc: metrics.request_seconds.labels(rpc, "native")
-            for rpc in (
-                "Stream",
-                "Step",
-                "StepBatch",
-                "StreamBatch",
-                "Predict",
-                "OpenSession",
-                "GetSession",
-                "ResetSession",
-                "CloseSession",
-                "GetModel",
-            )
-        }
-        # Every (rpc, code) series exists from the start, so rate() sees the first error too.
-        self._counted = {
-            (rpc, code.name): metrics.requests.labels(rpc, code.name, "native")
-            for rpc in self._observe
-            for code in _REPORTED_CODES
-        }
+        # Every (rpc, code) series of the default model exists from the start, so rate() sees
+        # the first error too.
+        metrics.declare(_RPCS, (c.name for c in _REPORTED_CODES), "native", models.default, "")
+
+    def _model(self, name: str) -> str:
+        """The model label of a request (the default for none; "" for an unknown one)."""
+        found = self.models.models.get(name or self.models.default)
+        return found.name if found is not None else ""
+
+    def _features(self, name: str) -> int:
+        """Features per frame of the model's latest version (the codec's hint for a Matrix
+        that leaves cols 0; every version checks the frames against its own)."""
+        model = self.models.model(name)
+        latest = model.latest()
+        engines = [latest.engine] if latest is not None and latest.engine else model.engines
+        return engines[0].spec.features if engines else 0
 
     def drain(self) -> None:
         """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
@@ -141,20 +152,28 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         for task in list(self._reading.values()):  # streams waiting for their next request
             task.cancel()
 
-    def _done(self, rpc: str, started: float, code: grpc.StatusCode) -> None:
-        self._observe[rpc].observe(time.perf_counter() - started)
-        counter = self._counted.get((rpc, code.name))
-        if counter is None:
-            counter = self._counted[(rpc, code.name)] = self.metrics.requests.labels(
-                rpc, code.name, "native"
-            )
-        counter.inc()
+    def _done(
+        self, rpc: str, started: float, code: grpc.StatusCode, model: str = "", version: int = 0
+    ) -> None:
+        self.metrics.request(
+            rpc,
+            "native",
+            model,
+            str(version) if version else "",
+            code.name,
+            time.perf_counter() - started,
+        )
 
     async def _abort(
-        self, context: grpc.aio.ServicerContext, rpc: str, started: float, exc: Exception
+        self,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
+        started: float,
+        exc: Exception,
+        model: str = "",
     ) -> None:
         code = _status_code(exc)
-        self._done(rpc, started, code)
+        self._done(rpc, started, code, self._model(model))
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s failed", rpc, exc_info=exc)
             await context.abort(code, "internal error")
@@ -170,8 +189,10 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     # -- steps --------------------------------------------------------------------------------
 
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
-        frames = decode_matrix(request.frames, self.features)
-        return self.engine.submit(
+        frames = decode_matrix(request.frames, self._features(request.model))
+        return self.models.submit(
+            request.model,
+            request.version,
             request.session_id,
             request.position,
             frames,
@@ -180,8 +201,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             principal=current_principal(),
         )
 
-    @staticmethod
-    def _response(request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
+    def _response(self, request: pb.StepRequest, result: StepResult) -> pb.StepResponse:
         probs = result.probabilities
         if request.output == pb.LAST_FRAME:
             probs = probs[-1:]
@@ -195,6 +215,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             replayed=result.replayed,
             ended=result.ended,
             tag=request.tag,
+            model=self._model(request.model),
+            model_version=result.version,
         )
 
     async def Step(
@@ -229,9 +251,17 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         try:
             result = await submit(request)
         except Exception as exc:
-            await self._abort(context, rpc, started, exc)
-        self._done(rpc, started, grpc.StatusCode.OK)
-        return respond(request, result)
+            await self._abort(context, rpc, started, exc, request.model)
+        response = respond(request, result)
+        self._answered(rpc, started, response)
+        return response
+
+    def _answered(self, rpc: str, started: float, response: Any) -> None:
+        """Count a successful answer under the model and version that gave it."""
+        version = response.model_version if hasattr(response, "model_version") else 0
+        if not version and hasattr(response, "model_versions") and len(response.model_versions):
+            version = max(response.model_versions)
+        self._done(rpc, started, grpc.StatusCode.OK, response.model, version)
 
     async def StreamBatch(
         self,
@@ -250,12 +280,15 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     def _submit_batch(self, request: pb.StepBatchRequest) -> asyncio.Future[BatchResult]:
         entries = len(request.session_ids)
+        features = self._features(request.model)
         frames = (
-            decode_matrix(request.frames, self.features)
+            decode_matrix(request.frames, features)
             if entries or request.frames.data
-            else np.zeros((0, self.features), np.float32)
+            else np.zeros((0, features), np.float32)
         )
-        return self.engine.submit_batch(
+        return self.models.submit_batch(
+            request.model,
+            request.version,
             request.session_ids,
             request.positions,
             frames,
@@ -263,8 +296,9 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             principal=current_principal(),
         )
 
-    @staticmethod
-    def _batch_response(request: pb.StepBatchRequest, result: BatchResult) -> pb.StepBatchResponse:
+    def _batch_response(
+        self, request: pb.StepBatchRequest, result: BatchResult
+    ) -> pb.StepBatchResponse:
         probs = result.probabilities
         response = pb.StepBatchResponse(
             probabilities=to_matrix(probs),
@@ -272,6 +306,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             next_positions=result.next_positions.tolist(),
             replayed=result.replayed.tolist(),
             tag=request.tag,
+            model=self._model(request.model),
+            model_versions=result.versions.tolist(),
         )
         for index, exc in sorted(result.errors.items()):
             response.errors.add(index=index, error=_error(exc))
@@ -303,7 +339,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         drained = [False]
         try:
             while not drained[0]:
-                if self.engine.draining:
+                if self.models.draining:
                     drained[0] = True
                     break
                 if task is not None:
@@ -313,7 +349,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    if not self.engine.draining:
+                    if not self.models.draining:
                         raise
                     drained[0] = True
                     break
@@ -329,7 +365,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                     yield self._settled(rpc, request, started, respond, failed, future)
                     continue
                 # From here on a reader task reads; this task writes what settles.
-                slots = asyncio.Semaphore(self.engine.settings.stream_inflight - 1)
+                slots = asyncio.Semaphore(self.settings.stream_inflight - 1)
                 outstanding = [1]
                 future.add_done_callback(
                     functools.partial(self._answer, rpc, queue, request, started, respond, failed)
@@ -370,7 +406,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         """Answers as they settle, until the reader is done and every request is answered, or
         the server drains and every accepted request is answered (``drained[0]`` then)."""
         reading = True
-        draining = self.engine.draining
+        draining = self.models.draining
         while reading or outstanding[0]:
             if draining and not outstanding[0]:
                 break
@@ -444,20 +480,23 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         exc = future.exception() if not future.cancelled() else Draining("cancelled")
         if exc is not None:
             return failed(rpc, request, started, exc)  # type: ignore[arg-type]
-        self._done(rpc, started, grpc.StatusCode.OK)
-        return respond(request, future.result())
+        response = respond(request, future.result())
+        self._answered(rpc, started, response)
+        return response
 
     def _step_error(
         self, rpc: str, request: pb.StepRequest, started: float, exc: Exception
     ) -> pb.StepResponse:
         error = _error(exc)
-        self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
+        model = self._model(request.model)
+        self._done(rpc, started, grpc.StatusCode(_CODES[error.code]), model)
         return pb.StepResponse(
             session_id=request.session_id,
             position=request.position,
             tag=request.tag,
             error=error,
             next_position=_expected(exc),
+            model=model,
         )
 
     def _batch_error(
@@ -465,20 +504,26 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     ) -> pb.StepBatchResponse:
         """The whole message failed (malformed, draining): every entry carries the error."""
         error = _error(exc)
-        self._done(rpc, started, grpc.StatusCode(_CODES[error.code]))
+        model = self._model(request.model)
+        self._done(rpc, started, grpc.StatusCode(_CODES[error.code]), model)
         entries = len(request.session_ids)
+        classes = self._classes(request.model)
         return pb.StepBatchResponse(
-            probabilities=pb.Matrix(
-                rows=entries,
-                cols=self.engine.spec.classes,
-                data=bytes(4 * entries * self.engine.spec.classes),
-            ),
+            probabilities=pb.Matrix(rows=entries, cols=classes, data=bytes(4 * entries * classes)),
             top_class=[0] * entries,
             next_positions=[_expected(exc)] * entries,
             replayed=[False] * entries,
             tag=request.tag,
             errors=[pb.EntryError(index=i, error=error) for i in range(max(entries, 1))],
+            model=model,
+            model_versions=[0] * entries,
         )
+
+    def _classes(self, name: str) -> int:
+        try:
+            return self.models.model(name).stateless(0).spec.classes
+        except SeqServeError:
+            return 0
 
     # -- whole sequences ----------------------------------------------------------------------
 
@@ -487,75 +532,90 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     ) -> pb.PredictResponse:
         started = time.perf_counter()
         try:
+            engine = self.models.model(request.model).stateless(request.version)
+            features = engine.spec.features
             sequences = [
-                decode_matrix(s.frames, self.features, f"sequence {i}")
+                decode_matrix(s.frames, features, f"sequence {i}")
                 for i, s in enumerate(request.sequences)
             ]
-            outputs = await self.engine.predict(sequences)
+            outputs = await engine.predict(sequences)
         except Exception as exc:
-            await self._abort(context, "Predict", started, exc)
-        self.metrics.predict_frames.inc(sum(len(o) for o in outputs))
-        response = pb.PredictResponse()
+            await self._abort(context, "Predict", started, exc, request.model)
+        response = pb.PredictResponse(model=engine.model, model_version=engine.version)
         for probs in outputs:
             prediction = response.predictions.add(
                 probabilities=to_matrix(probs[-1:]), top_class=int(probs[-1].argmax())
             )
             if request.per_step:
                 prediction.per_step.CopyFrom(to_matrix(probs))
-        self._done("Predict", started, grpc.StatusCode.OK)
+        self._answered("Predict", started, response)
         return response
 
     # -- sessions and model -------------------------------------------------------------------
 
     async def _session_call(
-        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, *args: Any
+        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, model: str, *args: Any
     ) -> pb.SessionInfo:
         started = time.perf_counter()
         try:
-            status = call(*args, current_principal())
+            status = call(model, *args, current_principal())
             if asyncio.iscoroutine(status):
                 status = await status
         except Exception as exc:
-            await self._abort(context, rpc, started, exc)
-        self._done(rpc, started, grpc.StatusCode.OK)
-        return _session_info(status)
+            await self._abort(context, rpc, started, exc, model)
+        info = _session_info(status)
+        self._answered(rpc, started, info)
+        return info
 
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "OpenSession", self.engine.open, context, request.session_id
+            "OpenSession",
+            self.models.open,
+            context,
+            request.model,
+            request.version,
+            request.session_id,
         )
 
     async def GetSession(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "GetSession", self.engine.lookup, context, request.session_id
+            "GetSession", self.models.lookup, context, request.model, request.session_id
         )
 
     async def ResetSession(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "ResetSession", self.engine.reset, context, request.session_id
+            "ResetSession", self.models.reset, context, request.model, request.session_id
         )
 
     async def CloseSession(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "CloseSession", self.engine.close, context, request.session_id
+            "CloseSession", self.models.close, context, request.model, request.session_id
         )
 
     async def GetModel(
         self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        spec, settings = self.engine.spec, self.engine.settings
-        self._done("GetModel", time.perf_counter(), grpc.StatusCode.OK)
+        started = time.perf_counter()
+        try:
+            model = self.models.model(request.model)
+            engine = model.stateless(request.version)
+        except Exception as exc:
+            await self._abort(context, "GetModel", started, exc, request.model)
+        spec, settings = engine.spec, self.settings
+        version = model.versions[engine.version]
+        latest = model.latest()
+        self._done("GetModel", started, grpc.StatusCode.OK, model.name, engine.version)
         return pb.ModelInfo(
             name=spec.name,
-            version=spec.version,
+            version=str(engine.version),
             features=spec.features,
             labels=spec.labels,
             states=[
@@ -575,12 +635,88 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             ],
             parameters=spec.parameters,
             state_bytes=4 * spec.state_floats,
-            device=self.engine.runtime.device,
+            device=engine.runtime.device,
             max_frames_per_request=settings.max_frames_per_request,
             session_idle_timeout_seconds=settings.session_idle_timeout,
             replay_window=settings.replay_window,
+            state=version.state,
+            latest=latest is version,
+            fingerprint=spec.fingerprint,
         )
 
+    # -- the repository -----------------------------------------------------------------------
 
+    def _model_list(self) -> pb.ModelList:
+        out = pb.ModelList(default_model=self.models.default)
+        for info in self.models.list():
+            out.versions.add(
+                model=info.model,
+                version=info.version,
+                state=info.state,
+                reason=info.reason,
+                sessions=info.sessions,
+                fingerprint=info.fingerprint,
+                load_seconds=info.load_seconds,
+                default_model=info.default,
+                latest=info.latest,
+            )
+        for model in self.models.models.values():
+            for problem in model.problems:
+                path, _, why = problem.partition(": ")
+                out.problems.add(path=path, why=why)
+        return out
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelList:
+        started = time.perf_counter()
+        listed = self._model_list()
+        self._done("ListModels", started, grpc.StatusCode.OK)
+        return listed
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelList:
+        return await self._repository_call(
+            "LoadModel", self.models.load, context, request.model, request.version
+        )
+
+    async def UnloadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelList:
+        return await self._repository_call(
+            "UnloadModel", self.models.unload, context, request.model, request.version
+        )
+
+    async def _repository_call(
+        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, model: str, version: int
+    ) -> pb.ModelList:
+        started = time.perf_counter()
+        try:
+            if not model:
+                raise BadRequest("name the model to load or unload", reason="bad_request")
+            await call(model, version, current_principal())
+        except ModelError as exc:
+            await self._abort(
+                context, rpc, started, VersionUnavailable(f"load failed: {exc}"), model
+            )
+        except Exception as exc:
+            await self._abort(context, rpc, started, exc, model)
+        self._done(rpc, started, grpc.StatusCode.OK, self._model(model))
+        return self._model_list()
+
+
+_RPCS = (
+    "Stream",
+    "Step",
+    "StepBatch",
+    "StreamBatch",
+    "Predict",
+    "OpenSession",
+    "GetSession",
+    "ResetSession",
+    "CloseSession",
+    "GetModel",
+)
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _REPORTED_CODES = (grpc.StatusCode.OK, *STATUS_CODES.values(), grpc.StatusCode.INTERNAL)

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,7 +29,15 @@ from .errors import (
 from .states import StateBank
 from .work import Columns, EndReason, Session
 
-__all__ = ["Session", "SessionTable", "Tombstone", "check_session_id", "gap_error", "gone_error"]
+__all__ = [
+    "Quota",
+    "Session",
+    "SessionTable",
+    "Tombstone",
+    "check_session_id",
+    "gap_error",
+    "gone_error",
+]
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
@@ -42,6 +50,38 @@ def check_session_id(session_id: str) -> str:
             reason="bad_session_id",
         )
     return session_id
+
+
+@dataclass(slots=True)
+class Quota:
+    """The caps on live sessions, shared by every session table of a server (one per model
+    version): ``max_sessions`` in all, ``max_per_owner`` per principal (0: none)."""
+
+    max_sessions: int
+    max_per_owner: int = 0
+    live: int = 0
+    owned: dict[str, int] = field(default_factory=dict)
+
+    def take(self, owner: str, per_owner_limit: bool = True) -> None:
+        if self.live >= self.max_sessions:
+            raise CapacityExceeded(f"session limit reached ({self.max_sessions} live sessions)")
+        owned = self.owned.get(owner, 0)
+        if per_owner_limit and self.max_per_owner and owned >= self.max_per_owner:
+            raise CapacityExceeded(
+                f"this principal already has {owned} live sessions (at most "
+                f"{self.max_per_owner}); close one first",
+                reason="principal_session_limit",
+            )
+        self.live += 1
+        self.owned[owner] = owned + 1
+
+    def give_back(self, owner: str) -> None:
+        self.live -= 1
+        left = self.owned[owner] - 1
+        if left:
+            self.owned[owner] = left
+        else:
+            del self.owned[owner]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +102,11 @@ class SessionTable:
         clock: Callable[[], float] = time.monotonic,
         max_tombstones: int = 100_000,
         max_per_owner: int = 0,
+        quota: Quota | None = None,
     ) -> None:
         self.bank = bank
         self.max_sessions = min(max_sessions, bank.capacity)
+        self.quota = quota or Quota(self.max_sessions, max_per_owner)
         self.idle_timeout = idle_timeout
         self.clock = clock
         self.columns = Columns(bank.capacity)
@@ -72,8 +114,6 @@ class SessionTable:
         self._by_slot: list[Session | None] = [None] * bank.capacity
         self._ended: OrderedDict[str, Tombstone] = OrderedDict()
         self._max_tombstones = max_tombstones
-        self.max_per_owner = max_per_owner  # 0: unlimited
-        self._owned: dict[str, int] = {}  # live sessions per owner
         # The live session by that id, or None: the dict's own get, on every step's hot path.
         self.find: Callable[[str], Session | None] = self._live.get
 
@@ -108,13 +148,7 @@ class SessionTable:
             raise SessionExists(f"session {session_id!r} already exists")
         if len(self._live) >= self.max_sessions:
             raise CapacityExceeded(f"session limit reached ({self.max_sessions} live sessions)")
-        owned = self._owned.get(owner, 0)
-        if per_owner_limit and self.max_per_owner and owned >= self.max_per_owner:
-            raise CapacityExceeded(
-                f"this principal already has {owned} live sessions (at most "
-                f"{self.max_per_owner}); close one first",
-                reason="principal_session_limit",
-            )
+        self.quota.take(owner, per_owner_limit)
         slot = self.bank.allocate()
         columns = self.columns
         columns.reset(slot, position, self.clock() if last_used is None else last_used)
@@ -123,7 +157,6 @@ class SessionTable:
         )
         self._live[session_id] = session
         self._by_slot[slot] = session
-        self._owned[owner] = owned + 1
         self._ended.pop(session_id, None)
         return session
 
@@ -143,6 +176,10 @@ class SessionTable:
             reason=tomb.reason,
             position=tomb.position,
         )
+
+    def knows(self, session_id: str) -> bool:
+        """Live here, or ended here (a tombstone)."""
+        return session_id in self._live or session_id in self._ended
 
     def touch(self, session: Session) -> None:
         self.columns.last_used[session.slot] = self.clock()
@@ -164,11 +201,7 @@ class SessionTable:
         session.columns, session.row = self.columns.detach(session.slot), 0
         del self._live[session.id]
         self._by_slot[session.slot] = None
-        left = self._owned[session.owner] - 1
-        if left:
-            self._owned[session.owner] = left
-        else:
-            del self._owned[session.owner]
+        self.quota.give_back(session.owner)
         self.columns.generation[session.slot] += 1
         self.bank.release(session.slot)
         self._tombstone(session.id, Tombstone(reason, position, self.clock(), session.owner))

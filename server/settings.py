@@ -31,7 +31,34 @@ class Settings:
         "Open Inference Protocol REST port (KServe v2 /v2/..., what tritonclient.http and "
         "KServe clients speak; 0 picks a free one, -1 off)",
     )
-    model_dir: str = _opt("", "model directory (seqserve-model/1); empty = bundled basicmotions")
+    model_dir: str = _opt(
+        "", "one model directory (seqserve-model/1) to serve, instead of a repository"
+    )
+    model_repository: str = _opt(
+        "",
+        "model repository: DIR/<model>/<version>/ folders, each a model directory; empty (and "
+        "no --model-dir): the bundled models",
+    )
+    default_model: str = _opt(
+        "basicmotions", "the model a request gets when it names none (with --model-dir: that one)"
+    )
+    version_policy: str = _opt(
+        "latest:1",
+        "which versions of a model are served, for models whose config.json sets none: "
+        "latest:N, all, or specific:V1,V2",
+    )
+    version_drain_timeout: float = _opt(
+        3600.0,
+        "seconds a version out of the policy keeps serving the sessions pinned to it; then "
+        "they end (version_retired). 0: until its last session ends",
+    )
+    repository_poll: float = _opt(
+        0.0, "check the repository for added or removed versions every this many seconds (0: off)"
+    )
+    admin_principals: str = _opt(
+        "",
+        "with authentication on: comma-separated principals that may load and unload models",
+    )
     device: str = _opt(
         "cpu",
         "cpu, or cuda (onnxruntime-gpu; refuses to start on CPU fallback)",
@@ -204,6 +231,22 @@ def parse_settings(
 
 
 def validate(settings: Settings) -> list[str]:
+    problems = _validate(settings)
+    from .repository import parse_policy
+
+    try:
+        parse_policy(settings.version_policy)
+    except ValueError as exc:
+        problems.append(f"--version-policy: {exc}")
+    if settings.model_dir and settings.model_repository:
+        problems.append("--model-dir and --model-repository: give one")
+    for name in ("version_drain_timeout", "repository_poll"):
+        if getattr(settings, name) < 0:
+            problems.append(f"{_flag(name)} must not be negative")
+    return problems
+
+
+def _validate(settings: Settings) -> list[str]:
     problems = []
     for name in (
         "max_sessions",

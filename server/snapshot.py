@@ -16,7 +16,10 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,12 +27,24 @@ from .errors import SnapshotError
 from .model import ModelSpec
 from .sessions import SessionTable
 
-__all__ = ["capture", "load_snapshot", "save_snapshot", "write_snapshot"]
+__all__ = [
+    "Part",
+    "capture",
+    "capture_parts",
+    "load_snapshot",
+    "read_parts",
+    "restore_part",
+    "save_snapshot",
+    "write_snapshot",
+]
 
 log = logging.getLogger("seqserve.snapshot")
 
 FORMAT = "seqserve-snapshot/2"
 _READABLE = (FORMAT, "seqserve-snapshot/1")  # /1: no owners
+# /3: several parts, one per model version (the sessions pinned to it), each a /2 payload.
+MULTI = "seqserve-snapshot/3"
+_PART_ARRAYS = ("ids", "owners", "positions", "idle", "ring")
 
 
 def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int:
@@ -80,7 +95,8 @@ def write_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    log.info("saved %d sessions to %s", len(arrays["ids"]), path)
+    count = sum(len(v) for k, v in arrays.items() if k == "ids" or k.endswith("_ids"))
+    log.info("saved %d sessions to %s", count, path)
 
 
 def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
@@ -94,6 +110,16 @@ def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
         header = json.loads(arrays["header"].tobytes())
     except (KeyError, ValueError) as exc:
         raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    return _check(path, arrays, header, spec, window)
+
+
+def _check(
+    path: Path,
+    arrays: dict[str, np.ndarray],
+    header: dict[str, Any],
+    spec: ModelSpec,
+    window: int,
+) -> dict[str, np.ndarray]:
     if header.get("format") not in _READABLE:
         raise SnapshotError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
     if header["format"] != FORMAT:
@@ -134,8 +160,12 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     """Restore sessions into an empty table; returns how many. Raises SnapshotError, loading
     nothing, if the file cannot be trusted."""
     path = Path(path)
+    arrays = _read(path, spec, table.bank.window)
+    return _restore(path, arrays, table)
+
+
+def _restore(path: Path, arrays: dict[str, np.ndarray], table: SessionTable) -> int:
     bank = table.bank
-    arrays = _read(path, spec, bank.window)
     ids = [str(i) for i in arrays["ids"]]
     owners = [str(o) for o in arrays["owners"]]
     if len(set(ids)) != len(ids):
@@ -145,7 +175,7 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
             f"{path}: {len(ids)} sessions, more than --max-sessions {table.max_sessions}"
         )
     now = table.clock()
-    order = np.argsort(-arrays["idle"], kind="stable")  # oldest first keeps LRU order
+    order = np.argsort(-arrays["idle"], kind="stable")
     for k in order:
         session = table.create(
             ids[k],
@@ -160,3 +190,83 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
         bank.ring[session.slot] = arrays["ring"][k]
     log.info("restored %d sessions from %s", len(ids), path)
     return len(ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """The sessions of one model version in a snapshot, not yet checked against a model."""
+
+    model: str
+    version: int
+    fingerprint: str
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def sessions(self) -> int:
+        return len(self.arrays.get("ids", ()))
+
+
+def capture_parts(parts: Sequence[tuple[ModelSpec, SessionTable, int]]) -> dict[str, np.ndarray]:
+    """Every version's sessions in one snapshot (format /3): part ``i``'s arrays are named
+    ``p<i>_<name>``. Call on the event loop (see ``capture``)."""
+    headers = []
+    out: dict[str, np.ndarray] = {}
+    for i, (spec, table, version) in enumerate(parts):
+        arrays = capture(spec, table)
+        header = json.loads(arrays.pop("header").tobytes())
+        header["version_number"] = version
+        headers.append(header)
+        for name, values in arrays.items():
+            out[f"p{i}_{name}"] = values
+    header = {"format": MULTI, "parts": headers, "created": time.time()}
+    out["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    return out
+
+
+def read_parts(path: str | Path) -> list[Part]:
+    """The parts of a snapshot of any format (a /1 or /2 file is one part); SnapshotError if it
+    is unreadable. Each part is checked against its model by ``restore_part``."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise SnapshotError(f"{path}: not a readable seqserve snapshot ({exc})") from None
+    try:
+        header = json.loads(arrays["header"].tobytes())
+    except (KeyError, ValueError) as exc:
+        raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    if not isinstance(header, dict):
+        raise SnapshotError(f"{path}: snapshot header is not an object")
+    if header.get("format") in _READABLE:
+        version = str(header.get("version", "1"))
+        number = int(version) if version.isdigit() and int(version) > 0 else 1
+        return [
+            Part(str(header.get("model")), number, str(header.get("fingerprint")), header, arrays)
+        ]
+    if header.get("format") != MULTI or not isinstance(header.get("parts"), list):
+        raise SnapshotError(f"{path}: format {header.get('format')!r}, expected {MULTI!r}")
+    parts = []
+    for i, part in enumerate(header["parts"]):
+        if not isinstance(part, dict):
+            raise SnapshotError(f"{path}: part {i} is not an object")
+        prefix = f"p{i}_"
+        own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        own["header"] = np.frombuffer(json.dumps(part).encode(), np.uint8)
+        parts.append(
+            Part(
+                str(part.get("model")),
+                int(part.get("version_number", 1)),
+                str(part.get("fingerprint")),
+                part,
+                own,
+            )
+        )
+    return parts
+
+
+def restore_part(path: str | Path, part: Part, spec: ModelSpec, table: SessionTable) -> int:
+    """Restore one part into its version's (empty) table; SnapshotError if it does not fit."""
+    arrays = _check(Path(path), dict(part.arrays), part.header, spec, table.bank.window)
+    return _restore(Path(path), arrays, table)

@@ -41,7 +41,7 @@ class Checkpoint:
     data: bytes  # float32: every state tensor's row, then the ring of recent outputs
 
 
-ClaimKind = Literal["ok", "none", "foreign", "closed"]
+ClaimKind = Literal["ok", "none", "foreign", "closed", "elsewhere"]
 CallKind = Literal["ping", "claim", "peek", "owner", "commit"]
 CallOutcome = Literal["ok", "failed", "skipped"]  # skipped: backing off after a failure
 
@@ -49,11 +49,13 @@ CallOutcome = Literal["ok", "failed", "skipped"]  # skipped: backing off after a
 @dataclass(frozen=True, slots=True)
 class Claim:
     """What claiming a session found: ``ok`` (taken over: ``checkpoint``), ``none`` (not in the
-    store), ``foreign`` (another principal's) or ``closed`` (at ``final_position``)."""
+    store), ``foreign`` (another principal's), ``closed`` (at ``final_position``) or
+    ``elsewhere`` (it lives on another version of the model: ``where`` names it)."""
 
     kind: ClaimKind
     checkpoint: Checkpoint | None = None
     final_position: int = 0
+    where: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class Peek:
     position: int  # where its last full checkpoint is: a new owner resumes from here
     closed: bool
     expires_in: float  # seconds
+    where: str = ""  # set (and nothing else) when it lives on another version of the model
 
 
 @dataclass(frozen=True, slots=True)

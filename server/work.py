@@ -157,6 +157,7 @@ class StepResult:
     next_position: int
     replayed: bool = False
     ended: bool = False
+    version: int = 0  # the model version that answered
 
 
 class Sink(Protocol):
@@ -171,7 +172,7 @@ class RowSink(Protocol):
     """Where a group's outcomes go: rows of a batch's result arrays."""
 
     def fill(
-        self, rows: np.ndarray, probabilities: np.ndarray, next_positions: np.ndarray
+        self, rows: np.ndarray, probabilities: np.ndarray, next_positions: np.ndarray, version: int
     ) -> None: ...
 
     def fail_rows(self, rows: np.ndarray, exc: Exception) -> None: ...
@@ -204,6 +205,7 @@ class Group:
     batch: RowSink
     seq: int  # groups are numbered in arrival order
     after: int  # the latest earlier group sharing a session with this one (0: none)
+    version: int = 0  # the model version whose sessions these are
     queued_at: float = field(default_factory=time.perf_counter)
 
     def __len__(self) -> int:
@@ -220,5 +222,6 @@ class Group:
             self.batch,
             self.seq,
             self.after,
+            self.version,
             self.queued_at,
         )

@@ -66,7 +66,7 @@ class Immediate:
         resolve(sink, value)
 
     def fill(self, group: Group, probabilities: np.ndarray) -> None:
-        group.batch.fill(group.rows, probabilities, group.positions + 1)
+        group.batch.fill(group.rows, probabilities, group.positions + 1, group.version)
 
     def round_done(self) -> None:
         pass
@@ -194,11 +194,11 @@ class WriteBack:
 
 def _fill(group: Group, sessions: list[Session], probs: np.ndarray, moved: set[Session]) -> None:
     if not moved or not any(s in moved for s in sessions):
-        group.batch.fill(group.rows, probs, group.positions + 1)
+        group.batch.fill(group.rows, probs, group.positions + 1, group.version)
         return
     for j, session in enumerate(sessions):
         row = group.rows[j : j + 1]
         if session in moved:
             group.batch.fail_rows(row, gone_error(session))
         else:
-            group.batch.fill(row, probs[j : j + 1], group.positions[j : j + 1] + 1)
+            group.batch.fill(row, probs[j : j + 1], group.positions[j : j + 1] + 1, group.version)

@@ -36,3 +36,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def metric(registry, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The sum of a metric's samples whose labels include ``labels`` (None: no such sample):
+    reads a metric whatever other labels (model, version, protocol) it carries."""
+    labels = labels or {}
+    total, found = 0.0, False
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+                found = True
+    return total if found else None
+
+
+def store_key(session_id: str, model_dir: Path | None = None) -> str:
+    """The Redis key a session of the model in ``model_dir`` (default: basicmotions) lives at."""
+    from seqserve.server.engine import store_namespace
+    from seqserve.server.model import load_model_spec
+
+    return f"{store_namespace(load_model_spec(model_dir))}:{session_id}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import solo_run
+from helpers import solo_run, store_key
 
 from seqserve.client import AsyncClient, Backoff, SeqServeError
 
@@ -30,7 +30,7 @@ def _store_args(every: int) -> tuple[str, ...]:
 def _holder(c: Any, session_id: str) -> Any:
     """The replica owning the session, as the store says (asking the replicas would not do:
     any of them answers for a session in the store)."""
-    owner = c.redis.command("HGET", f"seqserve:basicmotions:1:{session_id}", "h")
+    owner = c.redis.command("HGET", store_key(f"{session_id}"), "h")
     assert isinstance(owner, bytes), owner
     return c.replica(owner.decode().rpartition("|")[0])
 
@@ -120,7 +120,7 @@ async def test_k1_a_killed_replica_loses_nothing_and_doubles_nothing(
     assert survivor.metric("seqserve_session_events_total", event="claimed") == SESSIONS
     # Every frame was applied once: the store's head is the frame count for every session.
     for i in range(SESSIONS):
-        head = c.redis.command("HGET", f"seqserve:basicmotions:1:fo-1-{i}", "h")
+        head = c.redis.command("HGET", store_key(f"fo-1-{i}"), "h")
         assert isinstance(head, bytes) and head.decode() == f"{survivor.name}|{FRAMES}"
 
 

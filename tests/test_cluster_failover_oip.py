@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import solo_run
+from helpers import solo_run, store_key
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
@@ -109,7 +109,7 @@ def test_k1_stream_client_survives_a_kill_9_with_nothing_lost_or_doubled(
     victim: list[Any] = []
 
     def kill() -> None:  # right after frame KILL_AT was sent: those requests are in flight
-        owner = c.redis.command("HGET", "seqserve:basicmotions:1:oipfo-0", "h")
+        owner = c.redis.command("HGET", store_key("oipfo-0"), "h")
         assert isinstance(owner, bytes), owner
         victim.append(c.replica(owner.decode().rpartition("|")[0]))
         victim[0].kill()
@@ -125,7 +125,7 @@ def test_k1_stream_client_survives_a_kill_9_with_nothing_lost_or_doubled(
         got = np.stack([client.out[(i, t)] for t in range(FRAMES)])
         assert np.abs(got - solo_run(model_dir, xs[i])).max() <= 1e-5, f"sequence {i}"
         # Every frame applied exactly once: the store's head is the frame count.
-        head = c.redis.command("HGET", f"seqserve:basicmotions:1:oipfo-{i}", "h")
+        head = c.redis.command("HGET", store_key(f"oipfo-{i}"), "h")
         assert isinstance(head, bytes) and head.decode() == f"{survivor.name}|{FRAMES}"
     assert survivor.metric("seqserve_session_events_total", event="claimed") == SEQUENCES
     print(

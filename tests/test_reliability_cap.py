@@ -11,7 +11,7 @@ import time
 
 import grpc
 import numpy as np
-from helpers import step_request
+from helpers import metric, step_request
 
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
@@ -73,9 +73,7 @@ async def test_session_cap_refusal_is_fast_and_specific(start_server, samples):
         # Refusals took nothing: the held sessions are intact and nothing leaked.
         assert len(app.engine.table) == app.engine.bank.used == CAP
         assert (
-            app.metrics.registry.get_sample_value(
-                "seqserve_session_events_total", {"event": "refused"}
-            )
+            metric(app.metrics.registry, "seqserve_session_events_total", {"event": "refused"})
             == ATTEMPTS + 10
         )
         for i in range(CAP):

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import probs, step_request
+from helpers import metric, probs, step_request
 
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
@@ -52,9 +52,7 @@ def _check_bookkeeping(app, created: int) -> None:
     assert bank.used == len(table), "a slot was freed twice or leaked"
 
     def count(event: str) -> float:
-        return app.metrics.registry.get_sample_value(
-            "seqserve_session_events_total", {"event": event}
-        )
+        return metric(app.metrics.registry, "seqserve_session_events_total", {"event": event})
 
     assert count("opened") == created
     assert count("closed") + count("expired") == created - len(table), "ended twice"

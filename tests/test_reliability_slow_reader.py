@@ -10,7 +10,7 @@ import time
 
 import grpc
 import numpy as np
-from helpers import probs, solo_run, step_request
+from helpers import metric, probs, solo_run, step_request
 
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
@@ -22,9 +22,7 @@ WINDOW = 65535  # HTTP/2 initial window; BDP probing is off on the slow client s
 
 def _ok(app) -> float:
     return (
-        app.metrics.registry.get_sample_value(
-            "seqserve_requests_total", {"rpc": "Stream", "code": "OK"}
-        )
+        metric(app.metrics.registry, "seqserve_requests_total", {"rpc": "Stream", "code": "OK"})
         or 0.0
     )
 

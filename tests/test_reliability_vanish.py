@@ -12,7 +12,7 @@ import time
 
 import grpc
 import numpy as np
-from helpers import probs, solo_run, step_request
+from helpers import metric, probs, solo_run, step_request
 
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
@@ -48,7 +48,7 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 
 
 def _events(app, event: str) -> float:
-    return app.metrics.registry.get_sample_value("seqserve_session_events_total", {"event": event})
+    return metric(app.metrics.registry, "seqserve_session_events_total", {"event": event})
 
 
 async def _open_on_stream(port: int, prefix: str, count: int, x: np.ndarray):
@@ -105,7 +105,7 @@ async def test_vanished_clients_sessions_expire_exactly_once(start_server, model
     assert _events(app, "opened") == vanished
     assert _events(app, "closed") == 0
     assert app.engine.bank.used == 0
-    assert app.metrics.registry.get_sample_value("seqserve_live_sessions") == 0
+    assert metric(app.metrics.registry, "seqserve_live_sessions") == 0
     for slab in app.engine.bank.slabs:  # released slots hold zero state for the next owner
         assert not slab.any()
 

@@ -36,23 +36,29 @@ async def test_metrics_endpoint_counts_what_happened(server, stub, samples):
             .decode()
         )
     )
-    assert "seqserve_steps_total 7.0" in body
-    assert 'seqserve_requests_total{code="OK",protocol="native",rpc="Stream"} 7.0' in body
+    m = 'model="basicmotions"'
+    assert f'seqserve_steps_total{{{m},version="1"}} 7.0' in body
     assert (
-        'seqserve_requests_total{code="FAILED_PRECONDITION",protocol="native",rpc="Step"} 1.0'
+        f'seqserve_requests_total{{code="OK",{m},protocol="native",rpc="Stream",version="1"}} 7.0'
         in body
     )
     assert (
-        'seqserve_request_duration_seconds_bucket{le="5e-05",protocol="native",rpc="Stream"}'
-        in body
+        f'seqserve_requests_total{{code="FAILED_PRECONDITION",{m},protocol="native",rpc="Step",'
+        'version=""} 1.0' in body
     )
-    assert "seqserve_live_sessions 1.0" in body
-    assert "seqserve_state_bytes 2048.0" in body
+    assert (
+        f'seqserve_request_duration_seconds_bucket{{le="5e-05",{m},protocol="native",rpc="Stream",'
+        'version="1"}' in body
+    )
+    assert f'seqserve_live_sessions{{{m},version="1"}} 1.0' in body
+    assert f'seqserve_state_bytes{{{m},version="1"}} 2048.0' in body
+    assert f'seqserve_model_version_state{{{m},state="ready",version="1"}} 1.0' in body
     for name in (
         "seqserve_queue_wait_seconds_bucket",
         "seqserve_inference_seconds_bucket",
         "seqserve_batch_size_bucket",
-        'seqserve_session_events_total{event="opened"} 1.0',
+        f'seqserve_session_events_total{{event="opened",{m},version="1"}} 1.0',
+        "seqserve_model_load_seconds{",
     ):
         assert name in body
     assert "session_id" not in body  # never a per-session label

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import grpc
 import numpy as np
 import pytest
-from helpers import probs, solo_run, step_request
+from helpers import metric, probs, solo_run, step_request
 
 from seqserve.proto import seqserve_pb2 as pb
 
@@ -97,7 +98,7 @@ async def test_idle_session_expires_and_says_so(start_server, samples):
             stub.Step(step_request("idle", 4, samples["x"][0][4:5]))
         )
         assert (code, reason, position) == (grpc.StatusCode.NOT_FOUND, "expired", 4)
-        sample = app.metrics.registry.get_sample_value
+        sample = functools.partial(metric, app.metrics.registry)
         assert sample("seqserve_session_events_total", {"event": "expired"}) == 1
         assert sample("seqserve_live_sessions") == 0
 
@@ -119,10 +120,7 @@ async def test_session_cap_refuses_at_once(start_server, samples):
         )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert (
-            app.metrics.registry.get_sample_value(
-                "seqserve_session_events_total", {"event": "refused"}
-            )
-            == 2
+            metric(app.metrics.registry, "seqserve_session_events_total", {"event": "refused"}) == 2
         )
         await stub.CloseSession(pb.SessionRef(session_id="a"))
         await stub.OpenSession(pb.OpenSessionRequest(session_id="c"))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 
 import grpc
 import numpy as np
-from helpers import probs, solo_run, step_request
+from helpers import metric, probs, solo_run, step_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -107,7 +108,7 @@ async def test_steps_are_batched_across_sessions(start_server, samples):
     call = stub.Stream(iter(requests))
     async for r in call:
         assert not r.HasField("error")
-    hist = app.metrics.registry.get_sample_value
+    hist = functools.partial(metric, app.metrics.registry)
     calls = hist("seqserve_batch_size_count", {"graph": "step"})
     total = hist("seqserve_batch_size_sum", {"graph": "step"})
     assert total == n_sessions * 5

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from cluster import Redis
-from helpers import free_port, probs, solo_run, step_request
+from helpers import free_port, metric, probs, solo_run, step_request, store_key
 
 from seqserve.proto import seqserve_pb2 as pb
 from seqserve.proto import seqserve_pb2_grpc as pb_grpc
@@ -91,12 +91,12 @@ async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
     first = await step(a, "once", x, 0, 6)
     # b reads it from the store without taking it over
     assert (await b.GetSession(pb.SessionRef(session_id="once"))).position == 6
-    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:once", "h")) == "a|6"
+    assert text(redis_server.command("HGET", store_key("once"), "h")) == "a|6"
     # a applied 0..5; the client never saw the answer and resends it to b.
     again = await step(b, "once", x, 0, 6)
     assert again.replayed and again.next_position == 6
     assert again.probabilities.data == first.probabilities.data
-    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:once", "h")) == "b|6"
+    assert text(redis_server.command("HGET", store_key("once"), "h")) == "b|6"
 
 
 async def test_with_k4_a_dead_replicas_last_frames_are_reported_and_resent(
@@ -161,7 +161,7 @@ async def test_serving_goes_on_from_memory_while_redis_is_down(
     assert calls.labels("commit", "ok")._value.get() >= 2
     assert np.abs(np.concatenate(out) - solo_run(model_dir, x)[4:16]).max() <= TOL
     await step(a, "held", x, 16)  # the first write after the outage found it missing
-    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:held", "pos")) == "17"
+    assert text(redis_server.command("HGET", store_key("held"), "pos")) == "17"
     moved = await step(b, "held", x, 17)  # b resumes from there, nothing lost
     assert np.abs(probs(moved) - solo_run(model_dir, x)[17]).max() <= TOL
 
@@ -181,7 +181,7 @@ async def test_a_stalled_redis_does_not_stall_serving(replicas, samples, redis_s
     await sleeper
     await asyncio.sleep(0.6)  # past --store-retry: the store is tried again
     await step(a, "stall", x, 12)
-    assert text(redis_server.command("HGET", "seqserve:basicmotions:1:stall", "h")) == "a|13"
+    assert text(redis_server.command("HGET", store_key("stall"), "h")) == "a|13"
 
 
 async def test_the_client_waits_out_a_store_outage_to_resume(
@@ -216,7 +216,7 @@ async def test_the_client_waits_out_a_store_outage_to_resume(
     expected = solo_run(model_dir, x[:12])[8:]
     assert np.abs(resumed.probabilities - expected).max() <= TOL
     assert response.next_position == 12 and np.abs(probs(response) - expected).max() <= TOL
-    claimed = b.metrics.session_events.labels("claimed")._value.get()
+    claimed = metric(b.metrics.registry, "seqserve_session_events_total", {"event": "claimed"})
     assert claimed == 2
 
 
@@ -229,7 +229,7 @@ async def test_drain_checkpoints_every_session_and_close_is_shared(
     for t in range(5):
         await step(a, "drained", x, t)
     await step(a, "closing", x, 0, 3)
-    ttl = redis_server.command("PTTL", "seqserve:basicmotions:1:drained")
+    ttl = redis_server.command("PTTL", store_key("drained"))
     assert isinstance(ttl, int)
     assert 25_000 < ttl <= 30_000  # the store expires it with the server's idle timeout
     await a.CloseSession(pb.SessionRef(session_id="closing"))
@@ -309,9 +309,7 @@ def test_workers_share_one_port_and_hand_sessions_over(redis_server, samples, mo
                 stub = pb_grpc.SeqServeStub(channel)
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 out.append(probs(await step(stub, "w", x, t)))
-            owners.add(
-                text(redis_server.command("HGET", "seqserve:basicmotions:1:w", "h")).split("|")[0]
-            )
+            owners.add(text(redis_server.command("HGET", store_key("w"), "h")).split("|")[0])
         return out
 
     try:

@@ -10,7 +10,6 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..engine import Engine
 from ..errors import (
     BadRequest,
     CapacityExceeded,
@@ -21,6 +20,7 @@ from ..errors import (
     SessionNotFound,
 )
 from ..metrics import Metrics
+from ..models import Models
 from ..settings import Settings
 from ..store import SessionMoved, StoreUnavailable
 from .infer import INPUT, OUTPUT, InferCall
@@ -85,69 +85,46 @@ def _package_version() -> str:
 
 
 class OipFront:
-    def __init__(self, engine: Engine, metrics: Metrics, settings: Settings) -> None:
-        self.models = ModelIndex(engine)
+    def __init__(self, models: Models, metrics: Metrics, settings: Settings) -> None:
+        self.models = ModelIndex(models)
         self.metrics = metrics
         self.settings = settings
         self.totals = RequestTotals()
         self.version = _package_version()
-        self._seconds: dict[tuple[str, str], Any] = {}
-        self._counts: dict[tuple[str, str, str], Any] = {}
         for protocol in ("oip-grpc", "oip-http"):  # every inference series exists from the start
-            for rpc in INFER_RPCS if protocol == "oip-grpc" else ("ModelInfer",):
-                for code in _CODES:
-                    self._counter(rpc, code, protocol)
+            rpcs = INFER_RPCS if protocol == "oip-grpc" else ("ModelInfer",)
+            metrics.declare(rpcs, _CODES, protocol, models.default, "")
 
     # -- metrics ------------------------------------------------------------------------------
 
-    def _counter(self, rpc: str, code: str, protocol: str) -> Any:
-        key = (rpc, code, protocol)
-        counter = self._counts.get(key)
-        if counter is None:
-            counter = self._counts[key] = self.metrics.requests.labels(rpc, code, protocol)
-        return counter
-
-    def done(self, rpc: str, protocol: str, started: float, code: str) -> None:
+    def done(
+        self, rpc: str, protocol: str, started: float, code: str, model: str = "", version: str = ""
+    ) -> None:
         """Record one request (a unary call or one stream message)."""
         seconds = time.perf_counter() - started
-        histogram = self._seconds.get((rpc, protocol))
-        if histogram is None:
-            histogram = self._seconds[(rpc, protocol)] = self.metrics.request_seconds.labels(
-                rpc, protocol
-            )
-        histogram.observe(seconds)
-        self._counter(rpc, code, protocol).inc()
+        self.metrics.request(rpc, protocol, model, version, code, seconds)
         if rpc in INFER_RPCS:
             self.totals.done(code == "OK", seconds)
 
     def start(self, call: InferCall, principal: str) -> asyncio.Future[Any]:
         """``infer.start``, counting a stateless request's frames as the native Predict's are."""
-        future = infer_start(call, principal)
-        if call.sequence is None:
-            frames = call.frames.shape[0] * call.frames.shape[1]
-            counter = self.metrics.predict_frames
-
-            def count(done: asyncio.Future[Any]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    counter.inc(frames)
-
-            future.add_done_callback(count)
-        return future
+        return infer_start(call, principal)
 
     # -- health and metadata ------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return not self.models.engine.draining
+        return not self.models.models.draining
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "seqserve", "version": self.version, "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, name: str, model_version: str) -> dict[str, Any]:
         spec = self._known(name, model_version)
+        model = self.models.models.model(spec.name)
         return {
             "name": spec.name,
-            "versions": [spec.version],
+            "versions": [str(v) for v, found in sorted(model.versions.items()) if found.serving],
             "platform": PLATFORM,
             "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, -1, spec.features]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, -1, spec.classes]}],
@@ -181,19 +158,14 @@ class OipFront:
         }
 
     def _known(self, name: str, model_version: str) -> Any:
-        """The spec of a model this server knows (loaded or not)."""
-        try:
-            return self.models.resolve(name, model_version)[1]
-        except ModelUnavailable:
-            return self.models.spec
+        """The spec of a model version this server serves."""
+        return self.models.resolve(name, model_version)[1]
 
     # -- statistics ---------------------------------------------------------------------------
 
     def statistics(self, name: str, model_version: str) -> list[dict[str, Any]]:
-        spec = self.models.spec
-        if name or model_version:
-            spec = self._known(name, model_version)
-        numbers = model_numbers(self.metrics.registry)
+        engine, spec = self.models.resolve(name or self.models.models.default, model_version)
+        numbers = model_numbers(self.metrics.registry, spec.name, str(engine.version))
         totals = self.totals
 
         def duration(count: int, ns: int) -> dict[str, int]:
@@ -202,7 +174,7 @@ class OipFront:
         return [
             {
                 "name": spec.name,
-                "version": spec.version,
+                "version": str(engine.version),
                 "last_inference": totals.last_inference_ms,
                 "inference_count": numbers.inference_count,
                 "execution_count": numbers.execution_count,
@@ -231,17 +203,11 @@ class OipFront:
             if e.state == "READY" or not ready_only
         ]
 
-    def load(self, name: str, has_parameters: bool) -> None:
-        if has_parameters:
-            raise BadRequest(
-                "load parameters (config, files) are not supported: this server has no "
-                "model repository to load a new configuration into",
-                reason="bad_parameter",
-            )
-        self.models.load(name)
+    async def load(self, name: str, has_parameters: bool, principal: str) -> None:
+        await self.models.load(name, principal, has_parameters)
 
-    def unload(self, name: str) -> None:
-        self.models.unload(name)
+    async def unload(self, name: str, principal: str) -> None:
+        await self.models.unload(name, principal)
 
 
 def error_message(exc: BaseException) -> str:

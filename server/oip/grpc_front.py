@@ -205,12 +205,14 @@ class InferenceService(grpc.GenericRpcHandler):
         models = self.front.repository_index(request.ready)
         return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
 
-    def RepositoryModelLoad(self, request: Any) -> Any:
-        self.front.load(request.model_name, bool(len(request.parameters)))
+    async def RepositoryModelLoad(self, request: Any) -> Any:
+        await self.front.load(
+            request.model_name, bool(len(request.parameters)), current_principal()
+        )
         return pb.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(self, request: Any) -> Any:
-        self.front.unload(request.model_name)
+    async def RepositoryModelUnload(self, request: Any) -> Any:
+        await self.front.unload(request.model_name, current_principal())
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: Any) -> Any:
@@ -247,8 +249,9 @@ class InferenceService(grpc.GenericRpcHandler):
 
     def _response(self, request: Any, call: infer.InferCall, result: Any) -> Any:
         spec = call.spec
+        version = result.version if isinstance(result, StepResult) else call.engine.version
         response = pb.ModelInferResponse(
-            model_name=spec.name, model_version=spec.version, id=request.id
+            model_name=spec.name, model_version=str(version), id=request.id
         )
         if isinstance(result, StepResult):
             response.parameters["sequence_position"].int64_param = result.position
@@ -288,7 +291,7 @@ class InferenceService(grpc.GenericRpcHandler):
         outstanding = [0]
         self._streams.add(queue)
         reader = asyncio.create_task(self._read(requests, queue, slots, outstanding))
-        reading, draining = True, self.models.engine.draining
+        reading, draining = True, self.front.models.models.draining
         try:
             while reading or outstanding[0]:
                 if draining and not outstanding[0]:

@@ -231,12 +231,14 @@ class HttpFront:
     async def load(self, request: web.Request) -> web.Response:
         body = await _json_body(request, optional=True)
         params = body.get("parameters") or {}
-        self.front.load(request.match_info["model"], bool(params))
+        await self.front.load(
+            request.match_info["model"], bool(params), request.get("principal", "")
+        )
         return web.json_response({})
 
     async def unload(self, request: web.Request) -> web.Response:
         await _json_body(request, optional=True)  # unload_dependents: nothing depends on it
-        self.front.unload(request.match_info["model"])
+        await self.front.unload(request.match_info["model"], request.get("principal", ""))
         return web.json_response({})
 
     # -- inference ------------------------------------------------------------------------------

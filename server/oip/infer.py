@@ -21,7 +21,8 @@ import numpy as np
 from ..engine import Engine, StepResult
 from ..errors import BadRequest, SessionNotFound
 from ..model import ModelSpec
-from .models import ModelIndex
+from ..models import Models
+from .models import ModelIndex, version_number
 from .sequences import ParamValue, SequenceStep, read_sequence
 
 __all__ = [
@@ -77,8 +78,10 @@ class OutputTensor:
 
 @dataclass(slots=True)
 class InferCall:
-    engine: Engine
+    engine: Engine  # the version a stateless request runs on (a sequence: its own version)
     spec: ModelSpec
+    models: Models
+    version: int  # asked for (0: none)
     request_id: str
     sequence: SequenceStep | None
     frames: np.ndarray  # [batch, time, features]
@@ -97,6 +100,7 @@ def prepare(
     """Check a request and decode its frames; BadRequest / ModelNotFound say what is wrong."""
     engine, spec = models.resolve(model_name, model_version)
     sequence = read_sequence(params)
+    number = version_number(model_version)
     if len(inputs) != 1 or inputs[0].name != INPUT:
         names = ", ".join(repr(t.name) for t in inputs) or "none"
         raise BadRequest(
@@ -125,7 +129,9 @@ def prepare(
             raise BadRequest(
                 f"output {out.name!r}: classification must be >= 0", reason="bad_parameter"
             )
-    return InferCall(engine, spec, request_id, sequence, frames, list(outputs))
+    return InferCall(
+        engine, spec, models.models, number, request_id, sequence, frames, list(outputs)
+    )
 
 
 def _frames(tensor: InputTensor, features: int) -> np.ndarray:
@@ -185,7 +191,9 @@ def start(call: InferCall, principal: str) -> asyncio.Future[Any]:
     if seq is None:
         rows = list(call.frames)
         return asyncio.ensure_future(call.engine.predict(rows))
-    return call.engine.submit(
+    return call.models.submit(
+        call.spec.name,
+        call.version,
         seq.session_id,
         seq.position,
         call.frames[0],

@@ -1,10 +1,9 @@
-"""Which engine serves a model name and version: the one seam between the protocol fronts and
-where models live.
+"""Which model and version a protocol request goes to: the seam between the Open Inference
+Protocol fronts and the server's models (``Models``).
 
-Today a server holds one model (one ``Engine``); the model repository will hold several, each
-with versions. Everything the Open Inference Protocol asks about models goes through
-``ModelIndex`` (``resolve``, ``entries``, ``load``, ``unload``), so pointing it at the repository
-changes this module only.
+Protocol versions are strings: "" (or "-1") means the latest ready version, anything else a
+version number. Model states are Triton's: READY, LOADING, UNLOADING (a draining version: it
+still serves the sequences pinned to it) and UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -13,28 +12,27 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..engine import Engine
-from ..errors import SeqServeError
+from ..errors import BadRequest, SeqServeError, UnknownModel, VersionUnavailable
 from ..model import ModelSpec
+from ..models import Models
 
 __all__ = ["ModelEntry", "ModelIndex", "ModelNotFound", "ModelUnavailable", "RepositoryError"]
 
-State = Literal["READY", "UNAVAILABLE"]
+State = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]
+_STATES: dict[str, State] = {
+    "ready": "READY",
+    "loading": "LOADING",
+    "draining": "UNLOADING",
+    "unavailable": "UNAVAILABLE",
+}
 
-
-class ModelNotFound(SeqServeError):
-    """No such model (or version) on this server: NOT_FOUND / HTTP 404."""
-
-    reason = "unknown_model"
-
-
-class ModelUnavailable(SeqServeError):
-    """The model is known but not loaded (unloaded, or the server is draining)."""
-
-    reason = "model_unavailable"
+# The protocol fronts' names for the errors they answer (NOT_FOUND / UNAVAILABLE).
+ModelNotFound = UnknownModel
+ModelUnavailable = VersionUnavailable
 
 
 class RepositoryError(SeqServeError):
-    """A repository request this server cannot carry out (loading a model it does not hold)."""
+    """A repository request this server cannot carry out."""
 
     reason = "repository"
 
@@ -47,72 +45,60 @@ class ModelEntry:
     reason: str = ""
 
 
+def version_number(version: str) -> int:
+    """A protocol version string as a number (0: the latest ready version)."""
+    if version in ("", "-1"):
+        return 0
+    if not version.isdigit() or int(version) < 1:
+        raise UnknownModel(
+            f"model version {version!r}: versions are positive integers", reason="unknown_version"
+        )
+    return int(version)
+
+
 class ModelIndex:
-    """The models this server serves: today exactly one, the engine's."""
+    """The models this server serves, as the protocol fronts see them."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._unloaded = False  # withdrawn from the protocol fronts by an unload
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.engine.spec
+    def __init__(self, models: Models) -> None:
+        self.models = models
 
     def resolve(self, name: str, version: str = "") -> tuple[Engine, ModelSpec]:
-        """The engine serving ``name`` at ``version`` ("" or "-1": the one served), ready for
-        requests; ModelNotFound / ModelUnavailable otherwise."""
-        spec = self.engine.spec
-        if name != spec.name:
-            raise ModelNotFound(
-                f"unknown model {name!r}: this server serves {spec.name!r}"
-                if name
-                else f"no model name given: this server serves {spec.name!r}"
+        """The engine of ``name`` at ``version`` ("" or "-1": the latest ready one), for a
+        request that names no sequence; UnknownModel / VersionUnavailable otherwise."""
+        if not name:
+            raise UnknownModel(
+                f"no model name given: this server serves {', '.join(sorted(self.models.models))}"
             )
-        if version not in ("", "-1", spec.version):
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r}: this server serves version "
-                f"{spec.version!r}",
-                reason="unknown_version",
-            )
-        if self._unloaded:
-            raise ModelUnavailable(
-                f"model {name!r} is unloaded; load it again (repository load) to serve it"
-            )
-        return self.engine, spec
+        engine = self.models.model(name).stateless(version_number(version))
+        return engine, engine.spec
 
     def ready(self, name: str, version: str = "") -> bool:
         try:
             engine, _ = self.resolve(name, version)
         except SeqServeError:
             return False
-        return not engine.draining
+        return not engine.draining and not self.models.draining
 
     def entries(self) -> list[ModelEntry]:
-        spec = self.engine.spec
-        if self._unloaded:
-            return [ModelEntry(spec.name, spec.version, "UNAVAILABLE", "unloaded")]
-        if self.engine.draining:
-            return [ModelEntry(spec.name, spec.version, "UNAVAILABLE", "server is draining")]
-        return [ModelEntry(spec.name, spec.version, "READY")]
-
-    def load(self, name: str) -> None:
-        """Serve ``name`` again after an unload (the served model is always in memory)."""
-        self._served(name, "load")
-        self._unloaded = False
-
-    def unload(self, name: str) -> None:
-        """Withdraw ``name`` from the protocol fronts: ModelReady false, inference refused.
-        The engine and its sessions stay (the native API goes on serving them): freeing a
-        model needs the model repository."""
-        self._served(name, "unload")
-        self._unloaded = True
-
-    def _served(self, name: str, what: str) -> None:
-        spec = self.engine.spec
-        if name != spec.name:
-            raise RepositoryError(
-                f"cannot {what} model {name!r}: this server serves one model, {spec.name!r}, "
-                "given at start (--model-dir); it has no model repository to "
-                f"{what} others from",
-                reason="unknown_model",
+        draining = self.models.draining
+        return [
+            ModelEntry(
+                info.model,
+                str(info.version),
+                "UNAVAILABLE" if draining else _STATES[info.state],
+                "server is draining" if draining else info.reason,
             )
+            for info in self.models.list()
+        ]
+
+    async def load(self, name: str, principal: str, has_parameters: bool) -> None:
+        if has_parameters:
+            raise BadRequest(
+                "load parameters (config, files) are not supported: versions are loaded from "
+                "the model repository folder as they are",
+                reason="bad_parameter",
+            )
+        await self.models.load(name, 0, principal)
+
+    async def unload(self, name: str, principal: str) -> None:
+        await self.models.unload(name, 0, principal)

@@ -52,19 +52,26 @@ class ModelNumbers:
 
 
 def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
+    """The sum of ``name``'s samples carrying ``labels`` (whatever other labels they have)."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
-def model_numbers(registry: CollectorRegistry) -> ModelNumbers:
+def model_numbers(registry: CollectorRegistry, model: str, version: str) -> ModelNumbers:
+    """The numbers of one model version."""
     infer = Duration()
-    for graph in ("step", "sequence"):
-        infer.count += int(_value(registry, "seqserve_inference_seconds_count", graph=graph))
-        infer.ns += int(_value(registry, "seqserve_inference_seconds_sum", graph=graph) * 1e9)
+    own = {"model": model, "version": version}
+    infer.count = int(_value(registry, "seqserve_inference_seconds_count", **own))
+    infer.ns = int(_value(registry, "seqserve_inference_seconds_sum", **own) * 1e9)
     queue = Duration(
-        int(_value(registry, "seqserve_queue_wait_seconds_count")),
-        int(_value(registry, "seqserve_queue_wait_seconds_sum") * 1e9),
+        int(_value(registry, "seqserve_queue_wait_seconds_count", **own)),
+        int(_value(registry, "seqserve_queue_wait_seconds_sum", **own) * 1e9),
     )
-    frames = _value(registry, "seqserve_steps_total") + _value(
-        registry, "seqserve_predict_frames_total"
+    frames = _value(registry, "seqserve_steps_total", **own) + _value(
+        registry, "seqserve_predict_frames_total", **own
     )
     return ModelNumbers(int(frames), infer.count, queue, infer)

@@ -1,0 +1,858 @@
+"""The models a server serves, their versions, and which version each request goes to.
+
+Every version has an engine of its own (its graphs, state bank, scheduler), so steps of different
+models and versions never share a batch. A session is pinned when it starts to the version that
+started it, and with it to that version's exact graphs: requests that name no version go to the
+session's own version, and only new sessions go to the latest ready version. Session ids are one
+namespace per model, across its versions.
+
+A version leaving the policy (a newer one loaded, or an unload) turns *draining*: it keeps serving
+the sessions pinned to it and takes no new ones. It is released when its last session ends, or
+after ``--version-drain-timeout``: a session still on it then ends (``version_retired``), never
+moved to another graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import overload
+
+import numpy as np
+
+from .batches import BatchResult
+from .engine import Engine, SessionStatus
+from .errors import (
+    ModelError,
+    NotAllowed,
+    SeqServeError,
+    UnknownModel,
+    VersionDraining,
+    VersionElsewhere,
+    VersionMismatch,
+    VersionRetired,
+    VersionUnavailable,
+)
+from .model import ModelSpec
+from .repository import ModelFolder, VersionPolicy, VersionSource, parse_policy, scan, single
+from .runtime import Runtime
+from .sessions import Quota
+from .settings import Settings
+from .versions import ModelVersion, VersionState, load_graphs
+from .work import StepResult
+
+__all__ = ["Model", "Models", "VersionInfo"]
+
+log = logging.getLogger("seqserve.models")
+
+_RETIRED = 100_000  # ids of sessions that ended with their version, remembered for late requests
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """One line of ``ListModels``."""
+
+    model: str
+    version: int
+    state: VersionState
+    reason: str
+    sessions: int
+    fingerprint: str
+    load_seconds: float
+    default: bool
+    latest: bool
+
+
+class Model:
+    """One model's versions and the sessions pinned to them."""
+
+    def __init__(self, name: str, policy: VersionPolicy) -> None:
+        self.name = name
+        self.policy = policy
+        self.versions: dict[int, ModelVersion] = {}
+        self.problems: list[str] = []  # what the repository holds for it that cannot serve
+        # Sessions that ended with their version: (version, position), for a precise answer.
+        self.retired: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # Sessions saved (snapshot) on a version this server cannot load: the version.
+        self.unavailable: dict[str, int] = {}
+        self._engines: list[Engine] = []  # serving engines, newest version first
+
+    # -- which versions serve -----------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Recompute the serving engines after a version changed state."""
+        serving = [v for v in self.versions.values() if v.serving]
+        serving.sort(key=lambda v: v.number, reverse=True)
+        self._engines = [v.engine for v in serving if v.engine is not None]
+
+    @property
+    def engines(self) -> list[Engine]:
+        return self._engines
+
+    def latest(self) -> ModelVersion | None:
+        """The highest ready version: where new sessions go."""
+        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
+        return max(ready, key=lambda v: v.number) if ready else None
+
+    def version(self, number: int) -> ModelVersion:
+        found = self.versions.get(number)
+        if found is None:
+            known = ", ".join(str(v) for v in sorted(self.versions)) or "none"
+            raise UnknownModel(
+                f"model {self.name!r} has no version {number} (versions here: {known})",
+                reason="unknown_version",
+            )
+        return found
+
+    # -- where a request goes -----------------------------------------------------------------
+
+    def holder(self, session_id: str) -> Engine | None:
+        """The engine holding the live session."""
+        for engine in self._engines:
+            if engine.table.find(session_id) is not None:
+                return engine
+        return None
+
+    def route(self, session_id: str, version: int, *, creating: bool) -> Engine:
+        """The engine a request for ``session_id`` goes to. ``creating``: it may start a new
+        session (a start at position 0, an open)."""
+        engine = self.holder(session_id)
+        if engine is not None:
+            if version and engine.version != version:
+                raise VersionMismatch(
+                    f"session {session_id!r} runs on model {self.name!r} version "
+                    f"{engine.version}, not {version}: a session keeps the version it started on"
+                )
+            return engine
+        if not creating:
+            self._gone(session_id)
+            for engine in self._engines:  # ended here: that engine says how (closed, expired)
+                if engine.table.knows(session_id):
+                    return engine
+        if version:
+            chosen = self.version(version)
+            if chosen.state == "draining" and creating:
+                raise VersionDraining(
+                    f"model {self.name!r} version {version} is draining: it takes no new "
+                    "sessions; start them on the latest version (name no version)"
+                )
+            if not chosen.serving or chosen.engine is None:
+                raise VersionUnavailable(
+                    f"model {self.name!r} version {version} is {chosen.state}"
+                    + (f": {chosen.reason}" if chosen.reason else "")
+                )
+            return chosen.engine
+        return self._latest_engine()
+
+    def _gone(self, session_id: str) -> None:
+        """A session that ended with its version, or waits for one this server lacks."""
+        retired = self.retired.get(session_id)
+        if retired is not None:
+            version, position = retired
+            raise VersionRetired(
+                f"session {session_id!r} ended at position {position} with model "
+                f"{self.name!r} version {version}, which was retired; start a new session",
+                position=position,
+            )
+        waiting = self.unavailable.get(session_id)
+        if waiting is not None:
+            raise VersionUnavailable(
+                f"session {session_id!r} runs on model {self.name!r} version {waiting}, which "
+                "this server cannot load; resume it on a server that has that version"
+            )
+
+    def stateless(self, version: int) -> Engine:
+        """The engine for a request that touches no session (Predict, GetModel)."""
+        return self.route("", version, creating=True) if version else self._latest_engine()
+
+    def _latest_engine(self) -> Engine:
+        latest = self.latest()
+        if latest is None or latest.engine is None:
+            raise VersionUnavailable(f"model {self.name!r} has no ready version{self._why()}")
+        return latest.engine
+
+    def _why(self) -> str:
+        states = [
+            f"version {v.number} {v.state}" + (f", {v.reason}" if v.reason else "")
+            for v in sorted(self.versions.values(), key=lambda v: v.number)
+        ]
+        return f" ({'; '.join(states)})" if states else ""
+
+    def retire(self, version: ModelVersion) -> None:
+        """Remember the sessions still on a version that is being released."""
+        if version.engine is None:
+            return
+        for session in version.engine.table:
+            self.retired[session.id] = (version.number, session.position)
+            self.retired.move_to_end(session.id)
+        while len(self.retired) > _RETIRED:
+            self.retired.popitem(last=False)
+
+
+class Models:
+    """Every model the server serves: loading, versions, and the request routing API."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        executor: Executor,
+        make_engine: Callable[[ModelVersion, ModelSpec, Runtime], Engine],
+        bundled: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.make_engine = make_engine
+        self.quota = Quota(settings.max_sessions, settings.max_sessions_per_principal)
+        self.models: dict[str, Model] = {}
+        self.default = settings.default_model
+        self.admins = {p for p in settings.admin_principals.split(",") if p.strip()}
+        self.policy = parse_policy(settings.version_policy)
+        self._bundled = bundled
+        self._lock = asyncio.Lock()  # loads and unloads, one at a time
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.on_change: Callable[[ModelVersion], None] = lambda version: None  # metrics hook
+        self.on_failure: Callable[[ModelVersion], None] = lambda version: None
+
+    # -- the repository -----------------------------------------------------------------------
+
+    def folders(self) -> dict[str, ModelFolder]:
+        """What the repository holds now."""
+        settings = self.settings
+        if settings.model_repository:
+            return scan(Path(settings.model_repository), self.policy)
+        if settings.model_dir:
+            from .model import load_model_spec
+
+            spec = load_model_spec(settings.model_dir)
+            return single(Path(settings.model_dir), spec.name, _number(spec.version))
+        assert self._bundled is not None
+        folders: dict[str, ModelFolder] = {}
+        for path in sorted(self._bundled.iterdir()):
+            if (path / "model.json").is_file():
+                folders.update(single(path, path.name, 1))
+        return folders
+
+    def start(self) -> None:
+        """Load every version the policies want, blocking (before anything is served); the
+        default model must come up, the others may fail (they show as unavailable)."""
+        folders = self.folders()
+        if self.settings.model_dir and not self.settings.model_repository:
+            self.default = next(iter(folders))
+        if self.default not in folders:
+            raise ModelError(
+                f"--default-model {self.default!r} is not in the repository (models: "
+                f"{', '.join(sorted(folders)) or 'none'})"
+            )
+        for name, folder in folders.items():
+            model = self.models[name] = Model(name, folder.policy)
+            model.problems = [str(p) for p in folder.problems]
+            for problem in folder.problems:
+                log.warning("repository: %s", problem)
+            for number in sorted(folder.wanted):
+                self._load_now(model, folder.versions[number])
+            model.refresh()
+        default = self.models[self.default]
+        if default.latest() is None:
+            problems = (
+                "; ".join(
+                    f"version {v.number}: {v.reason}" for v in default.versions.values() if v.reason
+                )
+                or "; ".join(default.problems)
+                or "no version to serve"
+            )
+            raise ModelError(f"the default model {self.default!r} did not load: {problems}")
+
+    def restore_target(self, name: str, number: int, fingerprint: str) -> Engine | None:
+        """At start, the engine of exactly this version and graphs, loaded now if the
+        repository has it (draining, when its policy does not want it); None if not here."""
+        model = self.models.get(name)
+        if model is None:
+            return None
+        version = model.versions.get(number)
+        if version is not None and version.serving and version.fingerprint == fingerprint:
+            return version.engine
+        folder = self.folders().get(name)
+        source = folder.versions.get(number) if folder is not None else None
+        if source is None or (version is not None and version.serving):
+            return None
+        loaded = self._load_now(model, source)
+        if loaded.engine is None or loaded.fingerprint != fingerprint:
+            return None
+        if folder is not None and number not in folder.wanted:
+            self._drain(model, loaded, "loaded for the sessions pinned to it")
+        model.refresh()
+        return loaded.engine
+
+    async def sync(self, folders: dict[str, ModelFolder] | None = None) -> None:
+        """Bring what is served in line with the repository and the policies: load wanted
+        versions that are not loaded (or changed since a failed load), drain the others."""
+        async with self._lock:
+            folders = self.folders() if folders is None else folders
+            for name, folder in folders.items():
+                model = self.models.get(name)
+                if model is None:
+                    model = self.models[name] = Model(name, folder.policy)
+                model.policy = folder.policy
+                model.problems = [str(p) for p in folder.problems]
+                for problem in folder.problems:
+                    log.warning("repository: %s", problem)
+                wanted = folder.wanted
+                for number in sorted(wanted):
+                    await self._want(model, folder.versions[number])
+                for number, version in list(model.versions.items()):
+                    if number not in wanted and version.state in ("ready", "loading"):
+                        self._drain(model, version, "not in the version policy")
+                    if number not in folder.versions and version.state == "unavailable":
+                        del model.versions[number]  # a failed version whose folder is gone
+                model.refresh()
+            for name, model in self.models.items():
+                if name not in folders:
+                    for version in model.versions.values():
+                        if version.state in ("ready", "loading"):
+                            self._drain(model, version, "removed from the repository")
+                    model.refresh()
+
+    async def _want(self, model: Model, source: VersionSource) -> None:
+        version = model.versions.get(source.version)
+        if version is not None:
+            if version.state == "ready":
+                return
+            if version.state == "draining" and version.engine is not None:
+                self._set(version, "ready")  # wanted again before it was released
+                version.engine.accepting = True
+                version.draining_since = None
+                return
+            if version.state == "unavailable" and version.failed_signature == source.signature:
+                return  # failed, and the folder has not changed since
+        await self._load(model, source)
+
+    async def _load(self, model: Model, source: VersionSource) -> ModelVersion:
+        version = self._loading(model, source)
+        strict = bool(self.settings.model_repository)
+        try:
+            loaded = await asyncio.to_thread(load_graphs, source, self.settings, strict=strict)
+        except ModelError as exc:
+            return self._failed(model, version, source, exc)
+        return self._install(model, version, source, *loaded)
+
+    def _load_now(self, model: Model, source: VersionSource) -> ModelVersion:
+        """The same, blocking: the first load, before anything is served."""
+        version = self._loading(model, source)
+        strict = bool(self.settings.model_repository)
+        try:
+            loaded = load_graphs(source, self.settings, strict=strict)
+        except ModelError as exc:
+            return self._failed(model, version, source, exc)
+        return self._install(model, version, source, *loaded)
+
+    def _loading(self, model: Model, source: VersionSource) -> ModelVersion:
+        version = model.versions.get(source.version)
+        if version is None or version.engine is not None:
+            version = ModelVersion(model.name, source.version, source=source)
+            model.versions[source.version] = version
+        self._set(version, "loading")
+        return version
+
+    def _failed(
+        self, model: Model, version: ModelVersion, source: VersionSource, exc: ModelError
+    ) -> ModelVersion:
+        version.failed_signature = source.signature
+        self._set(version, "unavailable", str(exc))
+        self.on_failure(version)
+        log.error("model %s version %d failed to load: %s", model.name, source.version, exc)
+        return version
+
+    def _install(
+        self,
+        model: Model,
+        version: ModelVersion,
+        source: VersionSource,
+        spec: ModelSpec,
+        runtime: Runtime,
+        seconds: float,
+    ) -> ModelVersion:
+        version.engine = self.make_engine(version, spec, runtime)
+        version.engine.start()
+        version.load_seconds = seconds
+        version.failed_signature = None
+        version.source = source
+        self._set(version, "ready")
+        model.refresh()
+        log.info(
+            "model %s version %d ready (%.2f s; graphs %s)",
+            model.name,
+            source.version,
+            seconds,
+            version.fingerprint[:12],
+        )
+        return version
+
+    def _set(self, version: ModelVersion, state: VersionState, reason: str = "") -> None:
+        version.set_state(state, reason)
+        self.on_change(version)
+
+    def _drain(self, model: Model, version: ModelVersion, reason: str) -> None:
+        if version.engine is None:
+            self._set(version, "unavailable", reason)
+            return
+        version.engine.accepting = False
+        version.draining_since = time.monotonic()
+        self._set(version, "draining", reason)
+        log.info(
+            "model %s version %d draining (%s): %d sessions pinned to it",
+            model.name,
+            version.number,
+            reason,
+            version.sessions,
+        )
+
+    async def tend(self) -> None:
+        """Release draining versions whose sessions are gone or whose time is up."""
+        timeout = self.settings.version_drain_timeout
+        for model in list(self.models.values()):
+            for version in list(model.versions.values()):
+                if version.state != "draining" or version.engine is None:
+                    continue
+                expired = (
+                    timeout > 0
+                    and version.draining_since is not None
+                    and time.monotonic() - version.draining_since >= timeout
+                )
+                if version.sessions == 0 or expired:
+                    await self._release(model, version)
+
+    async def _release(self, model: Model, version: ModelVersion) -> None:
+        engine = version.engine
+        if engine is None:
+            return
+        if version.sessions:
+            log.warning(
+                "model %s version %d: drain timeout, %d sessions end with it (version_retired)",
+                model.name,
+                version.number,
+                version.sessions,
+            )
+        model.retire(version)
+        version.engine = None
+        self._set(version, "unavailable", f"released ({version.reason or 'retired'})")
+        model.refresh()
+        engine.draining = True
+        await engine.drain()
+        await engine.stop()
+
+    async def run(self) -> None:
+        """Housekeeping while serving: release drained versions, poll the repository."""
+        poll = self.settings.repository_poll
+        next_poll = time.monotonic() + poll if poll > 0 else float("inf")
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await self.tend()
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + poll
+                    await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("model housekeeping failed")
+
+    # -- load / unload ------------------------------------------------------------------------
+
+    def allowed(self, principal: str) -> None:
+        if principal and principal not in self.admins:
+            raise NotAllowed(
+                f"principal {principal!r} may not load or unload models (--admin-principals)"
+            )
+
+    async def load(self, name: str, version: int = 0, principal: str = "") -> list[ModelVersion]:
+        """Load a model (the versions its policy wants, or the one named) from the repository."""
+        self.allowed(principal)
+        folders = self.folders()
+        folder = folders.get(name)
+        if folder is None:
+            raise UnknownModel(f"model {name!r} is not in the repository")
+        if version and version not in folder.versions:
+            raise UnknownModel(
+                f"model {name!r} has no version {version} in the repository",
+                reason="unknown_version",
+            )
+        async with self._lock:
+            model = self.models.get(name)
+            if model is None:
+                model = self.models[name] = Model(name, folder.policy)
+            numbers = [version] if version else sorted(folder.wanted)
+            loaded = []
+            for number in numbers:
+                source = folder.versions[number]
+                current = model.versions.get(number)
+                if current is not None and current.state == "unavailable":
+                    current.failed_signature = None  # asked explicitly: try again
+                await self._want(model, source)
+                loaded.append(model.versions[number])
+            if version:  # loaded on request: it stays even if the policy does not want it
+                pass
+            model.refresh()
+        failed = [v for v in loaded if v.state != "ready"]
+        if failed:
+            raise ModelError("; ".join(f"{name} v{v.number}: {v.reason}" for v in failed))
+        return loaded
+
+    async def unload(self, name: str, version: int = 0, principal: str = "") -> list[ModelVersion]:
+        """Drain a model's versions (or the one named): pinned sessions finish on them."""
+        self.allowed(principal)
+        model = self.model(name)
+        async with self._lock:
+            targets = [model.version(version)] if version else list(model.versions.values())
+            for target in targets:
+                if target.state in ("ready", "loading"):
+                    self._drain(model, target, "unloaded")
+            model.refresh()
+        return targets
+
+    async def ensure(self, name: str, number: int, fingerprint: str) -> Engine:
+        """The engine of exactly this version and graphs, loading it from the repository if it
+        is there (to take over a session that ran on it); VersionUnavailable otherwise."""
+        model = self.model(name)
+        version = model.versions.get(number)
+        if version is not None and version.serving and version.fingerprint.startswith(fingerprint):
+            assert version.engine is not None
+            return version.engine
+        folder = self.folders().get(name)
+        source = folder.versions.get(number) if folder is not None else None
+        if source is not None and (version is None or not version.serving):
+            async with self._lock:
+                loaded = await self._load(model, source)
+                if loaded.state == "ready" and number not in folder.wanted:  # type: ignore[union-attr]
+                    self._drain(model, loaded, "loaded for sessions pinned to it")
+                model.refresh()
+            if loaded.serving and loaded.fingerprint.startswith(fingerprint) and loaded.engine:
+                return loaded.engine
+        raise VersionUnavailable(
+            f"model {name!r} version {number} with graphs {fingerprint[:12]} is not available "
+            "on this server"
+        )
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def model(self, name: str) -> Model:
+        found = self.models.get(name or self.default)
+        if found is None:
+            raise UnknownModel(
+                f"unknown model {name!r} (models here: {', '.join(sorted(self.models))})"
+            )
+        return found
+
+    def engines(self) -> Iterator[Engine]:
+        for model in self.models.values():
+            yield from model.engines
+
+    def versions(self) -> Iterator[ModelVersion]:
+        for model in self.models.values():
+            yield from model.versions.values()
+
+    def list(self) -> list[VersionInfo]:
+        out = []
+        for name in sorted(self.models):
+            model = self.models[name]
+            latest = model.latest()
+            for number in sorted(model.versions):
+                v = model.versions[number]
+                out.append(
+                    VersionInfo(
+                        name,
+                        number,
+                        v.state,
+                        v.reason,
+                        v.sessions,
+                        v.fingerprint,
+                        v.load_seconds,
+                        name == self.default,
+                        latest is v,
+                    )
+                )
+        return out
+
+    @property
+    def live_sessions(self) -> int:
+        return self.quota.live
+
+    # -- the data plane, by model -------------------------------------------------------------
+
+    def submit(
+        self,
+        model: str,
+        version: int,
+        session_id: str,
+        position: int | None,
+        frames: np.ndarray,
+        *,
+        start: bool = False,
+        end: bool = False,
+        principal: str = "",
+    ) -> asyncio.Future[StepResult]:
+        engine = self.model(model).route(
+            session_id, version, creating=start and position in (0, None)
+        )
+        future = engine.submit(
+            session_id, position, frames, start=start, end=end, principal=principal
+        )
+        if engine.store is None:  # sessions never live on another version's shelf
+            return future
+        return self._rerouted(
+            model,
+            future,
+            lambda other: other.submit(
+                session_id, position, frames, start=start, end=end, principal=principal
+            ),
+        )
+
+    def submit_batch(
+        self,
+        model: str,
+        version: int,
+        session_ids: Sequence[str],
+        positions: Sequence[int],
+        frames: np.ndarray,
+        *,
+        start: bool = False,
+        principal: str = "",
+    ) -> asyncio.Future[BatchResult]:
+        """One frame for each of many sessions; entries on different versions run on their
+        own versions (one group each) and come back as one result."""
+        target = self.model(model)
+        engines = target.engines
+        if len(engines) == 1 and not version:
+            future = engines[0].submit_batch(
+                session_ids, positions, frames, start=start, principal=principal
+            )
+        else:
+            future = _split_batch(target, version, session_ids, positions, frames, start, principal)
+        if not any(engine.store is not None for engine in engines):
+            return future
+        return self._rerouted_batch(model, future, session_ids, positions, frames, start, principal)
+
+    def open(self, model: str, version: int, session_id: str, principal: str) -> SessionStatus:
+        target = self.model(model)
+        engine = target.route(session_id, version, creating=True)
+        return engine.open(session_id or None, principal)
+
+    async def lookup(self, model: str, session_id: str, principal: str) -> SessionStatus:
+        engine = self.model(model).route(session_id, 0, creating=False)
+        try:
+            return await engine.lookup(session_id, principal)
+        except VersionElsewhere as exc:
+            return await (await self._elsewhere(model, exc)).lookup(session_id, principal)
+
+    async def reset(self, model: str, session_id: str, principal: str) -> SessionStatus:
+        engine = self.model(model).route(session_id, 0, creating=False)
+        try:
+            return await engine.reset(session_id, principal)
+        except VersionElsewhere as exc:
+            return await (await self._elsewhere(model, exc)).reset(session_id, principal)
+
+    async def close(self, model: str, session_id: str, principal: str) -> SessionStatus:
+        engine = self.model(model).route(session_id, 0, creating=False)
+        try:
+            return await engine.close(session_id, principal)
+        except VersionElsewhere as exc:
+            return await (await self._elsewhere(model, exc)).close(session_id, principal)
+
+    # -- sessions that live on another version (shared store) ---------------------------------
+
+    async def _elsewhere(self, model: str, exc: VersionElsewhere) -> Engine:
+        """The engine of the version a session lives on, loaded if the repository has it."""
+        return await self.ensure(self.model(model).name, exc.version, exc.fingerprint)
+
+    def _rerouted(
+        self,
+        model: str,
+        first: asyncio.Future[StepResult],
+        again: Callable[[Engine], asyncio.Future[StepResult]],
+    ) -> asyncio.Future[StepResult]:
+        """``first``'s outcome, unless it says the session lives on another version: then that
+        version's engine (loaded if need be) gets the request instead, once."""
+        out: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+
+        async def retry(exc: VersionElsewhere) -> StepResult:
+            return await again(await self._elsewhere(model, exc))
+
+        def settle(done: asyncio.Future[StepResult]) -> None:
+            if out.done():
+                return
+            if done.cancelled():
+                out.cancel()
+                return
+            exc = done.exception()
+            if exc is None:
+                out.set_result(done.result())
+            else:
+                out.set_exception(_unwrapped(exc))
+
+        def first_done(done: asyncio.Future[StepResult]) -> None:
+            exc = done.exception() if not done.cancelled() else None
+            if isinstance(exc, VersionElsewhere):
+                asyncio.ensure_future(retry(exc)).add_done_callback(settle)
+            else:
+                settle(done)
+
+        first.add_done_callback(first_done)
+        return out
+
+    def _rerouted_batch(
+        self,
+        model: str,
+        first: asyncio.Future[BatchResult],
+        session_ids: Sequence[str],
+        positions: Sequence[int],
+        frames: np.ndarray,
+        start: bool,
+        principal: str,
+    ) -> asyncio.Future[BatchResult]:
+        """A batch's entries whose sessions live on another version go there, once."""
+        ids, wanted = list(session_ids), list(positions)
+
+        async def finish() -> BatchResult:
+            result = await first
+            moved = {
+                i: exc for i, exc in result.errors.items() if isinstance(exc, VersionElsewhere)
+            }
+            by_where: dict[str, list[int]] = {}
+            for i, exc in moved.items():
+                by_where.setdefault(exc.where, []).append(i)
+            for rows in by_where.values():
+                try:
+                    engine = await self._elsewhere(model, moved[rows[0]])
+                except SeqServeError as exc:
+                    for i in rows:
+                        result.errors[i] = exc
+                    continue
+                index = np.array(rows, np.intp)
+                sub = await engine.submit_batch(
+                    [ids[i] for i in rows],
+                    [wanted[i] for i in rows],
+                    frames[index],
+                    start=start,
+                    principal=principal,
+                )
+                for j, i in enumerate(rows):
+                    if j in sub.errors:
+                        result.errors[i] = _unwrapped(sub.errors[j])
+                    else:
+                        del result.errors[i]
+                result.probabilities[index] = sub.probabilities
+                result.next_positions[index] = sub.next_positions
+                result.replayed[index] = sub.replayed
+                result.versions[index] = sub.versions
+            return result
+
+        return asyncio.ensure_future(finish())
+
+
+@overload
+def _unwrapped(exc: Exception) -> Exception: ...
+@overload
+def _unwrapped(exc: BaseException) -> BaseException: ...
+def _unwrapped(exc: BaseException) -> BaseException:
+    """What a client is told of a session found on a version this server could not serve."""
+    if isinstance(exc, VersionElsewhere):
+        return VersionUnavailable(
+            f"{exc}; this server cannot load that version (model version {exc.version}, "
+            f"graphs {exc.fingerprint})"
+        )
+    return exc
+
+
+def _number(version: str) -> int:
+    return int(version) if version.isdigit() and int(version) > 0 else 1
+
+
+def _split_batch(
+    model: Model,
+    version: int,
+    session_ids: Sequence[str],
+    positions: Sequence[int],
+    frames: np.ndarray,
+    start: bool,
+    principal: str,
+) -> asyncio.Future[BatchResult]:
+    """A batch whose entries may be pinned to different versions: one sub-batch per version,
+    merged back in entry order."""
+    ids = list(session_ids)
+    wanted = list(positions)
+    if len(wanted) != len(ids):
+        from .errors import BadRequest
+
+        raise BadRequest(
+            f"{len(ids)} session ids but {len(wanted)} positions", reason="bad_request"
+        )
+    by_engine: dict[Engine, list[int]] = {}
+    failed: dict[int, SeqServeError] = {}
+    for i, session_id in enumerate(ids):
+        try:
+            engine = model.route(session_id, version, creating=start and wanted[i] == 0)
+        except SeqServeError as exc:
+            failed[i] = exc
+            continue
+        by_engine.setdefault(engine, []).append(i)
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future[BatchResult] = loop.create_future()
+    classes = next(iter(model.engines)).spec.classes if model.engines else 1
+    result = BatchResult(
+        np.zeros((len(ids), classes), np.float32),
+        np.zeros(len(ids), np.uint64),
+        np.zeros(len(ids), np.bool_),
+        np.zeros(len(ids), np.uint64),
+        dict(failed),
+    )
+    parts = []
+    for engine, rows in by_engine.items():
+        index = np.array(rows, np.intp)
+        parts.append(
+            (
+                index,
+                engine.submit_batch(
+                    [ids[i] for i in rows],
+                    [wanted[i] for i in rows],
+                    frames[index],
+                    start=start,
+                    principal=principal,
+                ),
+            )
+        )
+
+    def merge(_: object = None) -> None:
+        if out.done() or not all(part.done() for _, part in parts):
+            return
+        for index, part in parts:
+            exc = part.exception()
+            if exc is not None:
+                for i in index.tolist():
+                    result.errors[i] = exc  # type: ignore[assignment]
+                continue
+            sub = part.result()
+            result.probabilities[index] = sub.probabilities
+            result.next_positions[index] = sub.next_positions
+            result.replayed[index] = sub.replayed
+            result.versions[index] = sub.versions
+            for j, exc in sub.errors.items():
+                result.errors[int(index[j])] = exc
+        for i, exc in result.errors.items():
+            position = getattr(exc, "expected", None)
+            if position is None:
+                position = getattr(exc, "position", 0)
+            result.next_positions[i] = position
+        out.set_result(result)
+
+    if not parts:
+        merge()
+    for _, part in parts:
+        part.add_done_callback(merge)
+    return out
