@@ -161,7 +161,7 @@ class MemoryStore:
                 out.append(CommitOutcome.MISSING if entry is None else CommitOutcome.TAKEN)
                 continue
             if entry is None or (entry.closed and is_full):
-                entry = self.shelf.entries[session_id] = _Entry(self.replica, int(head))
+                entry = self.shelf.entries[key] = _Entry(self.replica, int(head))
             entry.owner, entry.head, entry.closed = self.replica, int(head), closed == "1"
             if is_full:
                 entry.position, entry.principal, entry.data = int(head), principal, data

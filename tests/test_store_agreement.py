@@ -1,6 +1,7 @@
 """MemoryStore answers every call exactly as RedisStore does against a real redis-server: the
-same calls, from two replicas each, go to both, and every answer must match. This is what keeps
-the fast handover tests (tests/test_handover.py), which run on MemoryStore, honest."""
+same calls, from two replicas each serving two versions of a model, go to both, and every answer
+must match. This is what keeps the fast handover tests (tests/test_handover.py), which run on
+MemoryStore, honest."""
 
 from __future__ import annotations
 
@@ -45,12 +46,14 @@ def same_peek(one: Peek | str | None, other: Peek | str | None) -> bool:
     """Equal but for the seconds left, which each store counts on its own clock."""
     if not isinstance(one, Peek) or not isinstance(other, Peek):
         return one == other
-    return (one.head, one.position, one.closed) == (other.head, other.position, other.closed)
+    fields = ("head", "position", "closed", "where")
+    return all(getattr(one, f) == getattr(other, f) for f in fields)
 
 
 @dataclass
 class Twins:
-    """The same replicas twice: on a MemoryStore shelf and on Redis."""
+    """The same replicas twice: on a MemoryStore shelf and on Redis. ``a`` and ``b`` serve
+    version 1 of the model, ``a2`` and ``b2`` (the same replicas) its version 2."""
 
     memory: dict[str, MemoryStore]
     redis: dict[str, RedisStore]
@@ -77,13 +80,25 @@ class Twins:
 @pytest.fixture
 async def twins(redis_server: Redis) -> AsyncIterator[Twins]:
     shelf = Shelf()
+    names = {"a": ("a", "1"), "b": ("b", "1"), "a2": ("a", "2"), "b2": ("b", "2")}
     made = Twins(
-        {name: MemoryStore(shelf, replica=name, ttl=TTL) for name in ("a", "b")},
+        {
+            name: MemoryStore(
+                shelf, replica=replica, ttl=TTL, namespace=f"{v}:", where="where:", tag=v
+            )
+            for name, (replica, v) in names.items()
+        },
         {
             name: RedisStore(
-                redis_server.url, namespace="agree", replica=name, ttl=TTL, timeout=2.0
+                redis_server.url,
+                namespace=f"agree:{v}",
+                where="agree:where:",
+                tag=v,
+                replica=replica,
+                ttl=TTL,
+                timeout=2.0,
             )
-            for name in ("a", "b")
+            for name, (replica, v) in names.items()
         },
     )
     yield made
@@ -138,16 +153,28 @@ async def test_every_outcome_of_every_call_agrees(twins):
     claims = await twins.agree("b", "claim", [("t", "p"), ("t", "p"), ("s", "r")])
     assert [c.kind for c in claims] == ["ok", "ok", "ok"]
     assert await twins.agree("a", "owner", "t") == "b"
+    # Version 2 does not hold t: the store says which version does, and nothing more.
+    assert await twins.agree("a2", "claim", [("t", "p"), ("zz", "p")]) == [
+        Claim("elsewhere", where="1"),
+        Claim("none"),
+    ]
+    assert (await twins.agree("b2", "peek", "t", "p")).where == "1"
+    assert await twins.agree("a2", "owner", "t") == ""
+    assert await commit("a2", ("t", -1, 1, False, True, "p")) == [W]  # now it lives on 2
+    [claim] = await twins.agree("b", "claim", [("t", "p")])
+    assert claim.kind == "ok"  # version 1 still has its own copy of t: that one is claimed
+    assert await commit("a2", ("n2", -1, 1, False, True, "p")) == [W]
+    assert await twins.agree("b", "claim", [("n2", "p")]) == [Claim("elsewhere", where="2")]
 
 
 async def test_random_call_sequences_agree(twins):
-    """Hundreds of calls at random over a few ids, principals and both replicas."""
+    """Hundreds of calls at random over a few ids and principals, both replicas, both versions."""
     rng = random.Random(20240607)
-    ids, principals = ["s0", "s1", "s2", "s3"], ["", "p", "q"]
+    ids, principals = [f"s{i}" for i in range(8)], ["", "p", "q"]
     heads: dict[str, int] = {}
     kinds: dict[str, int] = {}
-    for _ in range(400):
-        replica = rng.choice("ab")
+    for _ in range(500):
+        replica = rng.choice(["a", "b", "a2", "b2"])
         sid = rng.choice(ids)
         op = rng.random()
         if op < 0.5:
@@ -173,7 +200,7 @@ async def test_random_call_sequences_agree(twins):
         else:
             await twins.agree(replica, "owner", sid)
     # The sequence reached every outcome (else it proved less than it seems).
-    for kind in ("WRITTEN", "TAKEN", "MISSING", "ok", "none", "foreign", "closed"):
+    for kind in ("WRITTEN", "TAKEN", "MISSING", "ok", "none", "foreign", "closed", "elsewhere"):
         assert kinds.get(kind, 0) >= 3, kinds
 
 
