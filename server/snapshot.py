@@ -229,7 +229,8 @@ def read_parts(path: str | Path) -> list[Part]:
     is unreadable. Each part is checked against its model by ``restore_part``."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Opened here, not by np.load: numpy leaves its own file open when the file is corrupt.
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise SnapshotError(f"{path}: not a readable seqserve snapshot ({exc})") from None
