@@ -37,6 +37,9 @@ _NO_CONTACT = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 }
+# Refusals the proto says to answer by sending the same call again: nothing was applied, and the
+# call resumes the session where it now is (UNAVAILABLE of any reason is retried anyway).
+_RESEND = frozenset({"session_moved"})
 T = TypeVar("T")
 
 
@@ -352,9 +355,9 @@ class AsyncClient:
         retry: bool = True,
         route: str | None = None,
     ) -> T:
-        """One unary call; UNAVAILABLE is retried under the backoff once the server has been
-        reached (an address that never answered fails at once). ``route`` goes as the
-        ``seqserve-route`` header (none: any replica may answer)."""
+        """One unary call; UNAVAILABLE (and ABORTED ``session_moved``) is retried under the
+        backoff once the server has been reached (an address that never answered fails at
+        once). ``route`` goes as the ``seqserve-route`` header (none: any replica may answer)."""
         metadata = (*self._metadata, *route_metadata(route))
         attempt, first_failure = 0, 0.0
         while True:
@@ -370,7 +373,8 @@ class AsyncClient:
             if attempt == 0:
                 first_failure = time.monotonic()
             elapsed = time.monotonic() - first_failure
-            if not (retry and error.code is grpc.StatusCode.UNAVAILABLE and self._contact.seen):
+            again = error.code is grpc.StatusCode.UNAVAILABLE or error.reason in _RESEND
+            if not (retry and again and self._contact.seen):
                 raise error from None
             if not self.retry.allows(attempt, elapsed):
                 raise Unavailable(

@@ -31,6 +31,9 @@ log = logging.getLogger("seqserve.client.mux")
 
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 # How a connection torn down mid-call (RST, reset, GOAWAY) can surface besides UNAVAILABLE.
+# "Internal error from Core" is grpc-python asyncio's local status when a write races the
+# server's end of the stream (grpc/grpc#36066): it replaces the server's own status (e.g.
+# UNAVAILABLE draining), so it is taken for a drop and the stream resumes.
 _TRANSPORT = (
     "internal error from core",
     "rst_stream",

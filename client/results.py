@@ -98,16 +98,26 @@ class SequencePrediction:
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
+    """``position`` is where to send next. ``rolled_back``: it is a checkpoint the session was
+    restored from after an unclean stop, and frames sent past it before were lost (send them
+    again from ``position``). ``closed`` is only ever true in ``close_session``'s answer."""
+
     session_id: str
     position: int
     idle_seconds: float
     expires_in_seconds: float
     closed: bool
+    rolled_back: bool = False
 
     @classmethod
     def from_pb(cls, info: pb.SessionInfo) -> SessionInfo:
         return cls(
-            info.session_id, info.position, info.idle_seconds, info.expires_in_seconds, info.closed
+            info.session_id,
+            info.position,
+            info.idle_seconds,
+            info.expires_in_seconds,
+            info.closed,
+            info.rolled_back,
         )
 
 
@@ -125,6 +135,7 @@ class ModelInfo:
     replay_window: int = 0
     layers: tuple[dict[str, object], ...] = field(default=())
     states: tuple[dict[str, object], ...] = field(default=())
+    max_message_bytes: int = 0
 
     @classmethod
     def from_pb(cls, info: pb.ModelInfo) -> ModelInfo:
@@ -139,6 +150,7 @@ class ModelInfo:
             max_frames_per_request=info.max_frames_per_request,
             session_idle_timeout=info.session_idle_timeout_seconds,
             replay_window=info.replay_window,
+            max_message_bytes=info.max_message_bytes,
             layers=tuple(
                 {
                     "name": la.name,

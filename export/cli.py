@@ -50,9 +50,40 @@ def _parser() -> argparse.ArgumentParser:
         "and samples.npz (default: synthetic frames)",
     )
 
+    convert.add_argument(
+        "--window",
+        type=_window,
+        default="auto",
+        metavar="auto|none|T",
+        help="how the server answers each frame. auto (default): a model whose input has a "
+        "fixed time dimension T and whose last recurrent layer has return_sequences=False was "
+        "trained on windows; it is served on the last T frames (model.json window: T). none: "
+        "serve as a stateful stream (everything since the session started). T: force a window "
+        "of T frames",
+    )
+    convert.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a numerically unstable model (values beyond 1e4, or float32 Keras far "
+        "from float64) instead of writing it with a warning",
+    )
+
     inspect = sub.add_parser("inspect", help="per-layer units, states and parameter counts")
     inspect.add_argument("model", type=Path, help="Keras model file or model directory")
     return parser
+
+
+def _window(text: str) -> int | str:
+    if text in ("auto", "none"):
+        return text
+    try:
+        frames = int(text)
+    except ValueError:
+        message = f"expected auto, none or a number of frames: {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if frames < 1:
+        raise argparse.ArgumentTypeError(f"a window is at least 1 frame: {text!r}")
+    return frames
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -142,8 +173,15 @@ def _convert(args: argparse.Namespace) -> int:
         version=args.version,
         labels=labels,
         samples=samples,
+        window=args.window,
+        strict=args.strict,
     )
-    print(f"wrote {args.output} in {meta['export']['seconds']} s; parity {meta['parity']}")
+    serving = "stateful stream" if meta["window"] is None else f"window of {meta['window']} frames"
+    stability = "stable" if meta["numerics"]["stable"] else "UNSTABLE (see the warning above)"
+    print(
+        f"wrote {args.output} in {meta['export']['seconds']} s; serving: {serving}; "
+        f"numerics: {stability}; parity {meta['parity']['float64']}"
+    )
     return 0
 
 

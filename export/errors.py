@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ExportError", "ParityError", "UnsupportedModelError"]
+__all__ = ["ExportError", "NumericsError", "ParityError", "UnsupportedModelError"]
 
 
 class ExportError(Exception):
@@ -19,4 +19,15 @@ class UnsupportedModelError(ExportError):
 
 
 class ParityError(ExportError):
-    """The ONNX graphs disagree with Keras beyond the tolerance."""
+    """An ONNX graph is materially further from the model's answers than Keras is.
+
+    `parity` holds the measured distances (a `parity.Parity`) when they were measured.
+    """
+
+    def __init__(self, message: str, parity: object | None = None) -> None:
+        super().__init__(message)
+        self.parity = parity
+
+
+class NumericsError(ExportError):
+    """The model is numerically unstable in float32 and `strict` asked to refuse it."""

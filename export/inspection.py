@@ -9,7 +9,7 @@ from typing import Any
 from .errors import ExportError
 from .spec import ModelSpec, expected_params
 
-__all__ = ["check_entries", "format_entries", "inspect_path"]
+__all__ = ["check_entries", "format_entries", "inspect_path", "serving_line"]
 
 
 def check_entries(entries: list[dict[str, Any]]) -> None:
@@ -50,19 +50,52 @@ def format_entries(entries: list[dict[str, Any]], features: int) -> str:
     return "\n".join(lines)
 
 
+def serving_line(window: int | None, detected: bool | None = None) -> str:
+    """How the server answers each frame, for a model dir or a Keras file."""
+    if window is None:
+        text = "serving: stateful stream (each answer: the model on every frame since the start)"
+    else:
+        text = (
+            f"serving: window of {window} frames (each answer: the model on the last {window} "
+            "frames)"
+        )
+    if detected is not None:
+        text += "; detected by convert --window auto" if detected else ""
+    return text
+
+
+def _numerics_line(numerics: dict[str, Any] | None) -> str:
+    if numerics is None:
+        return "numerics: not recorded (exported before seqserve-export checked them)"
+    peaks = numerics.get("peaks", {})
+    largest = max(peaks, key=peaks.get) if peaks else None
+    peak = f"largest values {peaks[largest]:.3g} in {largest}" if largest else ""
+    if numerics.get("stable"):
+        return f"numerics: stable ({peak})"
+    warning = str(numerics.get("warning"))
+    return f"numerics: UNSTABLE: {warning.removeprefix('numerically unstable model: ')}"
+
+
 def inspect_path(path: Path) -> str:
     """Report for a model directory (reads model.json) or a Keras model file / SavedModel."""
+    extra: list[str] = []
     if path.is_dir() and (path / "model.json").exists():
         meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
         entries, features = meta["layers"], int(meta["features"])
         header = f"{meta['name']} v{meta['version']} ({meta['format']}), opset {meta['opset']}"
+        serving = serving_line(meta.get("window"))
+        extra.append(_numerics_line(meta.get("numerics")))
     else:
         from .loading import load
         from .modeldir import layer_entries
         from .spec import describe
+        from .window import detect
 
-        spec: ModelSpec = describe(load(path))
+        model = load(path)
+        spec: ModelSpec = describe(model)
         entries, features = layer_entries(spec), spec.features
         header = f"{path.name}: Keras model"
+        window = detect(model, spec)
+        serving = serving_line(window, detected=window is not None)
     check_entries(entries)
-    return header + "\n" + format_entries(entries, features)
+    return "\n".join([header, format_entries(entries, features), serving, *extra])

@@ -64,19 +64,25 @@ def manifest(
     name: str,
     version: str,
     labels: list[str],
+    window: int | None,
     opset: int,
     graphs: Mapping[str, bytes],
     source: Mapping[str, str],
-    parity: Mapping[str, float | int],
+    parity: Mapping[str, Any],
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """model.json content; `graphs` maps 'sequence' / 'step' to the serialized ONNX bytes."""
+    """model.json content; `graphs` maps 'sequence' / 'step' to the serialized ONNX bytes.
+
+    `window`: T for a window-trained model (each answer is the model on the last T frames),
+    None for a model served as a stateful stream.
+    """
     return {
         "format": FORMAT,
         "name": name,
         "version": version,
         "features": spec.features,
         "labels": labels,
+        "window": window,
         "normalization": {
             "mean": [float(v) for v in spec.mean],
             "std": [float(v) for v in spec.std],

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tf2onnx
 from onnx import numpy_helper
 
-__all__ = ["IR_VERSION", "OPSET", "restore_division", "to_onnx"]
+__all__ = ["IR_VERSION", "OPSET", "logits_graph", "restore_division", "to_onnx"]
 
 OPSET = 17
 # onnxruntime >= 1.20 reads IR <= 10; opset 17 needs IR 8.
@@ -78,3 +78,20 @@ def to_onnx(
     onnx.checker.check_model(model, full_check=True)
     _log.debug("converted %s: %d nodes", function.__name__, len(graph.node))
     return model
+
+
+def logits_graph(graph: bytes, output: str) -> bytes:
+    """`graph` with the Softmax making `output` replaced by Identity: same nodes, logits out.
+
+    Parity judges logits as well as probabilities (a flipped near-tie moves a probability by up to
+    1, a wrong weight may move none); this copy shows the logits the served graph computes.
+    """
+    model = onnx.load_from_string(graph)
+    producers = [node for node in model.graph.node if output in node.output]
+    if len(producers) != 1 or producers[0].op_type != "Softmax":
+        found = [node.op_type for node in producers]
+        raise ValueError(f"{output!r} is made by {found}, expected one Softmax")
+    node = producers[0]
+    node.op_type = "Identity"
+    del node.attribute[:]
+    return model.SerializeToString()

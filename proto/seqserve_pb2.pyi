@@ -143,12 +143,13 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "position", "idle_seconds", "expires_in_seconds", "closed", "model", "model_version")
+    __slots__ = ("session_id", "position", "idle_seconds", "expires_in_seconds", "closed", "rolled_back", "model", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
@@ -156,9 +157,10 @@ class SessionInfo(_message.Message):
     idle_seconds: float
     expires_in_seconds: float
     closed: bool
+    rolled_back: bool
     model: str
     model_version: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., closed: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., closed: _Optional[bool] = ..., rolled_back: _Optional[bool] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("model", "version")
@@ -197,7 +199,7 @@ class LayerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., units: _Optional[int] = ..., input_size: _Optional[int] = ..., parameters: _Optional[int] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window", "state", "latest", "fingerprint")
+    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window", "max_message_bytes", "state", "latest", "fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,7 @@ class ModelInfo(_message.Message):
     MAX_FRAMES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -225,10 +228,11 @@ class ModelInfo(_message.Message):
     max_frames_per_request: int
     session_idle_timeout_seconds: float
     replay_window: int
+    max_message_bytes: int
     state: str
     latest: bool
     fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ..., state: _Optional[str] = ..., latest: _Optional[bool] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., state: _Optional[str] = ..., latest: _Optional[bool] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
     __slots__ = ("session_ids", "positions", "frames", "start", "tag", "model", "version")

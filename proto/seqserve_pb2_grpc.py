@@ -107,6 +107,8 @@ class SeqServeServicer:
     def Stream(self, request_iterator, context):
         """Steps for many sessions over one stream, demultiplexed by session_id. Responses carry the
         session id and position; errors come back as StepResponse.error and the stream goes on.
+        Answers are written as requests settle, not in request order: match them by session_id and
+        position (or tag).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +149,8 @@ class SeqServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Where to resume: SessionInfo.position (and rolled_back). Answers while draining too.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

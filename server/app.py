@@ -11,7 +11,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import numpy as np
@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from seqserve.proto import seqserve_pb2 as pb
-from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 
 from .auth import AuthInterceptor, ConfigError, load_tokens, server_credentials
 from .engine import Engine
@@ -32,8 +31,9 @@ from .oip import HttpFront, InferenceService, OipFront, bind_socket
 from .runtime import Runtime
 from .servicer import SeqServeServicer
 from .settings import Settings
-from .snapshot import capture_parts, read_parts, restore_part, write_snapshot
+from .snapshot import capture_parts, lock_snapshot, read_parts, restore_part, write_snapshot
 from .versions import ModelVersion
+from .wire import add_to_server
 
 __all__ = ["App", "configure_logging", "create_server", "run_forever", "serve"]
 
@@ -56,6 +56,7 @@ class App:
         metrics: Metrics,
         inference: InferenceService | None = None,
         rest: HttpFront | None = None,
+        snapshot_lock: IO[str] | None = None,
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
@@ -73,6 +74,7 @@ class App:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="seqserve-snapshot")
         self._checkpoints: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._snapshot_lock = snapshot_lock  # held until stopped: one server per snapshot file
 
     @property
     def engine(self) -> Engine:
@@ -110,13 +112,8 @@ class App:
         await self.health.enter_graceful_shutdown()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        self.models.draining = True
+        self.refuse_new()
         engines = list(self.models.engines())
-        for engine in engines:
-            engine.draining = True
-        self.servicer.drain()
-        if self.inference is not None:
-            self.inference.drain()
         try:
             await asyncio.wait_for(asyncio.gather(*(e.drain() for e in engines)), grace)
         except TimeoutError:
@@ -132,7 +129,9 @@ class App:
             self._checkpoints.cancel()
         if self.settings.snapshot_path:
             await asyncio.wrap_future(
-                self._writer.submit(write_snapshot, self.settings.snapshot_path, self._capture())
+                self._writer.submit(
+                    write_snapshot, self.settings.snapshot_path, self._capture(clean=True)
+                )
             )
         self._writer.shutdown(wait=True)
         if self.rest is not None:
@@ -144,10 +143,23 @@ class App:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._snapshot_lock is not None:
+            self._snapshot_lock.close()
 
-    def _capture(self) -> dict[str, np.ndarray]:
+    def refuse_new(self) -> None:
+        """The drain's first step: new work is refused (``draining``) and open streams end once
+        what they had accepted is answered."""
+        self.models.draining = True
+        for engine in self.models.engines():
+            engine.draining = True
+        self.servicer.drain()
+        if self.inference is not None:
+            self.inference.drain()
+
+    def _capture(self, *, clean: bool = False) -> dict[str, np.ndarray]:
         return capture_parts(
-            [(e.spec, e.table, e.version) for e in self.models.engines() if len(e.table)]
+            [(e.spec, e.table, e.version) for e in self.models.engines() if len(e.table)],
+            clean=clean,
         )
 
     async def checkpoint(self) -> None:
@@ -175,6 +187,22 @@ def create_server(
     Raises ModelError / SnapshotError / auth.ConfigError with a message fit for the user."""
     credentials = server_credentials(settings)  # bad TLS or token files fail before the model
     tokens = load_tokens(settings)
+    lock = lock_snapshot(settings.snapshot_path) if settings.snapshot_path else None
+    try:
+        return _create(settings, registry, credentials, tokens, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _create(
+    settings: Settings,
+    registry: CollectorRegistry | None,
+    credentials: grpc.ServerCredentials | None,
+    tokens: dict[bytes, str],
+    lock: IO[str] | None,
+) -> tuple[App, int]:
     interceptors = []
     if tokens or settings.tls_client_ca:
         interceptors.append(AuthInterceptor(tokens, certificates=bool(settings.tls_client_ca)))
@@ -233,7 +261,7 @@ def create_server(
         ],
     )
     servicer = SeqServeServicer(models, metrics)
-    pb_grpc.add_SeqServeServicer_to_server(servicer, server)
+    add_to_server(servicer, server)  # requests that do not decode reach it as Undecodable
     front = OipFront(models, metrics, settings)
     inference = InferenceService(front)
     server.add_generic_rpc_handlers((inference,))
@@ -254,7 +282,7 @@ def create_server(
     if settings.http_port >= 0:
         sock = bind_socket(settings.host, settings.http_port, settings.reuse_port)
         rest = HttpFront(front, settings, sock, tokens)
-    app = App(settings, server, models, servicer, health_servicer, metrics, inference, rest)
+    app = App(settings, server, models, servicer, health_servicer, metrics, inference, rest, lock)
     return app, port
 
 

@@ -91,6 +91,7 @@ class SessionStatus:
     idle_seconds: float
     expires_in_seconds: float
     closed: bool = False
+    rolled_back: bool = False  # position is a checkpoint behind frames that were applied
     model: str = ""
     version: int = 0  # the model version the session is pinned to
 
@@ -251,6 +252,7 @@ class Engine:
             max(0.0, self.table.clock() - session.last_used),
             self.table.expires_in(session),
             session.ended is not None,
+            session.restored,
             self.model,
             self.version,
         )
@@ -298,8 +300,15 @@ class Engine:
                 position=found.head,
             )
         idle = max(0.0, self.settings.session_idle_timeout - found.expires_in)
+        # A step here claims the session from its checkpoint: that is where it resumes.
         return SessionStatus(
-            session_id, found.head, idle, found.expires_in, False, self.model, self.version
+            session_id,
+            found.position,
+            idle,
+            found.expires_in,
+            rolled_back=found.head > found.position,
+            model=self.model,
+            version=self.version,
         )
 
     async def reset(self, session_id: str, principal: str = "") -> SessionStatus:
@@ -604,14 +613,8 @@ class Engine:
                 raise SessionExists(f"session {session_id!r} already exists")
             self.table.get(session_id, principal)  # raises unknown
         if session is None:
-            if not start:
+            if not start or position != 0:  # only a start at 0 creates a session
                 self.table.get(session_id, principal)  # raises unknown / expired / closed
-            if position != 0:
-                raise PositionError(
-                    f"a new session starts at position 0, not {position}",
-                    reason="position_gap",
-                    expected=0,
-                )
             session = self._create(session_id, principal)
         elif position > session.accepted:
             raise gap_error(session, position)
@@ -640,7 +643,7 @@ class Engine:
         """Per-step probabilities ``[T_i, C]`` of independent sequences, from zero state."""
         self._refuse_if_draining()
         if not sequences:
-            raise BadRequest("no sequences given", reason="bad_frames")
+            raise BadRequest("no sequences given", reason="no_sequences")
         total = 0
         for i, frames in enumerate(sequences):
             self.check_frames(frames, what=f"sequence {i}")

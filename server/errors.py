@@ -140,12 +140,10 @@ class NotAllowed(SeqServeError):
     reason = "not_allowed"
 
 
-class VersionElsewhere(SeqServeError):
+class VersionElsewhere(VersionUnavailable):
     """The session lives (in the shared store) on another version of its model: ``where`` is
-    that version's tag, ``<version>|<graphs>``. The server loads that version and retries;
-    a client sees this only as version_unavailable, when it cannot."""
-
-    reason = "version_elsewhere"
+    that version's tag, ``<version>|<graphs>``. The server loads that version and retries; a
+    client sees it only when that fails, as version_unavailable (which it is)."""
 
     def __init__(self, message: str, *, where: str) -> None:
         super().__init__(message)

@@ -2,7 +2,8 @@
 
 In a stream, a failed request is answered in the stream (``StepResponse.error``) and the stream
 goes on; a unary call ends with the status code and the trailing metadata ``seqserve-reason`` (and
-``seqserve-expected-position`` for position errors).
+``seqserve-expected-position`` for position errors). Requests arrive decoded by ``wire.lenient``:
+one that did not decode is an ``Undecodable``, refused like any malformed request.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .models import Models
+from .wire import Undecodable, decoded
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
 
@@ -115,6 +117,7 @@ def _session_info(status: SessionStatus) -> pb.SessionInfo:
         idle_seconds=status.idle_seconds,
         expires_in_seconds=status.expires_in_seconds,
         closed=status.closed,
+        rolled_back=status.rolled_back,
         model=status.model,
         model_version=status.version,
     )
@@ -188,7 +191,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     # -- steps --------------------------------------------------------------------------------
 
-    def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
+    def _submit(self, request: pb.StepRequest | Undecodable) -> asyncio.Future[StepResult]:
+        request = decoded(request)
         frames = decode_matrix(request.frames, self._features(request.model))
         return self.models.submit(
             request.model,
@@ -220,12 +224,14 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         )
 
     async def Step(
-        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StepRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
         return await self._unary("Step", request, context, self._submit, self._response)
 
     async def Stream(
-        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.StepRequest | Undecodable],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StepResponse]:
         async for response in self._stream(
             "Stream", request_iterator, context, self._submit, self._response, self._step_error
@@ -233,7 +239,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             yield response
 
     async def StepBatch(
-        self, request: pb.StepBatchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StepBatchRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.StepBatchResponse:
         return await self._unary(
             "StepBatch", request, context, self._submit_batch, self._batch_response
@@ -251,7 +257,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         try:
             result = await submit(request)
         except Exception as exc:
-            await self._abort(context, rpc, started, exc, request.model)
+            await self._abort(context, rpc, started, exc, _model_of(request))
         response = respond(request, result)
         self._answered(rpc, started, response)
         return response
@@ -265,7 +271,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def StreamBatch(
         self,
-        request_iterator: AsyncIterator[pb.StepBatchRequest],
+        request_iterator: AsyncIterator[pb.StepBatchRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StepBatchResponse]:
         async for response in self._stream(
@@ -278,7 +284,10 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         ):
             yield response
 
-    def _submit_batch(self, request: pb.StepBatchRequest) -> asyncio.Future[BatchResult]:
+    def _submit_batch(
+        self, request: pb.StepBatchRequest | Undecodable
+    ) -> asyncio.Future[BatchResult]:
+        request = decoded(request)
         entries = len(request.session_ids)
         features = self._features(request.model)
         frames = (
@@ -485,10 +494,10 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         return response
 
     def _step_error(
-        self, rpc: str, request: pb.StepRequest, started: float, exc: Exception
+        self, rpc: str, request: pb.StepRequest | Undecodable, started: float, exc: Exception
     ) -> pb.StepResponse:
         error = _error(exc)
-        model = self._model(request.model)
+        model = self._model(_model_of(request))
         self._done(rpc, started, grpc.StatusCode(_CODES[error.code]), model)
         return pb.StepResponse(
             session_id=request.session_id,
@@ -500,14 +509,15 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         )
 
     def _batch_error(
-        self, rpc: str, request: pb.StepBatchRequest, started: float, exc: Exception
+        self, rpc: str, request: pb.StepBatchRequest | Undecodable, started: float, exc: Exception
     ) -> pb.StepBatchResponse:
-        """The whole message failed (malformed, draining): every entry carries the error."""
+        """The whole message failed (malformed, undecodable, draining): every entry carries the
+        error (no entries: one error at index 0)."""
         error = _error(exc)
-        model = self._model(request.model)
+        model = self._model(_model_of(request))
         self._done(rpc, started, grpc.StatusCode(_CODES[error.code]), model)
-        entries = len(request.session_ids)
-        classes = self._classes(request.model)
+        entries = 0 if isinstance(request, Undecodable) else len(request.session_ids)
+        classes = self._classes(_model_of(request))
         return pb.StepBatchResponse(
             probabilities=pb.Matrix(rows=entries, cols=classes, data=bytes(4 * entries * classes)),
             top_class=[0] * entries,
@@ -528,10 +538,13 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     # -- whole sequences ----------------------------------------------------------------------
 
     async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         started = time.perf_counter()
+        per_step = False
         try:
+            request = decoded(request)
+            per_step = request.per_step
             engine = self.models.model(request.model).stateless(request.version)
             features = engine.spec.features
             sequences = [
@@ -540,13 +553,13 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             ]
             outputs = await engine.predict(sequences)
         except Exception as exc:
-            await self._abort(context, "Predict", started, exc, request.model)
+            await self._abort(context, "Predict", started, exc, _model_of(request))
         response = pb.PredictResponse(model=engine.model, model_version=engine.version)
         for probs in outputs:
             prediction = response.predictions.add(
                 probabilities=to_matrix(probs[-1:]), top_class=int(probs[-1].argmax())
             )
-            if request.per_step:
+            if per_step:
                 prediction.per_step.CopyFrom(to_matrix(probs))
         self._answered("Predict", started, response)
         return response
@@ -554,61 +567,73 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     # -- sessions and model -------------------------------------------------------------------
 
     async def _session_call(
-        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, model: str, *args: Any
+        self,
+        rpc: str,
+        call: Callable[[Any, str], Any],
+        context: grpc.aio.ServicerContext,
+        request: pb.OpenSessionRequest | pb.SessionRef | Undecodable,
     ) -> pb.SessionInfo:
         started = time.perf_counter()
         try:
-            status = call(model, *args, current_principal())
+            status = call(decoded(request), current_principal())
             if asyncio.iscoroutine(status):
                 status = await status
         except Exception as exc:
-            await self._abort(context, rpc, started, exc, model)
+            await self._abort(context, rpc, started, exc, _model_of(request))
         info = _session_info(status)
         self._answered(rpc, started, info)
         return info
 
     async def OpenSession(
-        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.OpenSessionRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
             "OpenSession",
-            self.models.open,
+            lambda r, p: self.models.open(r.model, r.version, r.session_id, p),
             context,
-            request.model,
-            request.version,
-            request.session_id,
+            request,
         )
 
     async def GetSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "GetSession", self.models.lookup, context, request.model, request.session_id
+            "GetSession",
+            lambda r, p: self.models.lookup(r.model, r.session_id, p),
+            context,
+            request,
         )
 
     async def ResetSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "ResetSession", self.models.reset, context, request.model, request.session_id
+            "ResetSession",
+            lambda r, p: self.models.reset(r.model, r.session_id, p),
+            context,
+            request,
         )
 
     async def CloseSession(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext
+        self, request: pb.SessionRef | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         return await self._session_call(
-            "CloseSession", self.models.close, context, request.model, request.session_id
+            "CloseSession",
+            lambda r, p: self.models.close(r.model, r.session_id, p),
+            context,
+            request,
         )
 
     async def GetModel(
-        self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ModelRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         started = time.perf_counter()
         try:
+            request = decoded(request)
             model = self.models.model(request.model)
             engine = model.stateless(request.version)
         except Exception as exc:
-            await self._abort(context, "GetModel", started, exc, request.model)
+            await self._abort(context, "GetModel", started, exc, _model_of(request))
         spec, settings = engine.spec, self.settings
         version = model.versions[engine.version]
         latest = model.latest()
@@ -642,6 +667,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             state=version.state,
             latest=latest is version,
             fingerprint=spec.fingerprint,
+            max_message_bytes=settings.max_message_bytes,
         )
 
     # -- the repository -----------------------------------------------------------------------
@@ -649,17 +675,17 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     def _model_list(self) -> pb.ModelList:
         out = pb.ModelList(default_model=self.models.default)
         for info in self.models.list():
-            out.versions.add(
+            status = out.versions.add(
                 model=info.model,
                 version=info.version,
                 state=info.state,
-                reason=info.reason,
                 sessions=info.sessions,
                 fingerprint=info.fingerprint,
                 load_seconds=info.load_seconds,
                 default_model=info.default,
                 latest=info.latest,
             )
+            status.reason = info.reason  # why it is in that state (not an error reason)
         for model in self.models.models.values():
             for problem in model.problems:
                 path, _, why = problem.partition(": ")
@@ -667,32 +693,36 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         return out
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ModelList:
         started = time.perf_counter()
+        if isinstance(request, Undecodable):
+            await self._abort(context, "ListModels", started, request.error())
         listed = self._model_list()
         self._done("ListModels", started, grpc.StatusCode.OK)
         return listed
 
     async def LoadModel(
-        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+        self, request: pb.LoadModelRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ModelList:
-        return await self._repository_call(
-            "LoadModel", self.models.load, context, request.model, request.version
-        )
+        return await self._repository_call("LoadModel", self.models.load, context, request)
 
     async def UnloadModel(
-        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+        self, request: pb.LoadModelRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.ModelList:
-        return await self._repository_call(
-            "UnloadModel", self.models.unload, context, request.model, request.version
-        )
+        return await self._repository_call("UnloadModel", self.models.unload, context, request)
 
     async def _repository_call(
-        self, rpc: str, call: Any, context: grpc.aio.ServicerContext, model: str, version: int
+        self,
+        rpc: str,
+        call: Any,
+        context: grpc.aio.ServicerContext,
+        request: pb.LoadModelRequest | Undecodable,
     ) -> pb.ModelList:
         started = time.perf_counter()
+        model = _model_of(request)
         try:
+            version = decoded(request).version
             if not model:
                 raise BadRequest("name the model to load or unload", reason="bad_request")
             await call(model, version, current_principal())
@@ -718,5 +748,12 @@ _RPCS = (
     "CloseSession",
     "GetModel",
 )
+
+
+def _model_of(request: object) -> str:
+    """The model a request names ("" for one that did not decode)."""
+    return "" if isinstance(request, Undecodable) else str(getattr(request, "model", ""))
+
+
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _REPORTED_CODES = (grpc.StatusCode.OK, *STATUS_CODES.values(), grpc.StatusCode.INTERNAL)

@@ -83,12 +83,16 @@ class Settings:
     replay_window: int = _opt(64, "frames of recent outputs kept per session to answer retries")
     stream_inflight: int = _opt(1024, "requests one stream may have queued before reads pause")
     snapshot_path: str = _opt(
-        "seqserve-sessions.npz",
-        "where sessions are saved on drain and restored at start; empty disables",
+        "",
+        "file to save every session to on drain (and every --snapshot-interval) and restore "
+        "them from at start, so a restart loses none; one server per file (a second one is "
+        "refused: the file is locked). Empty: sessions live in this process's memory only, "
+        "and a restart loses them (clients are told: NOT_FOUND). The Docker image sets "
+        "/var/lib/seqserve/sessions.npz",
     )
     snapshot_interval: float = _opt(
         30.0,
-        "also save sessions every this many seconds while "
+        "with --snapshot-path, also save sessions every this many seconds while "
         "serving, bounding what a crash (kill -9) loses; 0: only "
         "on drain",
     )
@@ -173,16 +177,30 @@ def _convert(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
+def _shown(value: Any) -> str:
+    """A default as ``--help`` shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "empty"
+
+
 def build_parser(prog: str = "seqserve-server") -> argparse.ArgumentParser:
+    # Defaults are argparse.SUPPRESS, so a flag left out falls back to the environment and
+    # then to Settings; the help text names each real default itself.
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve a stateful sequence model over gRPC. Every flag can also be set with "
-        f"the environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_SESSIONS).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        f"the environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_SESSIONS), which "
+        "a flag overrides. Sessions live in memory; only --snapshot-path (a file) or --store "
+        "(Redis) keeps them across a restart, and nothing else is written to disk.",
     )
     for f in dataclasses.fields(Settings):
         kind = type(f.default)
-        help_text = f"{f.metadata['help']} [{_env_name(f.name)}]"
+        help_text = (
+            f"{f.metadata['help']} (default: {_shown(f.default)}) [{_env_name(f.name)}]"
+        ).replace("%", "%%")
         if kind is bool:
             parser.add_argument(
                 _flag(f.name),

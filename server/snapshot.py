@@ -6,11 +6,18 @@ added the owners; format-1 files still load, every session owned by "" (the prin
 without authentication: with authentication on, nobody can reach them and they expire). It is
 written to a temporary name and renamed, so a crash mid-write never leaves a half file under the
 real name. Loading checks everything before touching the session table: a corrupt, truncated or
-foreign file is refused whole.
+foreign file is refused whole. The header says whether the file was written by a drain (``clean``:
+nothing was applied after it) or periodically (a crash may have lost frames after it); sessions
+restored from the latter report ``rolled_back`` until they move on.
+
+One file belongs to one server: ``lock_snapshot`` holds an exclusive lock on ``<file>.lock``
+for the server's life, so a second server given the same file refuses to start instead of
+restoring the same sessions and overwriting the first one's saves.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,7 +26,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -32,6 +39,7 @@ __all__ = [
     "capture",
     "capture_parts",
     "load_snapshot",
+    "lock_snapshot",
     "read_parts",
     "restore_part",
     "save_snapshot",
@@ -47,6 +55,29 @@ MULTI = "seqserve-snapshot/3"
 _PART_ARRAYS = ("ids", "owners", "positions", "idle", "ring")
 
 
+def lock_snapshot(path: str | Path) -> IO[str]:
+    """Lock the snapshot file for this process (until the returned file is closed, or the
+    process ends however it ends); SnapshotError if another process holds it."""
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock_path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SnapshotError(
+            f"snapshot file {path} is in use by another seqserve server ({holder}, lock "
+            f"{lock_path}); give each server its own --snapshot-path"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int:
     """Write all live sessions; returns how many."""
     arrays = capture(spec, table)
@@ -54,10 +85,11 @@ def save_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
     return len(arrays["ids"])
 
 
-def capture(spec: ModelSpec, table: SessionTable) -> dict[str, np.ndarray]:
+def capture(spec: ModelSpec, table: SessionTable, *, clean: bool = False) -> dict[str, np.ndarray]:
     """Copies of every live session's state, position and replay window. Call on the event loop:
     states and positions change together there, so the copy is consistent even while a batch
-    runs in the worker thread (its results are not applied yet, so they are not in it)."""
+    runs in the worker thread (its results are not applied yet, so they are not in it).
+    ``clean``: taken by a drain, with nothing running and nothing to run after it."""
     sessions = list(table)
     slots = np.array([s.slot for s in sessions], np.intp)
     bank = table.bank
@@ -71,6 +103,7 @@ def capture(spec: ModelSpec, table: SessionTable) -> dict[str, np.ndarray]:
         "window": bank.window,
         "sessions": len(sessions),
         "created": time.time(),
+        "clean": clean,
     }
     arrays: dict[str, np.ndarray] = {
         "header": np.frombuffer(json.dumps(header).encode(), np.uint8),
@@ -166,6 +199,7 @@ def load_snapshot(path: str | Path, spec: ModelSpec, table: SessionTable) -> int
 
 def _restore(path: Path, arrays: dict[str, np.ndarray], table: SessionTable) -> int:
     bank = table.bank
+    clean = bool(json.loads(arrays["header"].tobytes()).get("clean", False))
     ids = [str(i) for i in arrays["ids"]]
     owners = [str(o) for o in arrays["owners"]]
     if len(set(ids)) != len(ids):
@@ -184,7 +218,7 @@ def _restore(path: Path, arrays: dict[str, np.ndarray], table: SessionTable) -> 
             owner=owners[k],
             per_owner_limit=False,
         )
-        session.restored = True
+        session.restored = not clean  # after a crash, frames past it may have been lost
         for i, slab in enumerate(bank.slabs):
             slab[session.slot] = arrays[f"state{i}"][k]
         bank.ring[session.slot] = arrays["ring"][k]
@@ -207,13 +241,15 @@ class Part:
         return len(self.arrays.get("ids", ()))
 
 
-def capture_parts(parts: Sequence[tuple[ModelSpec, SessionTable, int]]) -> dict[str, np.ndarray]:
+def capture_parts(
+    parts: Sequence[tuple[ModelSpec, SessionTable, int]], *, clean: bool = False
+) -> dict[str, np.ndarray]:
     """Every version's sessions in one snapshot (format /3): part ``i``'s arrays are named
     ``p<i>_<name>``. Call on the event loop (see ``capture``)."""
     headers = []
     out: dict[str, np.ndarray] = {}
     for i, (spec, table, version) in enumerate(parts):
-        arrays = capture(spec, table)
+        arrays = capture(spec, table, clean=clean)
         header = json.loads(arrays.pop("header").tobytes())
         header["version_number"] = version
         headers.append(header)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import grpc
 import numpy as np
 import pytest
 from helpers import solo_run
@@ -109,6 +110,94 @@ async def test_resume_across_dropped_connections(server, samples, model_dir):
         out = np.concatenate([p.probabilities for p in got])
         assert np.abs(out - solo_run(model_dir, x)).max() <= TOL
     assert reconnects >= 3
+
+
+class CoreErrorRelay:
+    """A gRPC relay in front of the server (bytes in, bytes out). Its first Stream call ends,
+    after ``answers`` responses and with requests still in flight, the way grpc-python's asyncio
+    client reports a write that raced the server's end of the stream (grpc/grpc#36066): INTERNAL
+    "Internal error from Core", no trailers. Every other call is passed through."""
+
+    def __init__(self, upstream: int, answers: int) -> None:
+        self.upstream = upstream
+        self.answers = answers
+        self.streams = 0
+        self.failed = 0
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.upstream}")
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers([self])
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(None)
+        if self._channel is not None:
+            await self._channel.close()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = details.method  # type: ignore[attr-defined]
+        assert self._channel is not None
+        if method.endswith("/Stream"):
+            upstream = self._channel.stream_stream(method)
+
+            async def stream(requests, context: grpc.aio.ServicerContext):
+                async for response in self._stream(upstream, requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream)
+        forward = self._channel.unary_unary(method)
+
+        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await forward(request, metadata=context.invocation_metadata())
+
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+    async def _stream(self, upstream, requests, context):
+        self.streams += 1
+        call = upstream(requests, metadata=context.invocation_metadata())
+        passed = 0
+        async for response in call:
+            if self.streams == 1 and passed == self.answers:
+                call.cancel()
+                self.failed += 1
+                await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+            passed += 1
+            yield response
+
+
+async def test_internal_error_from_core_is_a_dropped_connection_and_resumes(
+    server, samples, model_dir
+):
+    """grpc/grpc#36066: an asyncio client writing on a stream while the server ends it may see
+    INTERNAL "Internal error from Core" instead of the server's status. The client library
+    takes it for a dropped connection: it resumes, resends what was not answered, and the
+    outputs are those of an uninterrupted run."""
+    relay = CoreErrorRelay(server[1], answers=5)
+    await relay.start()
+    x = _x(samples, 2)[:40]
+    try:
+        async with AsyncClient(f"127.0.0.1:{relay.port}", timeout=WAIT, retry=FAST) as c:
+            s = await c.open_session()
+            futures = []
+            for frame in x:  # paced and pipelined: requests are in flight at the error
+                futures.append(s.send_nowait(frame))
+                await asyncio.sleep(0.002)
+            preds = await asyncio.wait_for(asyncio.gather(*futures), WAIT)
+            position = (await c.get_session(s.id)).position
+            reconnects, resent = c.multiplexer.reconnects, c.multiplexer.resent
+    finally:
+        await relay.stop()
+    assert relay.failed == 1 and relay.streams >= 2
+    assert reconnects >= 1 and resent >= 1
+    assert position == len(x)  # none applied twice
+    out = np.concatenate([p.probabilities for p in preds])
+    assert np.abs(out - solo_run(model_dir, x)).max() <= TOL
 
 
 async def test_resume_across_a_server_restart(start_server, samples, model_dir):

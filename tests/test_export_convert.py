@@ -314,7 +314,12 @@ def test_inspect_keras_file_and_directory(tmp_path: Path, capsys: pytest.Capture
     for text in (from_file, from_dir):
         assert "GRU" in text and "198" in text and "_h[6]" in text
         assert f"total parameters: {meta['parameters']:,}" in text
-    assert from_file.splitlines()[1:] == from_dir.splitlines()[1:]
+    # The same table and serving line; a directory adds what its export measured.
+    file_lines, dir_lines = from_file.splitlines(), from_dir.splitlines()
+    assert file_lines[1:] == dir_lines[1 : len(file_lines)]
+    assert file_lines[-1].startswith("serving: stateful stream")
+    assert dir_lines[len(file_lines) :] == [dir_lines[-1]]
+    assert dir_lines[-1].startswith("numerics: stable (largest values")
 
 
 def test_inspect_rejects_wrong_parameter_count(

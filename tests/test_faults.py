@@ -90,8 +90,10 @@ def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SeqServeStub(channel)
             for i, x in enumerate(xs):
-                durable = stub.GetSession(pb.SessionRef(session_id=f"k{i}")).position
+                info = stub.GetSession(pb.SessionRef(session_id=f"k{i}"))
+                durable = info.position
                 assert durable == 30, "restored from the last snapshot, never from zero state"
+                assert info.rolled_back  # a client that asks is told frames may be lost
                 # The client resumes where it was; the server names the last durable position.
                 with pytest.raises(grpc.RpcError) as info:
                     stub.Step(step_request(f"k{i}", 40, x[40:41]))
@@ -103,6 +105,7 @@ def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model
                 expected = solo_run(model_dir, x)
                 assert np.abs(probs(rest) - expected[durable:]).max() <= 1e-5
                 assert np.abs(outputs[i][0] - expected[:30]).max() <= 1e-5
+                assert not stub.GetSession(pb.SessionRef(session_id=f"k{i}")).rolled_back
     finally:
         assert _stop(proc, signal.SIGTERM, 30) == 0
 

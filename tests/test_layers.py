@@ -28,7 +28,7 @@ PACKAGES = {"server": "seqserve.server", "client": "seqserve.client", "export": 
 PACKAGES["proto"] = "seqserve.proto"
 
 # server/ modules that may speak a protocol or run the process: everything else is the core.
-FRONTS = {"__init__", "__main__", "app", "auth", "cli", "servicer", "workers"}
+FRONTS = {"__init__", "__main__", "app", "auth", "cli", "servicer", "wire", "workers"}
 FRONT_PACKAGES = {"oip"}  # the Open Inference Protocol's gRPC and REST fronts
 # The wire: what the core must not import. seqserve.proto's generated gRPC module imports grpc.
 WIRE = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "aiohttp", "seqserve.proto")

@@ -297,7 +297,8 @@ async def test_bearer_tokens_guard_everything_but_health(start_server, samples):
 
 
 async def test_http_port_off_and_drain(start_server):
-    app, _ = await start_server(http_port=-1)
+    # Two servers at once: each its own snapshot file (a server locks its file).
+    app, _ = await start_server(http_port=-1, snapshot_path="")
     assert app.http_port is None and app.rest is None
     app2, _ = await start_server()
     port = app2.http_port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -131,6 +132,12 @@ async def test_drain_snapshot_restart_resume_identical(start_server, samples, mo
         # d0's frame 25 was applied before the drain: a client that missed the reply resends it.
         replay = await stub.Step(step_request("d0", 25, xs[0][25:26]))
         assert replay.replayed
+        # A drain loses nothing, so nothing is reported rolled back, and a gap is just a gap.
+        info = await stub.GetSession(pb.SessionRef(session_id="d1"))
+        assert (info.position, info.rolled_back) == (25, False)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Step(step_request("d1", 30, xs[1][30:31]))
+        assert dict(err.value.trailing_metadata())["seqserve-reason"] == "position_gap"
         for i, x in enumerate(xs):
             start = 26 if i == 0 else 25
             r = await stub.Step(step_request(f"d{i}", start, x[start:]))
@@ -235,9 +242,73 @@ def test_server_help_lists_every_setting():
 
     out = _cli("--help")
     assert out.returncode == 0
+    text = " ".join(out.stdout.split())  # argparse wraps lines
     for f in dataclasses.fields(Settings):
         assert "--" + f.name.replace("_", "-") in out.stdout
         assert "SEQSERVE_" + f.name.upper() in out.stdout
+    # Every flag's real default is shown, right before its environment variable.
+    shown = {
+        env: value
+        for value, env in re.findall(r"\(default: ([^)]*)\) \[(SEQSERVE_[A-Z_]+)\]", text)
+    }
+    expected = {
+        "SEQSERVE_" + f.name.upper(): (
+            ("on" if f.default else "off")
+            if isinstance(f.default, bool)
+            else f"{f.default:g}"
+            if isinstance(f.default, float)
+            else str(f.default) or "empty"
+        )
+        for f in dataclasses.fields(Settings)
+    }
+    assert shown == expected
+    assert shown["SEQSERVE_PORT"] == "50051" and shown["SEQSERVE_SESSION_IDLE_TIMEOUT"] == "600"
+    # Where state goes is said up front.
+    assert "only --snapshot-path (a file) or --store (Redis) keeps them" in text
+
+
+async def test_by_default_nothing_is_written_and_a_snapshot_file_has_one_server(
+    start_server, tmp_path, monkeypatch, samples
+):
+    """The defaults write no file (sessions live in memory); a snapshot file, when given, is
+    locked by its server, so a second server given the same file refuses to start instead of
+    restoring the same sessions and overwriting the first one's saves."""
+    from seqserve.server import Settings
+    from seqserve.server.errors import SnapshotError
+
+    assert Settings().snapshot_path == ""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    app, port = await start_server(snapshot_path="", snapshot_interval=0.05)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await pb_grpc.SeqServeStub(channel).Step(
+            step_request("m", 0, samples["x"][0][:2], start=True)
+        )
+    await asyncio.sleep(0.2)  # several snapshot intervals
+    await app.stop()
+    assert list(workdir.iterdir()) == []
+
+    shared = str(tmp_path / "state" / "sessions.npz")
+    first, _ = await start_server(snapshot_path=shared)
+    with pytest.raises(SnapshotError, match=r"in use by another seqserve server \(pid "):
+        await start_server(snapshot_path=shared)
+    await first.stop()  # the lock goes with the server
+    again, _ = await start_server(snapshot_path=shared)
+    await again.stop()
+
+
+def test_a_second_server_process_on_one_snapshot_file_exits_with_a_clear_message(tmp_path):
+    import fcntl
+
+    shared = tmp_path / "sessions.npz"
+    with open(f"{shared}.lock", "w") as held:  # what a running server holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242\n")
+        held.flush()
+        out = _cli("--snapshot-path", str(shared), "--port", "0", "--metrics-port", "-1")
+    assert out.returncode == 2
+    assert f"snapshot file {shared} is in use by another seqserve server (pid 4242" in out.stderr
 
 
 def test_server_refuses_bad_model_dir_and_cuda_without_gpu(tmp_path, model_dir):

@@ -76,10 +76,19 @@ async def test_stale_position_outside_replay_window(start_server, samples):
 async def test_unknown_session_is_not_silently_started(stub, samples):
     code, reason, _ = await _status(stub.Step(step_request("nobody", 0, samples["x"][0][:1])))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "unknown")
+    # start creates a session only at position 0: above it, a missing session is NOT_FOUND as
+    # without start (the client believes it exists), never a position_gap "expecting 0".
     code, reason, expected = await _status(
         stub.Step(step_request("nobody", 3, samples["x"][0][:1], start=True))
     )
-    assert (code, reason, expected) == (grpc.StatusCode.FAILED_PRECONDITION, "position_gap", 0)
+    assert (code, reason, expected) == (grpc.StatusCode.NOT_FOUND, "unknown", 0)
+    await stub.Step(step_request("short", 0, samples["x"][0][:2], start=True, end=True))
+    code, reason, expected = await _status(
+        stub.Step(step_request("short", 5, samples["x"][0][:1], start=True))
+    )
+    assert (code, reason, expected) == (grpc.StatusCode.NOT_FOUND, "closed", 2)
+    again = await stub.Step(step_request("short", 0, samples["x"][0][:1], start=True))
+    assert again.next_position == 1  # position 0 starts the id afresh
 
 
 async def test_idle_session_expires_and_says_so(start_server, samples):
@@ -208,12 +217,21 @@ async def test_oversized_message_is_refused_not_crashing(start_server, samples):
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         r = await stub.Step(step_request("big", 0, samples["x"][0][:2], start=True))
         assert r.next_position == 2
+        # The limit is published, because grpc enforces it before the server sees a message: on
+        # a stream an oversized message ends the stream (as the proto says), not just itself.
+        assert (await stub.GetModel(pb.ModelRequest())).max_message_bytes == 64 * 1024
+        call = stub.Stream(iter([step_request("big", 2, big)]))
+        assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "seqserve-reason" not in dict(await call.trailing_metadata() or ())
 
 
 async def test_predict_rejects_bad_sequences(stub):
     from seqserve.proto.codec import to_matrix
 
     code, reason, _ = await _status(stub.Predict(pb.PredictRequest()))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "no_sequences")
+    empty = pb.Sequence(frames=pb.Matrix(rows=0, cols=6))
+    code, reason, _ = await _status(stub.Predict(pb.PredictRequest(sequences=[empty])))
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "bad_frames")
     seqs = [
         pb.Sequence(frames=to_matrix(np.ones((3, 6)))),

@@ -44,6 +44,9 @@ async def replicas(
 
     async def replica(name: str, **overrides: Any) -> tuple[Any, pb_grpc.SeqServeStub]:
         overrides.setdefault("store", redis_server.url)
+        # Sessions live in Redis, as in the compose and k8s deployments: no snapshot file (which
+        # two replicas could not share anyway: a server locks its file).
+        overrides.setdefault("snapshot_path", "")
         app, port = await start_server(replica_id=name, **overrides)
         app.target = f"127.0.0.1:{port}"
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -90,7 +93,8 @@ async def test_with_k1_a_resend_after_takeover_is_replayed_not_applied_twice(
     x = recording(samples)
     first = await step(a, "once", x, 0, 6)
     # b reads it from the store without taking it over
-    assert (await b.GetSession(pb.SessionRef(session_id="once"))).position == 6
+    info = await b.GetSession(pb.SessionRef(session_id="once"))
+    assert (info.position, info.rolled_back) == (6, False)
     assert text(redis_server.command("HGET", store_key("once"), "h")) == "a|6"
     # a applied 0..5; the client never saw the answer and resends it to b.
     again = await step(b, "once", x, 0, 6)
@@ -118,6 +122,27 @@ async def test_with_k4_a_dead_replicas_last_frames_are_reported_and_resent(
     assert np.abs(probs(resent) - solo_run(model_dir, x)[9:]).max() <= TOL
 
 
+async def test_with_k4_get_session_on_the_survivor_says_where_to_resume(
+    replicas, samples, model_dir
+):
+    """A client that asks where to resume before stepping is given the position the survivor
+    resumes from (the last checkpoint, not the dead replica's head) and told it rolled back;
+    the step from there is accepted as it is."""
+    app_a, a = await replicas("a", checkpoint_every=4)
+    _, b = await replicas("b", checkpoint_every=4)
+    x = recording(samples)
+    for t in range(10):
+        await step(a, "asks", x, t)
+    assert (await a.GetSession(pb.SessionRef(session_id="asks"))).rolled_back is False
+    app_a.engine.store._down_until = float("inf")  # a "dies"
+    info = await b.GetSession(pb.SessionRef(session_id="asks"))
+    assert (info.position, info.rolled_back) == (9, True)  # a had applied 10
+    resent = await step(b, "asks", x, info.position, 15)  # claims it; no refusal first
+    assert np.abs(probs(resent) - solo_run(model_dir, x)[9:]).max() <= TOL
+    info = await b.GetSession(pb.SessionRef(session_id="asks"))
+    assert (info.position, info.rolled_back) == (24, False)
+
+
 async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
     """b claims the session while a still holds it; then each gets the same next frame. Only
     one of them applies it: the other's write to the store fails and it says session_moved."""
@@ -134,6 +159,27 @@ async def test_two_replicas_never_both_apply_a_frame(replicas, samples):
     assert dict(failed[0].trailing_metadata())["seqserve-reason"] == "session_moved"
     ok = next(r for r in results if not isinstance(r, BaseException))
     assert ok.next_position == 5 and not ok.replayed
+
+
+async def test_the_client_library_resends_a_step_refused_session_moved(
+    replicas, samples, model_dir
+):
+    """a's copy is stale (b claimed the session); a step sent to a is applied there, a's write
+    to the store fails and it answers ABORTED session_moved. The proto says: resend. The client
+    library does, and the resend resumes the session (a claims it back) with exact outputs."""
+    from seqserve.client import AsyncClient, Backoff
+
+    app_a, a = await replicas("a")
+    _, b = await replicas("b")
+    x = recording(samples)
+    await step(a, "moving", x, 0, 4)
+    await step(b, "moving", x, 0, 4)  # a resend: b claims the session and replays
+    retry = Backoff(initial=0.01, maximum=0.05, max_elapsed=10.0)
+    async with AsyncClient(app_a.target, timeout=10, retry=retry) as client:
+        p = await client.step("moving", x[4:6], position=4)
+    assert np.abs(p.probabilities - solo_run(model_dir, x[:6])[4:]).max() <= TOL
+    info = await a.GetSession(pb.SessionRef(session_id="moving"))
+    assert info.position == 6  # applied once, now held by a
 
 
 async def test_serving_goes_on_from_memory_while_redis_is_down(
