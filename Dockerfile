@@ -3,8 +3,10 @@
 #   runtime (default)  docker build -t seqserve .                     seqserve[server], CPU, no TensorFlow
 #   gpu                docker build --target gpu -t seqserve:gpu .    seqserve[gpu] on a CUDA runtime base
 #   export             docker build --target export -t seqserve-export .   seqserve[export] (TensorFlow)
-# The server images run as uid 10001, serve the bundled basicmotions model unless SEQSERVE_MODEL_DIR
-# names a mounted model directory, and answer their healthcheck with grpc.health.v1.
+# The server images run as uid 10001, serve the bundled models (basicmotions, the default, and
+# japanesevowels) unless SEQSERVE_MODEL_REPOSITORY names a mounted model repository
+# (/models/<model>/<version>/) or SEQSERVE_MODEL_DIR one model directory, and answer their
+# healthcheck with grpc.health.v1.
 ARG PYTHON_IMAGE=python:3.11-slim
 # onnxruntime-gpu wheels on PyPI are built for CUDA 12 and cuDNN 9.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -57,6 +59,7 @@ ENV PATH=/opt/seqserve/bin:$PATH \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_PORT=8081 \
     SEQSERVE_MODEL_DIR="" \
+    SEQSERVE_MODEL_REPOSITORY="" \
     SEQSERVE_SNAPSHOT_PATH=/var/lib/seqserve/sessions.npz \
     SEQSERVE_DEVICE=cuda
 EXPOSE 50051 8081
@@ -78,6 +81,7 @@ ENV PATH=/opt/seqserve/bin:$PATH \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_PORT=8081 \
     SEQSERVE_MODEL_DIR="" \
+    SEQSERVE_MODEL_REPOSITORY="" \
     SEQSERVE_SNAPSHOT_PATH=/var/lib/seqserve/sessions.npz
 EXPOSE 50051 8081
 # seqserve health exits 1 (not SERVING: starting, draining) or 2 (unreachable); docker reserves 2.

@@ -9,6 +9,8 @@ from .errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidInput,
+    ModelNotFound,
+    PermissionDenied,
     PositionConflict,
     SeqServeError,
     ServerBusy,
@@ -18,9 +20,20 @@ from .errors import (
     SessionNotFound,
     Unauthenticated,
     Unavailable,
+    VersionConflict,
+    VersionUnavailable,
 )
 from .mux import Multiplexer
-from .results import BatchPrediction, ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .results import (
+    BatchPrediction,
+    ModelInfo,
+    ModelList,
+    ModelVersionStatus,
+    Prediction,
+    RepositoryProblem,
+    SequencePrediction,
+    SessionInfo,
+)
 from .retry import Backoff
 from .routing import ROUTE_HEADER
 from .session import AsyncSession
@@ -38,9 +51,14 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidInput",
     "ModelInfo",
+    "ModelList",
+    "ModelNotFound",
+    "ModelVersionStatus",
     "Multiplexer",
+    "PermissionDenied",
     "PositionConflict",
     "Prediction",
+    "RepositoryProblem",
     "SeqServeError",
     "SequencePrediction",
     "ServerBusy",
@@ -52,4 +70,6 @@ __all__ = [
     "SessionNotFound",
     "Unauthenticated",
     "Unavailable",
+    "VersionConflict",
+    "VersionUnavailable",
 ]

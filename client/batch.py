@@ -17,16 +17,23 @@ __all__ = ["predict_command"]
 
 
 async def predict_command(client: AsyncClient, args: argparse.Namespace) -> int:
-    recordings = [r for source in args.sources for r in load_recordings(source)]
-    model = await client.model()
+    model = await client.model(args.model, version=args.version)
+    recordings = [r for source in args.sources for r in load_recordings(source, model.name)]
     check_features(recordings, model)
-    results = await client.predict([r.frames for r in recordings], per_step=args.per_step)
+    results = await client.predict(
+        [r.frames for r in recordings],
+        per_step=args.per_step,
+        model=args.model,
+        version=args.version,
+    )
     buffer = io.StringIO()
     if args.format == "json":
         records = []
         for rec, res in zip(recordings, results, strict=True):
             record: dict[str, Any] = {
                 "source": rec.name,
+                "model": res.model,
+                "version": res.model_version,
                 "label": res.label,
                 "confidence": round(res.confidence, 6),
                 "probabilities": dict(zip(model.labels, map(_num, res.probabilities), strict=True)),

@@ -1,4 +1,5 @@
-"""The ``seqserve`` command: stream recordings live, batch-predict files, inspect the server."""
+"""The ``seqserve`` command: stream recordings live, batch-predict files, inspect the server and
+its models (list, load, unload)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .batch import predict_command
 from .errors import InvalidInput, SeqServeError
 from .inputs import InputError
 from .replay import stream_command
-from .results import ModelInfo
+from .results import ModelInfo, ModelList
 from .retry import Backoff
 
 __all__ = ["build_parser", "main"]
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqserve",
         description="Client of a seqserve server: stream recordings, batch "
-        "predict, inspect the model.",
+        "predict, inspect, load and unload models.",
     )
     parser.add_argument(
         "--target",
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="most unanswered sends per session (pipelining, default %(default)s)",
     )
     stream.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    _model_options(stream, "start the sessions on this version (default: the latest ready)")
 
     predict = commands.add_parser("predict", help="whole-sequence (batch) inference")
     predict.add_argument(
@@ -100,11 +102,48 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--per-step", action="store_true", help="also every step's output")
     predict.add_argument("--format", choices=("csv", "json"), default="csv")
     predict.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    _model_options(predict, "run on this version (default: the latest ready)")
 
     commands.add_parser("health", help="the server's health status (exit 0 when SERVING)")
-    model = commands.add_parser("model", help="the served model's metadata")
+    model = commands.add_parser("model", help="a served model's metadata")
     model.add_argument("--json", action="store_true")
+    _model_options(model, "this version's (default: the latest ready)")
+
+    models = commands.add_parser(
+        "models",
+        help="every model and version the server holds",
+        description="Every model and version: state (loading, ready, draining, unavailable), "
+        "live sessions, whether new sessions go to it (latest) and whether it is the default "
+        "model, the reason for its state; then what in the repository cannot be served.",
+    )
+    models.add_argument("--json", action="store_true")
+    for name, what in (
+        ("load", "load a model from the server's repository (its policy's versions, or one)"),
+        ("unload", "drain a model's versions (or one): pinned sessions finish on them"),
+    ):
+        command = commands.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}.")
+        command.add_argument("model", metavar="MODEL")
+        command.add_argument(
+            "--version", type=_version, default=0, metavar="N", help="only this version"
+        )
+        command.add_argument("--json", action="store_true", help="the models afterwards as JSON")
     return parser
+
+
+def _model_options(parser: argparse.ArgumentParser, version_help: str) -> None:
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("SEQSERVE_MODEL", ""),
+        metavar="NAME",
+        help="the model (default: the server's default model) [SEQSERVE_MODEL]",
+    )
+    parser.add_argument("--version", type=_version, default=0, metavar="N", help=version_help)
+
+
+def _version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a version is a positive integer")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +199,18 @@ async def _run(args: argparse.Namespace) -> int:
             print(status)
             return 0 if status == "SERVING" else 1
         if args.command == "model":
-            _print_model(await client.model(), args.json)
+            _print_model(await client.model(args.model, version=args.version), args.json)
+            return 0
+        if args.command == "models":
+            _print_models(await client.models(), args.json)
+            return 0
+        if args.command == "load":
+            listed = await client.load_model(args.model, args.version)
+            _print_models(listed, args.json, only=args.model)
+            return 0
+        if args.command == "unload":
+            listed = await client.unload_model(args.model, args.version)
+            _print_models(listed, args.json, only=args.model)
             return 0
         if args.command == "predict":
             return await predict_command(client, args)
@@ -174,6 +224,11 @@ def _print_model(info: ModelInfo, as_json: bool) -> None:
                 {
                     "name": info.name,
                     "version": info.version,
+                    "state": info.state,
+                    "latest": info.latest,
+                    "fingerprint": info.fingerprint,
+                    "serving_mode": info.serving_mode,
+                    "window": info.window,
                     "features": info.features,
                     "labels": list(info.labels),
                     "parameters": info.parameters,
@@ -188,9 +243,10 @@ def _print_model(info: ModelInfo, as_json: bool) -> None:
             )
         )
         return
+    state = f" [{info.state}{', latest' if info.latest else ''}]" if info.state else ""
     print(
-        f"{info.name} v{info.version}: {info.features} features -> {len(info.labels)} labels "
-        f"({', '.join(info.labels)})"
+        f"{info.name} v{info.version}{state}: {info.features} features -> "
+        f"{len(info.labels)} labels ({', '.join(info.labels)})"
     )
     for layer in info.layers:
         print(
@@ -203,3 +259,49 @@ def _print_model(info: ModelInfo, as_json: bool) -> None:
         f"device {info.device}, at most {info.max_frames_per_request} frames/request, "
         f"sessions expire after {info.session_idle_timeout:g}s idle"
     )
+    if info.serving_mode == "window":
+        print(f"answers on the last {info.window} frames (window-trained model)")
+    if info.fingerprint:
+        print(f"graphs {info.fingerprint}")
+
+
+def _print_models(listed: ModelList, as_json: bool, only: str = "") -> None:
+    """The ``models`` table (``load`` / ``unload``: the one model's lines)."""
+    versions = [v for v in listed.versions if not only or v.model == only]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "default_model": listed.default_model,
+                    "versions": [
+                        {
+                            "model": v.model,
+                            "version": v.version,
+                            "state": v.state,
+                            "sessions": v.sessions,
+                            "latest": v.latest,
+                            "default": v.default,
+                            "reason": v.reason,
+                            "fingerprint": v.fingerprint,
+                            "load_seconds": round(v.load_seconds, 4),
+                        }
+                        for v in versions
+                    ],
+                    "problems": [{"path": p.path, "why": p.why} for p in listed.problems],
+                },
+                indent=2,
+            )
+        )
+        return
+    rows = [("MODEL", "VERSION", "STATE", "SESSIONS", "FLAGS", "REASON")]
+    for v in versions:
+        flags = ",".join(f for f, on in (("latest", v.latest), ("default", v.default)) if on)
+        rows.append((v.model, str(v.version), v.state, str(v.sessions), flags or "-", v.reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[5]]).rstrip())
+    if not versions:
+        print(f"(no versions{f' of {only}' if only else ''})")
+    for problem in listed.problems:
+        print(f"problem: {problem.path}: {problem.why}")

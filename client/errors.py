@@ -1,7 +1,9 @@
 """Client exceptions: one small hierarchy keyed by gRPC status code and ``seqserve-reason``.
 
 Every exception carries ``code`` (a ``grpc.StatusCode``), ``reason`` (the server's stable
-machine-readable reason, e.g. ``expired``) and a one-line message fit for a user.
+machine-readable reason, e.g. ``expired``) and a one-line message fit for a user. Most classes
+follow the status code; the model repository's reasons pick their own (``_BY_REASON``): a
+missing model or version is not a missing session, a version conflict is not a position one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ __all__ = [
     "Cancelled",
     "DeadlineExceeded",
     "InvalidInput",
+    "ModelNotFound",
+    "PermissionDenied",
     "PositionConflict",
     "SeqServeError",
     "ServerBusy",
@@ -21,6 +25,8 @@ __all__ = [
     "SessionNotFound",
     "Unauthenticated",
     "Unavailable",
+    "VersionConflict",
+    "VersionUnavailable",
     "error_from_rpc",
     "error_from_status",
 ]
@@ -55,8 +61,20 @@ class SessionNotFound(SeqServeError):
 
 
 class SessionLost(SessionNotFound):
-    """A session this client was using is gone on the server (expired, closed, or unknown after
-    a restart without snapshot); nothing of the failed request was applied."""
+    """A session this client was using is gone on the server (expired, closed, unknown after a
+    restart without snapshot, or ``version_retired``: the model version it was pinned to was
+    retired); nothing of the failed request was applied."""
+
+
+class ModelNotFound(SeqServeError, LookupError):
+    """No such model (``unknown_model``) or no such version of it (``unknown_version``) on the
+    server; ``client.models()`` lists what there is."""
+
+
+class VersionConflict(SeqServeError):
+    """A request at odds with model versions (FAILED_PRECONDITION): ``version_mismatch`` (it
+    names a version other than the one its session is pinned to) or ``version_draining`` (a new
+    session asked for a version that takes no new sessions; name none to get the latest)."""
 
 
 class PositionConflict(SeqServeError):
@@ -74,6 +92,20 @@ class SessionExists(SeqServeError):
 
 class Unavailable(SeqServeError):
     """The server cannot be reached, or stayed unreachable longer than the retry budget."""
+
+
+class VersionUnavailable(Unavailable):
+    """``version_unavailable``: the model version a request needs (a session's exact graphs, or
+    any ready version of the model) is not loaded on the server that answered and cannot be
+    there; the message names the version. Not retried by the client: on the replica a session
+    routes to this rarely clears by itself (its causes are a version this server does not have,
+    or one whose load failed). Resume the session on a server that has the version, or retry
+    once it is loaded."""
+
+
+class PermissionDenied(SeqServeError, PermissionError):
+    """PERMISSION_DENIED: e.g. ``not_allowed``, loading or unloading models as a principal not
+    in the server's ``--admin-principals``."""
 
 
 class DeadlineExceeded(SeqServeError, TimeoutError):
@@ -102,6 +134,16 @@ _BY_CODE: dict[grpc.StatusCode, type[SeqServeError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+}
+# Reasons whose class is not their status code's.
+_BY_REASON: dict[str, type[SeqServeError]] = {
+    "unknown_model": ModelNotFound,
+    "unknown_version": ModelNotFound,
+    "version_mismatch": VersionConflict,
+    "version_draining": VersionConflict,
+    "version_retired": SessionLost,  # the session existed: it ended with its version
+    "version_unavailable": VersionUnavailable,
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -118,7 +160,7 @@ def error_from_status(
     """The exception for a status; ``in_session`` turns NOT_FOUND into ``SessionLost``."""
     if isinstance(code, int):
         code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
-    kind = _BY_CODE.get(code, ServerError)
+    kind = _BY_REASON.get(reason) or _BY_CODE.get(code, ServerError)
     if kind is SessionNotFound and in_session:
         kind = SessionLost
         if reason == "unknown":
@@ -142,7 +184,7 @@ def error_from_rpc(
     reason = str(trailing.get("seqserve-reason", ""))
     raw_position = trailing.get("seqserve-expected-position")
     position = int(raw_position) if raw_position not in (None, "") else None
-    if code is grpc.StatusCode.UNAVAILABLE and reason != "draining":
+    if code is grpc.StatusCode.UNAVAILABLE and not reason:  # the transport, not seqserve
         where = f" at {target}" if target else ""
         details = f"cannot reach the seqserve server{where} ({_short(details)})"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -1,4 +1,4 @@
-"""Recordings for the CLI: CSV / ``.npy`` files and the bundled model's test samples."""
+"""Recordings for the CLI: CSV / ``.npy`` files and the bundled models' test samples."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ __all__ = [
 
 
 _SLICE = re.compile(r"samples(?::(\d+)|\[(\d*):(\d*)\])?")
+DEFAULT_SAMPLES = "basicmotions"  # the bundled default model
 
 
 class InputError(Exception):
@@ -37,27 +38,32 @@ class Recording:
     truth: str | int | None = None  # the true label (or class index) when known
 
 
-def bundled_samples() -> Path:
-    """The bundled model's test recordings (``SEQSERVE_SAMPLES`` overrides the path)."""
+def bundled_samples(model: str = "") -> Path:
+    """The test recordings bundled with ``model`` (``models/<model>/samples.npz``; ``""``:
+    the default model, basicmotions). ``SEQSERVE_SAMPLES`` overrides the path."""
     override = os.environ.get("SEQSERVE_SAMPLES")
     if override:
         return Path(override)
     import seqserve.models
 
-    return Path(seqserve.models.__file__).parent / "basicmotions" / "samples.npz"
+    folder = Path(seqserve.models.__file__).parent
+    if model and (Path(model).name != model or model.startswith(".")):
+        return folder / "-" / "samples.npz"  # not a bundled model's name: no such file
+    return folder / (model or DEFAULT_SAMPLES) / "samples.npz"
 
 
-def load_recordings(source: str) -> list[Recording]:
+def load_recordings(source: str, model: str = "") -> list[Recording]:
     """``FILE.csv`` (rows = frames, optional header), ``FILE.npy`` ([T, F] or [n, T, F]),
-    ``sample:N`` (test recording N of the bundled model), ``samples`` (all of them),
-    ``samples:K`` (the first K) or a slice ``samples[A:B]``."""
+    ``sample:N`` (test recording N bundled with ``model``, default basicmotions), ``samples``
+    (all of them), ``samples:K`` (the first K) or a slice ``samples[A:B]``."""
     if source == "samples" or source.startswith(("samples:", "samples[")):
-        return _samples(source, _selection(source))
+        return _samples(source, _selection(source), model)
     if source.startswith("sample:"):
         try:
-            return _samples(source, [int(source[len("sample:") :])])
+            number = int(source[len("sample:") :])
         except ValueError:
             raise InputError(f"{source}: expected sample:N with a number N") from None
+        return _samples(source, [number], model)
     path = Path(source)
     if not path.is_file():
         raise InputError(
@@ -79,9 +85,15 @@ def _selection(source: str) -> slice:
     return slice(int(start) if start else None, int(stop) if stop else None)
 
 
-def _samples(source: str, chosen: slice | list[int]) -> list[Recording]:
-    path = bundled_samples()
+def _samples(source: str, chosen: slice | list[int], model: str) -> list[Recording]:
+    path = bundled_samples(model)
     if not path.is_file():
+        if model and not os.environ.get("SEQSERVE_SAMPLES"):
+            bundled = sorted(p.parent.name for p in path.parent.parent.glob("*/samples.npz"))
+            raise InputError(
+                f"{source}: no samples are bundled with model {model!r} (bundled: "
+                f"{', '.join(bundled) or 'none'}); set SEQSERVE_SAMPLES to a samples.npz"
+            )
         raise InputError(f"{source}: the bundled samples are missing ({path})")
     with np.load(path) as data:
         x, lengths = data["x"], data["lengths"]

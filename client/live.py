@@ -39,6 +39,8 @@ class Progress:
     error: str = ""
     finished: bool = False
     session_id: str = ""
+    model: str = ""
+    version: int = 0  # the model version the session is pinned to
     latencies: list[float] = field(default_factory=list)
 
 
@@ -51,6 +53,7 @@ class View:
 
     def step(self, row: Progress, prediction: Prediction) -> None:
         row.done = prediction.next_position
+        row.version = prediction.model_version or row.version
         row.label = prediction.label
         row.confidence = prediction.confidence
         row.latency = prediction.latency
@@ -86,6 +89,8 @@ class JsonLines(View):
             "probabilities": [round(float(p), 6) for p in prediction.probabilities[-1]],
             "latency_ms": round(row.latency * 1000, 3),
             "replayed": prediction.replayed,
+            "model": prediction.model,
+            "version": prediction.model_version,
         }
         self.out.write(json.dumps(record) + "\n")
         self.out.flush()
@@ -149,6 +154,8 @@ def summary(rows: list[Progress], seconds: float, reconnects: int) -> dict[str, 
             {
                 "source": r.name,
                 "session_id": r.session_id,
+                "model": r.model,
+                "version": r.version,
                 "label": r.label,
                 "confidence": round(r.confidence, 6),
                 "truth": r.truth,
@@ -186,6 +193,9 @@ def print_summary(out: TextIO, report: dict[str, Any]) -> None:
     lat = report["latency_ms"]
     rate = report["steps_per_second"]
     parts = [f"{report['steps']} steps ({report['frames']} frames) in {report['seconds']:.2f}s"]
+    served = sorted({(s["model"], s["version"]) for s in report["sessions"] if s["model"]})
+    if served:
+        parts.insert(0, ", ".join(f"{m} v{v}" for m, v in served))
     if rate is not None:
         parts.append(f"{rate:.1f} steps/s")
     if lat["p50"] is not None:

@@ -1,18 +1,22 @@
 """Many sessions over one bidirectional ``Stream`` call, with transparent resume.
 
-Every request carries ``(session_id, position)``; responses are matched back by that pair. Each
-request stays *unacknowledged* until its response arrives. When the call breaks (connection lost,
-server draining or restarted: UNAVAILABLE), a new call is opened after a backoff and every
-unacknowledged request is written again, in the original order. The server answers requests it
-had already applied from its replay store (``replayed=true``) and applies the rest, so nothing is
-lost or applied twice. Only a session truly gone (NOT_FOUND) or a retry budget spent reaches the
-caller, as an exception on the request's future.
+Every request carries ``(session_id, position)``, and the model and version it is for; the
+multiplexer gives it a ``tag`` of its own, which the server echoes, and matches each response
+back by that tag (session ids are one namespace per model, so one stream may carry the same id
+for two models). Each request stays *unacknowledged* until its response arrives. When the call
+breaks (connection lost, server draining or restarted: UNAVAILABLE), a new call is opened after
+a backoff and every unacknowledged request is written again, in the original order. The server
+answers requests it had already applied from its replay store (``replayed=true``) and applies
+the rest, so nothing is lost or applied twice. Only a session truly gone (NOT_FOUND), a version
+the server cannot serve it on, or a retry budget spent reaches the caller, as an exception on
+the request's future.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 
@@ -44,7 +48,7 @@ _TRANSPORT = (
     "broken pipe",
     "end of tcp stream",
 )
-_Key = tuple[str, int]
+_Key = int  # a request's tag
 # In-stream errors that say "not now": the request is written again after a pause.
 _TRY_AGAIN = frozenset({"store_unavailable", "session_moved"})
 
@@ -73,6 +77,8 @@ class Multiplexer:
         self._contact = contact or Contact()
         self._target = target
         self._unacked: dict[_Key, tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
+        self._pending: set[tuple[str, str, int]] = set()  # (model, session id, position)
+        self._tags = itertools.count(1)
         self._tries: dict[_Key, tuple[int, float]] = {}  # retries of in-stream errors: n, since
         self._outbox: asyncio.Queue[pb.StepRequest | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -90,7 +96,8 @@ class Multiplexer:
         return len(self._unacked)
 
     def submit(self, request: pb.StepRequest) -> asyncio.Future[pb.StepResponse]:
-        """Queue a request; the future gives its response or raises a ``SeqServeError``."""
+        """Queue a request (its ``tag`` is set here); the future gives its response or raises a
+        ``SeqServeError``."""
         if self._closing:
             raise Unavailable(
                 "the client is closed",
@@ -98,12 +105,14 @@ class Multiplexer:
                 session_id=request.session_id,
                 position=request.position,
             )
-        key = (request.session_id, request.position)
-        if key in self._unacked:
+        pending = (request.model, request.session_id, request.position)
+        if pending in self._pending:
             raise ValueError(
                 f"position {request.position} of session {request.session_id!r} is already pending"
             )
         future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
+        request.tag = key = next(self._tags)
+        self._pending.add(pending)
         self._unacked[key] = (request, future)
         self._idle.clear()
         if self._task is None or self._task.done():
@@ -199,6 +208,8 @@ class Multiplexer:
                 self._on_response(response)
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc, target=self._target, in_session=True)
+            if error.reason:  # ended by seqserve itself (e.g. draining): the server was reached
+                self._contact.seen = True
             if _dropped(exc):
                 return Unavailable(
                     f"connection dropped ({exc.code().name}: {exc.details()})",
@@ -218,17 +229,16 @@ class Multiplexer:
         return None
 
     def _on_response(self, response: pb.StepResponse) -> None:
-        key = (response.session_id, response.position)
+        key = response.tag
         entry = self._unacked.get(key)
-        if entry is None:
+        if entry is None or entry[0].session_id != response.session_id:
             return  # answer to a duplicate write; the first answer already settled it
         error = response.error if response.HasField("error") else None
         if error is not None and error.reason in _TRY_AGAIN and self._again(key, error):
             return  # not applied; written again on this call after a pause
         if error is not None and error.reason == "draining":
             return  # not applied; written again on the next call
-        del self._unacked[key]
-        self._tries.pop(key, None)
+        self._settle(key)
         future = entry[1]
         if not future.done():
             if error is None:
@@ -247,6 +257,12 @@ class Multiplexer:
         if not self._unacked:
             self._idle.set()
 
+    def _settle(self, key: _Key) -> None:
+        """Forget an answered request."""
+        request, _ = self._unacked.pop(key)
+        self._pending.discard((request.model, request.session_id, request.position))
+        self._tries.pop(key, None)
+
     def _again(self, key: _Key, error: pb.Error) -> bool:
         """Write a request again after a backoff pause, within the retry budget: the replica
         could not reach the session store (``store_unavailable``), or found that another replica
@@ -256,7 +272,13 @@ class Multiplexer:
         if not self._retry.allows(attempt, now - first):
             return False
         self._tries[key] = (attempt + 1, first)
-        log.info("session %r position %d: %s; trying again", key[0], key[1], error.reason)
+        request = self._unacked[key][0]
+        log.info(
+            "session %r position %d: %s; trying again",
+            request.session_id,
+            request.position,
+            error.reason,
+        )
         asyncio.get_running_loop().call_later(self._retry.delay(attempt), self._write_again, key)
         return True
 
@@ -266,18 +288,19 @@ class Multiplexer:
             self._outbox.put_nowait(entry[0])
 
     def _fail_all(self, error: SeqServeError) -> None:
-        entries = list(self._unacked.items())
+        entries = list(self._unacked.values())
         self._unacked.clear()
+        self._pending.clear()
         self._tries.clear()
-        for (session_id, position), (_, future) in entries:
+        for request, future in entries:
             if not future.done():
                 future.set_exception(
                     type(error)(
                         str(error),
                         code=error.code,
                         reason=error.reason,
-                        session_id=session_id,
-                        position=position,
+                        session_id=request.session_id,
+                        position=request.position,
                     )
                 )
         self._idle.set()

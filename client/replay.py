@@ -20,8 +20,8 @@ __all__ = ["stream_command"]
 
 
 async def stream_command(client: AsyncClient, args: argparse.Namespace) -> int:
-    recordings = [r for source in args.sources for r in load_recordings(source)]
-    model = await client.model()
+    model = await client.model(args.model, version=args.version)
+    recordings = [r for source in args.sources for r in load_recordings(source, model.name)]
     check_features(recordings, model)
     rows = [
         Progress(
@@ -36,7 +36,7 @@ async def stream_command(client: AsyncClient, args: argparse.Namespace) -> int:
     try:
         outcomes = await asyncio.gather(
             *(
-                _replay(client, rec, row, view, args.rate, max(1, args.depth), step_timeout)
+                _replay(client, rec, row, view, args, max(1, args.depth), step_timeout, model.name)
                 for rec, row in zip(recordings, rows, strict=True)
             ),
             return_exceptions=True,
@@ -74,14 +74,18 @@ async def _replay(
     recording: Recording,
     row: Progress,
     view: View,
-    rate: float,
+    args: argparse.Namespace,
     depth: int,
     step_timeout: float | None,
+    model: str,
 ) -> None:
-    """Send a recording frame by frame at ``rate`` Hz (0: as fast as ``depth`` allows)."""
+    """Send a recording frame by frame at ``args.rate`` Hz (0: as fast as ``depth`` allows),
+    as a session of ``model`` on ``args.version`` (0: the latest)."""
+    rate = args.rate
     try:
-        async with client.session() as session:
+        async with client.session(model=model, version=args.version) as session:
             row.session_id = session.id
+            row.model, row.version = session.model, session.version
             inflight: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue(depth)
 
             async def produce() -> None:

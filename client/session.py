@@ -6,6 +6,15 @@ behind them are coalesced into multi-frame requests of at most ``window`` frames
 the server applied but could not answer before a drop is then still within its replay window
 (keep ``window`` at most the server's ``--replay-window``) and is answered again after a resume.
 A rejected request rewinds the session to its position; requests pipelined behind it fail too.
+
+A session belongs to one model and is pinned to one of its versions for life, the one the server
+names (``OpenSession``, ``GetSession``, the first answer). Every request names the model. Only a
+request that can create the session (position 0) names a version, the one asked for at open (0:
+the latest): later requests go wherever the server keeps the session, which is its version
+(another replica finds it through the shared store and loads that version if need be; naming the
+version there would refuse a version the replica has not loaded yet). Every answer is checked
+against the pinned version: one from another version would end the session (``VersionConflict``)
+rather than mix two versions' outputs.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from seqserve.proto.codec import from_matrix, to_matrix
 
 from .errors import (
     DeadlineExceeded,
+    ModelNotFound,
     SeqServeError,
     ServerError,
     SessionLost,
     SessionNotFound,
     Unavailable,
+    VersionConflict,
 )
 from .frames import as_frames
 from .mux import Multiplexer
@@ -50,6 +61,7 @@ class _Send:
     outputs: list[np.ndarray | None]
     left: int
     replayed: bool = True
+    version: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -79,12 +91,18 @@ class AsyncSession:
         features: int = 0,
         window: int = 64,
         closer: Callable[[str], Awaitable[Any]] | None = None,
+        model: str = "",
+        version: int = 0,
+        asked: int = 0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.id = session_id
         self.labels = labels
         self.features = features
+        self.model = model  # "" until the server names it: its default model
+        self._version = version  # the version it is pinned to (0: not known yet)
+        self._asked = asked  # the version asked for when it was opened (0: the latest)
         self._mux = mux
         self._window = window
         self._closer = closer
@@ -100,7 +118,18 @@ class AsyncSession:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<AsyncSession {self.id!r} position={self._next}>"
+        model = f" model={self.model}:{self._version}" if self.model else ""
+        return f"<AsyncSession {self.id!r}{model} position={self._next}>"
+
+    @property
+    def version(self) -> int:
+        """The model version the session is pinned to (0 until the server has said)."""
+        return self._version
+
+    def version_for(self, position: int) -> int:
+        """The version a request at ``position`` names: at 0 (it may create the session) the
+        one asked for at open, else none (the session's own)."""
+        return self._asked if position == 0 else 0
 
     @property
     def stream(self) -> Multiplexer:
@@ -229,6 +258,8 @@ class AsyncSession:
                 frames=to_matrix(frames),
                 start=position == 0,
                 end=parts[-1].end,
+                model=self.model,
+                version=self.version_for(position),
             )
             try:
                 future = self._mux.submit(request)
@@ -256,18 +287,30 @@ class AsyncSession:
                     session_id=self.id,
                     position=position,
                 )
+            elif self._version and response.model_version not in (0, self._version):
+                exc = VersionConflict(
+                    f"session {self.id!r} is pinned to version {self._version} of model "
+                    f"{self.model!r}, but version {response.model_version} answered: the session "
+                    "cannot go on",
+                    code=grpc.StatusCode.FAILED_PRECONDITION,
+                    reason="version_mismatch",
+                    session_id=self.id,
+                    position=position,
+                )
             else:
                 self._acked = max(self._acked, response.next_position)
+                self._version = self._version or response.model_version
+                self.model = self.model or response.model
                 offset = 0
                 for part in parts:
                     n = len(part.frames)
-                    _done(part, probs[offset : offset + n], response.replayed, self.labels, self.id)
+                    _done(part, probs[offset : offset + n], response, self.labels)
                     offset += n
         if exc is not None:
             assert isinstance(exc, Exception)
             if self._failed_at is not None and position > self._failed_at[0]:
                 exc = _after(self._failed_at[1], self._failed_at[0])
-            elif isinstance(exc, (SessionNotFound, Unavailable)):
+            elif isinstance(exc, _FATAL):
                 self._dead = exc
                 self._fail_backlog(exc, position)
             else:  # nothing of it was applied: later sends go again from its position
@@ -286,26 +329,34 @@ class AsyncSession:
             _fail(self._backlog.popleft(), _after(exc, failed))
 
 
+# Errors after which the session cannot go on: gone, unreachable past the retry budget, its
+# model or version missing, or pinned to another version than the one the server has for it.
+_FATAL = (SessionNotFound, Unavailable, ModelNotFound, VersionConflict)
+
+
 def _done(
-    part: _Part, probs: np.ndarray, replayed: bool, labels: tuple[str, ...], session_id: str
+    part: _Part, probs: np.ndarray, response: pb.StepResponse, labels: tuple[str, ...]
 ) -> None:
     send = part.send
     if send.result.done():
         return
     send.outputs[part.index] = probs
-    send.replayed = send.replayed and replayed
+    send.replayed = send.replayed and response.replayed
+    send.version = send.version or response.model_version
     send.left -= 1
     if send.left:
         return
     outputs = [o for o in send.outputs if o is not None]
     send.result.set_result(
         Prediction(
-            session_id=session_id,
+            session_id=response.session_id,
             position=send.position,
             probabilities=outputs[0] if len(outputs) == 1 else np.concatenate(outputs),
             labels=labels,
             latency=time.perf_counter() - send.started,
             replayed=send.replayed,
+            model=response.model,
+            model_version=send.version,
         )
     )
 
@@ -330,7 +381,7 @@ def _after(exc: Exception, failed: int) -> Exception:
     """The error for a request queued behind one that failed at position ``failed``."""
     if not isinstance(exc, SeqServeError):
         return exc
-    if isinstance(exc, (SessionNotFound, Unavailable)):
+    if isinstance(exc, _FATAL):
         return _again(exc)
     return type(exc)(
         f"not applied: the send at position {failed} before it failed: {exc}",

@@ -12,10 +12,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .aio import DEFAULT_TARGET, AsyncClient
+from .aio import DEFAULT_TARGET, LOAD_TIMEOUT, AsyncClient
 from .channel import TLS
 from .errors import DeadlineExceeded
-from .results import BatchPrediction, ModelInfo, Prediction, SequencePrediction, SessionInfo
+from .results import (
+    BatchPrediction,
+    ModelInfo,
+    ModelList,
+    Prediction,
+    SequencePrediction,
+    SessionInfo,
+)
 from .retry import Backoff
 from .session import AsyncSession
 
@@ -106,16 +113,38 @@ class Client:
             self._loop.run(self.aio.close(), 10.0)
         self._loop.stop()
 
-    def model(self) -> ModelInfo:
-        return self._loop.run(self.aio.model())
+    def model(self, model: str = "", *, version: int = 0) -> ModelInfo:
+        return self._loop.run(self.aio.model(model, version=version))
+
+    def models(self) -> ModelList:
+        """Every model and version on the server (see ``AsyncClient.models``)."""
+        return self._loop.run(self.aio.models())
+
+    def load_model(
+        self, model: str, version: int = 0, *, timeout: float | None = LOAD_TIMEOUT
+    ) -> ModelList:
+        """Load from the server's repository (see ``AsyncClient.load_model``)."""
+        return self._loop.run(self.aio.load_model(model, version, timeout=timeout))
+
+    def unload_model(self, model: str, version: int = 0) -> ModelList:
+        """Drain a model's versions (see ``AsyncClient.unload_model``)."""
+        return self._loop.run(self.aio.unload_model(model, version))
 
     def health(self, service: str = "") -> str:
         return self._loop.run(self.aio.health(service))
 
     def predict(
-        self, sequences: Any, lengths: Any = None, *, per_step: bool = False
+        self,
+        sequences: Any,
+        lengths: Any = None,
+        *,
+        per_step: bool = False,
+        model: str = "",
+        version: int = 0,
     ) -> list[SequencePrediction]:
-        return self._loop.run(self.aio.predict(sequences, lengths, per_step=per_step))
+        return self._loop.run(
+            self.aio.predict(sequences, lengths, per_step=per_step, model=model, version=version)
+        )
 
     def step(
         self,
@@ -126,10 +155,21 @@ class Client:
         start: bool | None = None,
         end: bool = False,
         route: str | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Prediction:
         """One unary ``Step`` (see ``AsyncClient.step``)."""
         return self._loop.run(
-            self.aio.step(session_id, frames, position=position, start=start, end=end, route=route)
+            self.aio.step(
+                session_id,
+                frames,
+                position=position,
+                start=start,
+                end=end,
+                route=route,
+                model=model,
+                version=version,
+            )
         )
 
     def step_batch(
@@ -140,27 +180,63 @@ class Client:
         *,
         start: bool = False,
         route: str | None = None,
+        model: str = "",
+        version: int = 0,
     ) -> BatchPrediction:
         """One frame for each of many sessions (see ``AsyncClient.step_batch``)."""
         return self._loop.run(
-            self.aio.step_batch(session_ids, frames, positions, start=start, route=route)
+            self.aio.step_batch(
+                session_ids,
+                frames,
+                positions,
+                start=start,
+                route=route,
+                model=model,
+                version=version,
+            )
         )
 
-    def get_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
-        return self._loop.run(self.aio.get_session(session_id, route=route))
+    def get_session(
+        self, session_id: str, *, route: str | None = None, model: str | None = None
+    ) -> SessionInfo:
+        return self._loop.run(self.aio.get_session(session_id, route=route, model=model))
 
-    def reset_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
-        return self._loop.run(self.aio.reset_session(session_id, route=route))
+    def reset_session(
+        self, session_id: str, *, route: str | None = None, model: str | None = None
+    ) -> SessionInfo:
+        return self._loop.run(self.aio.reset_session(session_id, route=route, model=model))
 
-    def close_session(self, session_id: str, *, route: str | None = None) -> SessionInfo:
-        return self._loop.run(self.aio.close_session(session_id, route=route))
+    def close_session(
+        self, session_id: str, *, route: str | None = None, model: str | None = None
+    ) -> SessionInfo:
+        return self._loop.run(self.aio.close_session(session_id, route=route, model=model))
 
-    def open_session(self, session_id: str | None = None, *, resume: bool = False) -> Session:
-        return Session(self._loop, self._loop.run(self.aio.open_session(session_id, resume=resume)))
+    def open_session(
+        self,
+        session_id: str | None = None,
+        *,
+        resume: bool = False,
+        model: str = "",
+        version: int = 0,
+    ) -> Session:
+        return Session(
+            self._loop,
+            self._loop.run(
+                self.aio.open_session(session_id, resume=resume, model=model, version=version)
+            ),
+        )
 
     @contextlib.contextmanager
-    def session(self, session_id: str | None = None, *, resume: bool = False) -> Iterator[Session]:
-        session = self.open_session(session_id, resume=resume)
+    def session(
+        self,
+        session_id: str | None = None,
+        *,
+        resume: bool = False,
+        model: str = "",
+        version: int = 0,
+    ) -> Iterator[Session]:
+        """``with client.session(model=...) as s:`` (arguments as ``AsyncClient.open_session``)."""
+        session = self.open_session(session_id, resume=resume, model=model, version=version)
         try:
             yield session
         finally:
@@ -181,6 +257,15 @@ class Session:
     @property
     def position(self) -> int:
         return self.aio.position
+
+    @property
+    def model(self) -> str:
+        return self.aio.model
+
+    @property
+    def version(self) -> int:
+        """The model version the session is pinned to (0 until the server has said)."""
+        return self.aio.version
 
     def send(self, frames: Any, *, end: bool = False, timeout: float | None = None) -> Prediction:
         """Apply frames and wait for their probabilities (DeadlineExceeded after ``timeout``)."""

@@ -199,7 +199,7 @@ class LayerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., units: _Optional[int] = ..., input_size: _Optional[int] = ..., parameters: _Optional[int] = ..., activation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window", "max_message_bytes", "state", "latest", "fingerprint")
+    __slots__ = ("name", "version", "features", "labels", "states", "layers", "parameters", "state_bytes", "device", "max_frames_per_request", "session_idle_timeout_seconds", "replay_window", "max_message_bytes", "state", "latest", "fingerprint", "serving_mode", "window")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,8 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SERVING_MODE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     features: int
@@ -232,7 +234,9 @@ class ModelInfo(_message.Message):
     state: str
     latest: bool
     fingerprint: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., state: _Optional[str] = ..., latest: _Optional[bool] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    serving_mode: str
+    window: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., features: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., states: _Optional[_Iterable[_Union[StateSpec, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., device: _Optional[str] = ..., max_frames_per_request: _Optional[int] = ..., session_idle_timeout_seconds: _Optional[float] = ..., replay_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., state: _Optional[str] = ..., latest: _Optional[bool] = ..., fingerprint: _Optional[str] = ..., serving_mode: _Optional[str] = ..., window: _Optional[int] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
     __slots__ = ("session_ids", "positions", "frames", "start", "tag", "model", "version")

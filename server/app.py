@@ -28,7 +28,7 @@ from .metrics import Metrics, VersionGauges
 from .model import ModelSpec, bundled_models_dir
 from .models import Models
 from .oip import HttpFront, InferenceService, OipFront, bind_socket
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .servicer import SeqServeServicer
 from .settings import Settings
 from .snapshot import capture_parts, lock_snapshot, read_parts, restore_part, write_snapshot
@@ -210,7 +210,7 @@ def _create(
     executor = ThreadPoolExecutor(1, thread_name_prefix="seqserve-infer")
     models: Models
 
-    def make_engine(version: ModelVersion, spec: ModelSpec, runtime: Runtime) -> Engine:
+    def make_engine(version: ModelVersion, spec: ModelSpec, runtime: ModelRunner) -> Engine:
         return Engine(
             spec,
             runtime,

@@ -39,7 +39,7 @@ from .errors import (
 from .handover import Handover, Local, Shared, restore_rows
 from .model import ModelSpec
 from .observer import BatchObserver
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .scheduler import Scheduler
 from .sessions import Quota, SessionTable, check_session_id, gap_error
 from .settings import Settings
@@ -106,7 +106,7 @@ class Engine:
     def __init__(
         self,
         spec: ModelSpec,
-        runtime: Runtime,
+        runtime: ModelRunner,
         settings: Settings,
         observer: BatchObserver | None = None,
         *,

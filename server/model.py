@@ -60,6 +60,11 @@ class ModelSpec:
     sequence_graph: Path
     step_graph: Path
     fingerprint: str  # identifies the exact graphs; snapshots are bound to it
+    # What the model answers: "stateful" (everything since the session started) or "window"
+    # (the last ``window`` frames, as a window-trained model was trained; server/window.py).
+    mode: str = "stateful"
+    # Frames per window the model was trained on (model.json ``window``; 0: whole sequences).
+    window: int = 0
 
     @property
     def classes(self) -> int:
@@ -215,6 +220,7 @@ def load_model_spec(
             parameters=int(meta.get("parameters", 0)),
             sequence_graph=sequence,
             step_graph=step,
+            window=int(meta.get("window") or 0),
             fingerprint=hashlib.sha256(
                 json.dumps([pinned, meta["states"]], sort_keys=True).encode()
             ).hexdigest(),

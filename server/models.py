@@ -41,7 +41,7 @@ from .errors import (
 )
 from .model import ModelSpec
 from .repository import ModelFolder, VersionPolicy, VersionSource, parse_policy, scan, single
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .sessions import Quota
 from .settings import Settings
 from .versions import ModelVersion, VersionState, load_graphs
@@ -81,15 +81,28 @@ class Model:
         self.retired: OrderedDict[str, tuple[int, int]] = OrderedDict()
         # Sessions saved (snapshot) on a version this server cannot load: the version.
         self.unavailable: dict[str, int] = {}
+        # Versions loaded by name (LoadModel with a version): served whatever the policy says,
+        # until unloaded.
+        self.requested: set[int] = set()
         self._engines: list[Engine] = []  # serving engines, newest version first
+        self._latest: ModelVersion | None = None
+        # Features per frame of the latest version (a codec's hint; each version checks its own).
+        self.features = 0
 
     # -- which versions serve -----------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Recompute the serving engines after a version changed state."""
+        """Recompute the serving engines and the latest ready version after a version changed
+        state (every request reads them)."""
         serving = [v for v in self.versions.values() if v.serving]
         serving.sort(key=lambda v: v.number, reverse=True)
         self._engines = [v.engine for v in serving if v.engine is not None]
+        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
+        self._latest = max(ready, key=lambda v: v.number) if ready else None
+        shown = self._latest.engine if self._latest is not None else None
+        if shown is None and self._engines:
+            shown = self._engines[0]
+        self.features = shown.spec.features if shown is not None else 0
 
     @property
     def engines(self) -> list[Engine]:
@@ -97,8 +110,7 @@ class Model:
 
     def latest(self) -> ModelVersion | None:
         """The highest ready version: where new sessions go."""
-        ready = [v for v in self.versions.values() if v.state == "ready" and v.engine is not None]
-        return max(ready, key=lambda v: v.number) if ready else None
+        return self._latest
 
     def version(self, number: int) -> ModelVersion:
         found = self.versions.get(number)
@@ -168,8 +180,17 @@ class Model:
             )
 
     def stateless(self, version: int) -> Engine:
-        """The engine for a request that touches no session (Predict, GetModel)."""
-        return self.route("", version, creating=True) if version else self._latest_engine()
+        """The engine for a request that touches no session (Predict, GetModel): the version
+        named (draining ones too: they still serve), else the latest ready one."""
+        if not version:
+            return self._latest_engine()
+        chosen = self.version(version)
+        if not chosen.serving or chosen.engine is None:
+            raise VersionUnavailable(
+                f"model {self.name!r} version {version} is {chosen.state}"
+                + (f": {chosen.reason}" if chosen.reason else "")
+            )
+        return chosen.engine
 
     def _latest_engine(self) -> Engine:
         latest = self.latest()
@@ -203,7 +224,7 @@ class Models:
         settings: Settings,
         *,
         executor: Executor,
-        make_engine: Callable[[ModelVersion, ModelSpec, Runtime], Engine],
+        make_engine: Callable[[ModelVersion, ModelSpec, ModelRunner], Engine],
         bundled: Path | None = None,
     ) -> None:
         self.settings = settings
@@ -212,7 +233,7 @@ class Models:
         self.quota = Quota(settings.max_sessions, settings.max_sessions_per_principal)
         self.models: dict[str, Model] = {}
         self.default = settings.default_model
-        self.admins = {p for p in settings.admin_principals.split(",") if p.strip()}
+        self.admins = {p.strip() for p in settings.admin_principals.split(",") if p.strip()}
         self.policy = parse_policy(settings.version_policy)
         self._bundled = bundled
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
@@ -304,7 +325,7 @@ class Models:
                 model.problems = [str(p) for p in folder.problems]
                 for problem in folder.problems:
                     log.warning("repository: %s", problem)
-                wanted = folder.wanted
+                wanted = folder.wanted | (model.requested & set(folder.versions))
                 for number in sorted(wanted):
                     await self._want(model, folder.versions[number])
                 for number, version in list(model.versions.items()):
@@ -376,7 +397,7 @@ class Models:
         version: ModelVersion,
         source: VersionSource,
         spec: ModelSpec,
-        runtime: Runtime,
+        runtime: ModelRunner,
         seconds: float,
     ) -> ModelVersion:
         version.engine = self.make_engine(version, spec, runtime)
@@ -397,6 +418,9 @@ class Models:
 
     def _set(self, version: ModelVersion, state: VersionState, reason: str = "") -> None:
         version.set_state(state, reason)
+        model = self.models.get(version.model)
+        if model is not None:
+            model.refresh()
         self.on_change(version)
 
     def _drain(self, model: Model, version: ModelVersion, reason: str) -> None:
@@ -488,6 +512,8 @@ class Models:
             model = self.models.get(name)
             if model is None:
                 model = self.models[name] = Model(name, folder.policy)
+            if version:  # loaded by name: it stays whatever the policy says, until unloaded
+                model.requested.add(version)
             numbers = [version] if version else sorted(folder.wanted)
             loaded = []
             for number in numbers:
@@ -497,8 +523,11 @@ class Models:
                     current.failed_signature = None  # asked explicitly: try again
                 await self._want(model, source)
                 loaded.append(model.versions[number])
-            if version:  # loaded on request: it stays even if the policy does not want it
-                pass
+            # Versions the policy no longer wants (a newer one came in with latest:1) drain.
+            keep = folder.wanted | model.requested
+            for number, other in model.versions.items():
+                if number not in keep and other.state in ("ready", "loading"):
+                    self._drain(model, other, "not in the version policy")
             model.refresh()
         failed = [v for v in loaded if v.state != "ready"]
         if failed:
@@ -511,6 +540,10 @@ class Models:
         model = self.model(name)
         async with self._lock:
             targets = [model.version(version)] if version else list(model.versions.values())
+            if version:
+                model.requested.discard(version)
+            else:
+                model.requested.clear()
             for target in targets:
                 if target.state in ("ready", "loading"):
                     self._drain(model, target, "unloaded")
@@ -598,9 +631,29 @@ class Models:
         end: bool = False,
         principal: str = "",
     ) -> asyncio.Future[StepResult]:
-        engine = self.model(model).route(
-            session_id, version, creating=start and position in (0, None)
-        )
+        target = self.model(model)
+        creating = start and position in (0, None)
+        try:
+            engine = target.route(session_id, version, creating=creating)
+        except (UnknownModel, VersionUnavailable) as exc:
+            if creating or not self._shared(target, exc, version):
+                raise
+            return asyncio.ensure_future(
+                self._after_loading(
+                    target.name,
+                    version,
+                    lambda: self.submit(
+                        model,
+                        version,
+                        session_id,
+                        position,
+                        frames,
+                        start=start,
+                        end=end,
+                        principal=principal,
+                    ),
+                )
+            )
         future = engine.submit(
             session_id, position, frames, start=start, end=end, principal=principal
         )
@@ -613,6 +666,50 @@ class Models:
                 session_id, position, frames, start=start, end=end, principal=principal
             ),
         )
+
+    def _shared(self, model: Model, exc: SeqServeError, version: int) -> bool:
+        """A request names a version not loaded here, for a session that may live on it in the
+        shared store (another replica ran it): worth loading that version from the repository."""
+        if not version or not any(engine.store is not None for engine in model.engines):
+            return False
+        if isinstance(exc, UnknownModel) and exc.reason != "unknown_version":
+            return False
+        folder = self.folders().get(model.name)
+        return folder is not None and version in folder.versions
+
+    async def _after_loading(
+        self, name: str, version: int, again: Callable[[], asyncio.Future[StepResult]]
+    ) -> StepResult:
+        await self.ensure_version(name, version)
+        return await again()
+
+    async def ensure_version(self, name: str, number: int) -> Engine:
+        """Version ``number`` of a model, loaded from the repository if it is not served (then
+        draining, unless the policy wants it): a session may be pinned to it elsewhere."""
+        model = self.model(name)
+        current = model.versions.get(number)
+        if current is not None and current.serving and current.engine is not None:
+            return current.engine
+        folder = self.folders().get(model.name)
+        source = folder.versions.get(number) if folder is not None else None
+        if folder is None or source is None:
+            raise UnknownModel(
+                f"model {name!r} has no version {number} in the repository",
+                reason="unknown_version",
+            )
+        async with self._lock:
+            current = model.versions.get(number)
+            if current is None or not current.serving:
+                current = await self._load(model, source)
+                wanted = folder.wanted | model.requested
+                if current.state == "ready" and number not in wanted:
+                    self._drain(model, current, "loaded for the sessions pinned to it")
+                model.refresh()
+        if current.engine is None or not current.serving:
+            raise VersionUnavailable(
+                f"model {name!r} version {number} could not be loaded: {current.reason}"
+            )
+        return current.engine
 
     def submit_batch(
         self,

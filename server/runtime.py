@@ -8,18 +8,41 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import ModelError
-from .model import ModelSpec
+from .model import ModelSpec, StateSpec
 
-__all__ = ["Runtime"]
+__all__ = ["ModelRunner", "Runtime", "States"]
 
 log = logging.getLogger("seqserve.runtime")
 
 States = list[np.ndarray]
+
+
+class ModelRunner(Protocol):
+    """What the serving core runs a model through: ``Runtime``, or ``window.WindowRuntime``."""
+
+    spec: ModelSpec
+    device: str
+    providers: list[str]
+    cost: int
+
+    @property
+    def base_states(self) -> tuple[StateSpec, ...]: ...
+
+    def zero_states(self, batch: int) -> States: ...
+
+    def step(
+        self, frames: np.ndarray, states: States, positions: np.ndarray | None = None
+    ) -> tuple[np.ndarray, States]: ...
+
+    def sequence(
+        self, frames: np.ndarray, states: States, positions: np.ndarray | None = None
+    ) -> tuple[np.ndarray, States]: ...
 
 
 def _options(threads: int, spinning: bool, cuda: bool) -> ort.SessionOptions:
@@ -29,6 +52,11 @@ def _options(threads: int, spinning: bool, cuda: bool) -> ort.SessionOptions:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # Relu LSTM states that decay leave denormal floats behind, and every multiply-add on one is
+    # ~100x slower: measured on the bundled model, sessions replaying recordings in a loop grew
+    # 11 % denormal state values and onnxruntime's step went from 5 to 25 us per session.
+    # Flushing them to zero changes results by < 1.2e-38.
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     if cuda:
         # A node the CUDA provider cannot run becomes a load error instead of a silent CPU run.
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -89,17 +117,29 @@ class Runtime:
             raise ModelError(f"{path.name}: no output named 'probabilities'")
         return session
 
+    cost = 1  # cell steps per frame (a window runtime: its window)
+
+    @property
+    def base_states(self) -> tuple[StateSpec, ...]:
+        """The model's own state tensors (a window runtime holds several copies of each)."""
+        return self.spec.states
+
     def zero_states(self, batch: int) -> States:
         return [np.zeros((batch, s.size), np.float32) for s in self.spec.states]
 
-    def step(self, frames: np.ndarray, states: States) -> tuple[np.ndarray, States]:
-        """frames [B, F] -> probabilities [B, C] and the next states."""
+    def step(
+        self, frames: np.ndarray, states: States, positions: np.ndarray | None = None
+    ) -> tuple[np.ndarray, States]:
+        """frames [B, F] -> probabilities [B, C] and the next states (``positions``, the index
+        of each frame in its session, matter only to a window runtime)."""
         feeds = dict(zip(self._state_inputs, states, strict=True))
         feeds["frames"] = frames
         probs, *new_states = self._step.run(self._outputs, feeds)
         return probs, new_states
 
-    def sequence(self, frames: np.ndarray, states: States) -> tuple[np.ndarray, States]:
+    def sequence(
+        self, frames: np.ndarray, states: States, positions: np.ndarray | None = None
+    ) -> tuple[np.ndarray, States]:
         """frames [B, T, F] -> probabilities [B, T, C] and the states after the last frame."""
         if self._sequence is None:
             out = []

@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import PositionError, SessionMoved
 from .observer import BatchObserver
-from .runtime import Runtime
+from .runtime import ModelRunner
 from .sessions import SessionTable, gap_error, gone_error
 from .work import Action, EndReason, Graph, Group, Session, StepResult, Work
 from .writeback import Answers, Immediate, fail, resolve
@@ -38,7 +38,9 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger("seqserve.scheduler")
 
-_Job = tuple[Graph, list[Work], np.ndarray, np.ndarray, list[np.ndarray]]
+# graph, works, slots, frames, states, positions (each frame's index in its session)
+_Job = tuple[Graph, list[Work], np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]
+_Input = tuple[Graph, np.ndarray, list[np.ndarray], np.ndarray]
 _Output = tuple[np.ndarray, list[np.ndarray], float]
 
 
@@ -59,14 +61,14 @@ class _Round:
     def floats(self) -> int:
         return sum(job[3].size for job in self.jobs)
 
-    def inputs(self) -> list[tuple[Graph, np.ndarray, list[np.ndarray]]]:
-        return [(job[0], job[3], job[4]) for job in self.jobs]
+    def inputs(self) -> list[_Input]:
+        return [(job[0], job[3], job[4], job[5]) for job in self.jobs]
 
 
 class Scheduler:
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: ModelRunner,
         table: SessionTable,
         executor: Executor,
         *,
@@ -85,7 +87,9 @@ class Scheduler:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.inline_floats = inline_batch * runtime.spec.features  # frames, counted in floats
+        # Frames, counted in floats, of batches small enough to run on the loop (a window
+        # runtime does ``cost`` cell steps per frame).
+        self.inline_floats = inline_batch * runtime.spec.features // runtime.cost
         self.observer = observer or BatchObserver()
         self.answers: Answers = answers or Immediate()
         self._ready: deque[Session] = deque()
@@ -181,9 +185,29 @@ class Scheduler:
         await self.answers.settle()  # the last round's answers wait for its write
 
     async def _run(self) -> None:
+        """Rounds back to back. While a round's batch runs in the worker thread, the loop
+        admits requests and answers earlier rounds. Without --max-wait-ms, once a batch is done
+        the next round is formed and handed to the worker *before* the done one is written back,
+        so the worker waits only for a gather and the write-back overlaps the next batch. Two
+        rounds never share a session: a session stays scheduled (a group's sessions held) until
+        its round is written back, and groups sharing sessions run in order."""
         loop = asyncio.get_running_loop()
+        running: tuple[_Round, asyncio.Future[list[_Output]]] | None = None
         while True:
-            if not self._ready and not self._groups:
+            outputs: list[_Output] | None = None
+            if running is not None:
+                try:
+                    outputs = await running[1]
+                except asyncio.CancelledError:
+                    self._close(running[0])
+                    raise
+                except Exception:
+                    log.exception("inference failed")
+                if self.max_wait:  # batches are to fill up: write back, then form the next
+                    self._complete(running[0], outputs)
+                    running = None
+                    continue
+            elif not self._ready and not self._groups:
                 await self.answers.settle()  # idle means answered, so written too
                 if self._ready or self._groups:
                     continue
@@ -191,27 +215,23 @@ class Scheduler:
                 self._idle.set()
                 await self._wake.wait()
                 continue
-            if self.max_wait and len(self._ready) < self.max_batch:
+            elif self.max_wait and len(self._ready) < self.max_batch:
                 await asyncio.sleep(self.max_wait)
-            rnd = self._take()
-            if rnd is None:
-                continue
-            if not rnd.jobs:
-                self._close(rnd)
-            elif rnd.floats <= self.inline_floats:
-                self._run_inline(rnd)
-            else:
-                outputs: list[_Output] | None = None
-                try:
-                    outputs = await loop.run_in_executor(
-                        self.executor, _run_jobs, self.runtime, rnd.inputs()
-                    )
-                except asyncio.CancelledError:
+            following: tuple[_Round, asyncio.Future[list[_Output]]] | None = None
+            if self._ready or self._groups:
+                rnd = self._take()
+                if rnd is not None and not rnd.jobs:
                     self._close(rnd)
-                    raise
-                except Exception:
-                    log.exception("inference failed")
-                self._complete(rnd, outputs)
+                elif rnd is not None and running is None and rnd.floats <= self.inline_floats:
+                    self._run_inline(rnd)
+                elif rnd is not None:
+                    following = (
+                        rnd,
+                        loop.run_in_executor(self.executor, _run_jobs, self.runtime, rnd.inputs()),
+                    )
+            if running is not None:
+                self._complete(running[0], outputs)
+            running = following
 
     def _run_inline(self, rnd: _Round) -> None:
         """A small batch: a thread hop costs more than its run (measured: ~0.2 ms vs ~0.09 ms
@@ -243,7 +263,13 @@ class Scheduler:
         try:
             # Groups run in arrival order; one that shares a session with a group still queued
             # or running ahead of it waits for a later round.
+            # At most max_batch frames of groups in a round (at least one group): a round that
+            # took every group queued would leave nothing to overlap with its run.
+            rows = 0
             while self._groups and self._groups[0].after <= self._groups_done:
+                if rnd.fast and rows + len(self._groups[0]) > self.max_batch:
+                    break
+                rows += len(self._groups[0])
                 rnd.fast.append(self._groups.popleft())
             rnd.last_group = rnd.fast[-1].seq if rnd.fast else 0
             holds = self.columns.holds
@@ -384,14 +410,17 @@ class Scheduler:
                 if steps
                 else np.empty((0, self.runtime.spec.features), np.float32)
             )
+            positions = np.fromiter((w.session.position for w in steps), np.int64, len(steps))
             if fast:
                 slots = np.concatenate([slots, *(g.slots for g in fast)])
                 frames = np.concatenate([frames, *(g.frames for g in fast)])
-            rnd.jobs.append(("step", steps, slots, frames, bank.gather(slots)))
+                positions = np.concatenate([positions, *(g.positions for g in fast)])
+            rnd.jobs.append(("step", steps, slots, frames, bank.gather(slots), positions))
         for group in sequences:
             slots = np.fromiter((w.session.slot for w in group), np.intp, len(group))
             frames = np.stack([w.frames for w in group if w.frames is not None])
-            rnd.jobs.append(("sequence", group, slots, frames, bank.gather(slots)))
+            positions = np.fromiter((w.session.position for w in group), np.int64, len(group))
+            rnd.jobs.append(("sequence", group, slots, frames, bank.gather(slots), positions))
         rnd.started = time.perf_counter()
 
     def _failed(self, rnd: _Round) -> None:
@@ -407,7 +436,7 @@ class Scheduler:
             lane.batch.fail_rows(lane.rows, error)
 
     def _apply(self, rnd: _Round, outputs: list[_Output]) -> None:
-        for (graph, works, slots, frames, _), (probs, states, seconds) in zip(
+        for (graph, works, slots, frames, _, _), (probs, states, seconds) in zip(
             rnd.jobs, outputs, strict=True
         ):
             waited = rnd.started - min(
@@ -515,15 +544,13 @@ class Scheduler:
         session.pending = None
 
 
-def _run_jobs(
-    runtime: Runtime, jobs: list[tuple[Graph, np.ndarray, list[np.ndarray]]]
-) -> list[_Output]:
+def _run_jobs(runtime: ModelRunner, jobs: list[_Input]) -> list[_Output]:
     out = []
-    for graph, frames, states in jobs:
+    for graph, frames, states, positions in jobs:
         started = time.perf_counter()
         run: Callable[..., tuple[np.ndarray, list[np.ndarray]]] = (
             runtime.step if graph == "step" else runtime.sequence
         )
-        probs, new_states = run(frames, states)
+        probs, new_states = run(frames, states, positions)
         out.append((probs, new_states, time.perf_counter() - started))
     return out

@@ -143,10 +143,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
     def _features(self, name: str) -> int:
         """Features per frame of the model's latest version (the codec's hint for a Matrix
         that leaves cols 0; every version checks the frames against its own)."""
-        model = self.models.model(name)
-        latest = model.latest()
-        engines = [latest.engine] if latest is not None and latest.engine else model.engines
-        return engines[0].spec.features if engines else 0
+        return self.models.model(name).features
 
     def drain(self) -> None:
         """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
@@ -645,7 +642,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             labels=spec.labels,
             states=[
                 pb.StateSpec(name=s.name, layer=s.layer, kind=s.kind, size=s.size)
-                for s in spec.states
+                for s in engine.runtime.base_states
             ],
             layers=[
                 pb.LayerSpec(
@@ -668,6 +665,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             latest=latest is version,
             fingerprint=spec.fingerprint,
             max_message_bytes=settings.max_message_bytes,
+            serving_mode=spec.mode,
+            window=spec.window,
         )
 
     # -- the repository -----------------------------------------------------------------------

@@ -55,6 +55,13 @@ class Settings:
     repository_poll: float = _opt(
         0.0, "check the repository for added or removed versions every this many seconds (0: off)"
     )
+    serving_mode: str = _opt(
+        "auto",
+        "what sessions are answered on: 'window' (the last T frames, as a model trained on "
+        "fixed windows of T frames was trained: model.json window), 'stateful' (everything "
+        "since the session started), 'auto' (window for window-trained models, stateful for the "
+        "others), or per model: NAME=MODE,NAME=MODE (the rest auto)",
+    )
     admin_principals: str = _opt(
         "",
         "with authentication on: comma-separated principals that may load and unload models",
@@ -256,6 +263,10 @@ def validate(settings: Settings) -> list[str]:
         parse_policy(settings.version_policy)
     except ValueError as exc:
         problems.append(f"--version-policy: {exc}")
+    try:
+        serving_modes(settings.serving_mode)
+    except ValueError as exc:
+        problems.append(f"--serving-mode: {exc}")
     if settings.model_dir and settings.model_repository:
         problems.append("--model-dir and --model-repository: give one")
     for name in ("version_drain_timeout", "repository_poll"):
@@ -312,3 +323,28 @@ def _validate(settings: Settings) -> list[str]:
         if getattr(settings, name) <= 0:
             problems.append(f"{_flag(name)} must be positive")
     return problems
+
+
+MODES = ("auto", "stateful", "window")
+
+
+def serving_modes(text: str) -> dict[str, str]:
+    """``--serving-mode``: {"": mode for every model} or {model: mode, ...}."""
+    text = text.strip()
+    if text in MODES:
+        return {"": text}
+    modes: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, mode = part.strip().partition("=")
+        if not sep or not name or mode not in MODES:
+            raise ValueError(
+                f"{text!r}: expected auto, stateful, window or NAME=MODE,... (modes: "
+                f"{', '.join(MODES)})"
+            )
+        modes[name] = mode
+    return modes
+
+
+def serving_mode(settings: Settings, model: str) -> str:
+    modes = serving_modes(settings.serving_mode)
+    return modes.get(model, modes.get("", "auto"))

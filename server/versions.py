@@ -22,8 +22,9 @@ from .engine import Engine
 from .errors import ModelError
 from .model import ModelSpec, load_model_spec
 from .repository import VersionSource
-from .runtime import Runtime
-from .settings import Settings
+from .runtime import ModelRunner, Runtime
+from .settings import Settings, serving_mode
+from .window import WindowRuntime
 
 __all__ = ["REFERENCE_TOLERANCE", "ModelVersion", "VersionState", "check_reference", "load_graphs"]
 
@@ -74,7 +75,7 @@ class ModelVersion:
 
 
 def check_reference(
-    spec: ModelSpec, runtime: Runtime, tolerance: float = REFERENCE_TOLERANCE
+    spec: ModelSpec, runtime: ModelRunner, tolerance: float = REFERENCE_TOLERANCE
 ) -> float:
     """Reproduce the version's ``reference.npz`` with both graphs (whole sequences through the
     sequence graph, the first recording frame by frame through the step graph); the largest
@@ -92,6 +93,10 @@ def check_reference(
             f"{path}: shapes {x.shape} / {expected.shape} do not fit {spec.features} features "
             f"and {spec.classes} classes"
         )
+    # A window model's reference holds its window answers; served stateful (an override), its
+    # answers agree with them only before the window fills, so only those are compared.
+    if spec.window and spec.mode != "window":
+        lengths = np.minimum(lengths, spec.window)
     worst = 0.0
     for i, n in enumerate(lengths.tolist()):
         frames = np.ascontiguousarray(x[i : i + 1, :n], np.float32)
@@ -100,7 +105,9 @@ def check_reference(
         if i == 0:
             states = runtime.zero_states(1)
             for t in range(n):
-                step, states = runtime.step(np.ascontiguousarray(frames[:, t]), states)
+                step, states = runtime.step(
+                    np.ascontiguousarray(frames[:, t]), states, np.array([t])
+                )
                 worst = max(worst, float(np.abs(step[0] - expected[i, t]).max()))
     if not np.isfinite(worst) or worst > tolerance:
         raise ModelError(
@@ -112,7 +119,7 @@ def check_reference(
 
 def load_graphs(
     source: VersionSource | Path, settings: Settings, *, strict: bool
-) -> tuple[ModelSpec, Runtime, float]:
+) -> tuple[ModelSpec, ModelRunner, float]:
     """Read and check a version's folder, load its graphs (blocking: call in a thread). With
     ``strict`` (repository versions) model.json must give the graphs' checksums and the
     reference must be there and reproduced. Returns the spec, runtime and seconds taken."""
@@ -129,7 +136,15 @@ def load_graphs(
     runtime = Runtime(
         spec, device=settings.device, threads=settings.ort_threads, spinning=settings.ort_spinning
     )
+    mode = serving_mode(settings, spec.name)
+    window = spec.window if mode in ("auto", "window") else 0
+    if mode == "window" and not window:
+        raise ModelError(
+            f"{spec.directory}: --serving-mode window needs a window-trained model (model.json "
+            "window: T, which seqserve-export convert records)"
+        )
+    runner: ModelRunner = WindowRuntime(runtime, window) if window else runtime
     if strict or (spec.directory / "reference.npz").exists():
-        worst = check_reference(spec, runtime)
+        worst = check_reference(spec, runner)
         log.debug("%s v%s reproduces its reference within %.2g", spec.name, spec.version, worst)
-    return spec, runtime, time.perf_counter() - started
+    return runner.spec, runner, time.perf_counter() - started

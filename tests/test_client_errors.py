@@ -11,12 +11,16 @@ import pytest
 from seqserve.client import (
     Backoff,
     InvalidInput,
+    ModelNotFound,
+    PermissionDenied,
     PositionConflict,
     ServerBusy,
     ServerError,
     SessionLost,
     SessionNotFound,
     Unavailable,
+    VersionConflict,
+    VersionUnavailable,
 )
 from seqserve.client.errors import error_from_rpc, error_from_status
 from seqserve.client.frames import as_frames, as_sequences
@@ -71,6 +75,40 @@ def test_status_codes_and_reasons_map_to_exceptions():
     assert str(down) == "cannot reach the seqserve server at 127.0.0.1:1 (connection refused)"
     odd = error_from_status(grpc.StatusCode.INTERNAL, "internal\nerror")
     assert isinstance(odd, ServerError) and "\n" not in str(odd)
+
+
+def test_model_repository_reasons_get_their_own_classes():
+    expected = {
+        ("unknown_model", grpc.StatusCode.NOT_FOUND): ModelNotFound,
+        ("unknown_version", grpc.StatusCode.NOT_FOUND): ModelNotFound,
+        ("version_mismatch", grpc.StatusCode.FAILED_PRECONDITION): VersionConflict,
+        ("version_draining", grpc.StatusCode.FAILED_PRECONDITION): VersionConflict,
+        ("version_retired", grpc.StatusCode.NOT_FOUND): SessionLost,
+        ("version_unavailable", grpc.StatusCode.UNAVAILABLE): VersionUnavailable,
+        ("not_allowed", grpc.StatusCode.PERMISSION_DENIED): PermissionDenied,
+    }
+    for (reason, code), kind in expected.items():
+        for in_session in (False, True):  # in a stream or not: the same class
+            error = error_from_status(code.value[0], "m", reason=reason, in_session=in_session)
+            assert type(error) is kind and (error.code, error.reason) == (code, reason)
+    # The position and session classes keep their old reasons.
+    assert type(error_from_status(5, "m", reason="expired")) is SessionNotFound
+    assert type(error_from_status(9, "m", reason="position_gap")) is PositionConflict
+    # Catching the broader classes still works.
+    assert issubclass(VersionUnavailable, Unavailable) and issubclass(SessionLost, SessionNotFound)
+    assert issubclass(ModelNotFound, LookupError) and issubclass(PermissionDenied, PermissionError)
+    assert isinstance(error_from_status(7, "no"), PermissionDenied)  # no reason: by code
+    # An UNAVAILABLE with a seqserve reason keeps the server's words (they name the version);
+    # only the transport's own UNAVAILABLE is rewritten into "cannot reach".
+    gone = error_from_rpc(
+        _Rpc(
+            grpc.StatusCode.UNAVAILABLE,
+            "model 'm' version 3 is unavailable: step.onnx: checksum does not match",
+            (("seqserve-reason", "version_unavailable"),),
+        ),
+        target="127.0.0.1:1",
+    )
+    assert isinstance(gone, VersionUnavailable) and str(gone).startswith("model 'm' version 3")
 
 
 def test_backoff_grows_to_its_cap_with_bounded_jitter():
@@ -135,6 +173,17 @@ def test_sample_selections(tmp_path, monkeypatch):
     for bad in ("sample:7", "sample:x", "samples[a]", "samples:0"):
         with pytest.raises(InputError):
             load_recordings(bad)
+
+
+def test_samples_of_the_named_bundled_model(monkeypatch):
+    monkeypatch.delenv("SEQSERVE_SAMPLES", raising=False)
+    (vowel,) = load_recordings("sample:3", "japanesevowels")
+    (motion,) = load_recordings("sample:3")  # the default: basicmotions
+    assert (vowel.frames.shape[1], motion.frames.shape[1]) == (12, 6)
+    assert vowel.truth is not None
+    for model in ("nope", "../basicmotions", ".hidden"):
+        with pytest.raises(InputError, match=r"no samples are bundled with model .*japanesevowels"):
+            load_recordings("sample:0", model)
 
 
 def test_a_token_that_cannot_be_a_header_is_refused_up_front():

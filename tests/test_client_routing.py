@@ -124,6 +124,8 @@ async def test_sessions_on_a_stream_share_its_route(relay):
         # a session this client opened on the stream is looked up where the stream goes
         assert (await client.get_session("mux-0")).position == 2
         assert (await client.get_session("mux-0", route="mux-0")).position == 2  # one server
+        # named by its model (it was opened naming none): still the stream's session
+        assert (await client.get_session("mux-0", model=model.name)).position == 2
         resumed = await client.open_session("mux-1", resume=True)
         assert resumed.position == 2 and resumed.stream is client.multiplexer
         for s in sessions:
@@ -131,7 +133,7 @@ async def test_sessions_on_a_stream_share_its_route(relay):
     assert len(route) == 32
     assert recorder.routes("OpenSession") == [route] * 4
     assert recorder.routes("Stream") == [route]
-    assert recorder.routes("GetSession") == [route, "mux-0", route]
+    assert recorder.routes("GetSession") == [route, "mux-0", route, route]
     assert recorder.routes("CloseSession") == [route] * 4
 
 

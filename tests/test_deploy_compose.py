@@ -132,6 +132,30 @@ def test_seqserve_volumes_hold_its_snapshot_and_models(compose, server_settings)
     assert "/models" in mounts and mounts["/models"] in compose["volumes"]
     if server_settings.model_dir:
         assert _mounted_from(mounts, server_settings.model_dir) is not None
+    assert server_settings.model_repository == "", "the bundled models unless told otherwise"
+
+
+def test_the_models_volume_is_a_repository_the_server_and_replicas_poll(compose, stages):
+    """What the header documents: SEQSERVE_MODEL_REPOSITORY=/models serves the models volume as
+    a repository (polled for new versions), on the single server and both replicas alike."""
+    from seqserve.server.settings import parse_settings
+
+    services = compose["services"]
+    image_env = {k: v for k, v in stages["runtime"].env.items() if k.startswith("SEQSERVE_")}
+    model_keys = {k for k in _environment(services["seqserve"]) if "MODEL" in k or "REPOS" in k}
+    assert model_keys >= {"SEQSERVE_MODEL_REPOSITORY", "SEQSERVE_DEFAULT_MODEL"}
+    for name in ("seqserve", *REPLICAS):
+        service = services[name]
+        env = _environment(service)
+        assert {k: env[k] for k in model_keys} == {
+            k: _environment(services["seqserve"])[k] for k in model_keys
+        }, name
+        told = {**env, "SEQSERVE_MODEL_REPOSITORY": "/models"}
+        settings = parse_settings(service.get("command") or [], environ={**image_env, **told})
+        assert settings.repository_poll > 0, "new versions are found without a restart"
+        mounts = _mounts(service)
+        assert _mounted_from(mounts, settings.model_repository) == mounts["/models"], name
+        assert mounts["/models"] == _mounts(services["seqserve"])["/models"]
 
 
 def test_restart_policies_and_stop_grace_outlast_the_drain(compose, server_settings):
@@ -225,6 +249,10 @@ def test_export_job_writes_into_the_models_volume_the_server_reads(compose):
     job_volume = _mounted_from(_mounts(job), output)
     assert job_volume in compose["volumes"]
     assert _mounts(compose["services"]["seqserve"])["/models"] == job_volume
+    # It writes a version folder of the repository that volume is: /models/<model>/<version>.
+    version = PurePosixPath(output)
+    assert version.name.isdigit() and int(version.name) >= 1, output
+    assert version.parent.parent == PurePosixPath("/models"), output
     assert not any(v.endswith(":ro") for v in job["volumes"] if v.startswith(job_volume + ":"))
 
 
@@ -265,6 +293,8 @@ def test_grafana_provisions_the_datasource_and_dashboard(compose):
     for panel in dashboard["panels"]:
         for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
             assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+    for variable in dashboard["templating"]["list"]:  # $model, $version
+        assert variable["datasource"] == {"type": "prometheus", "uid": datasource["uid"]}
 
 
 def test_docker_compose_validates_the_file_with_every_profile():

@@ -165,6 +165,7 @@ def test_server_image_env_ports_and_paths_agree_with_the_settings(stages, name):
     settings = parse_settings([], environ=seqserve_env)
     assert stage.exposed == {settings.port, settings.metrics_port}
     assert settings.model_dir == "", "the bundled default model unless a directory is mounted"
+    assert settings.model_repository == "", "nor a repository"
     # The snapshot's folder exists in the image and belongs to the user the server runs as.
     state_dir = str(Path(settings.snapshot_path).parent)
     for folder in (state_dir, "/models"):  # "/models": where a model directory is mounted
@@ -252,10 +253,11 @@ def _healthcheck(stage: Stage, env: dict[str, str]) -> subprocess.CompletedProce
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("model", ["basicmotions", "japanesevowels"])
+@pytest.mark.parametrize("model", ["basicmotions", "japanesevowels", "repository"])
 def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_path, model):
-    """The bundled default model (SEQSERVE_MODEL_DIR empty, as the image sets it), or a model
-    directory mounted elsewhere and named by SEQSERVE_MODEL_DIR."""
+    """The bundled default model (SEQSERVE_MODEL_DIR empty, as the image sets it), a model
+    directory mounted elsewhere and named by SEQSERVE_MODEL_DIR, or a model repository named by
+    SEQSERVE_MODEL_REPOSITORY (as docker-compose.yml documents)."""
     pytest.importorskip("onnxruntime")
     stage = stages["runtime"]
     port, metrics_port = free_port(), free_port()
@@ -266,7 +268,13 @@ def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_
         SEQSERVE_METRICS_PORT=str(metrics_port),
         SEQSERVE_SNAPSHOT_PATH=str(tmp_path / "sessions.npz"),
     )
-    if model != "basicmotions":
+    served = model
+    if model == "repository":
+        served = "japanesevowels"
+        shutil.copytree(ROOT / "models" / served, tmp_path / "mnt" / served / "2")
+        env["SEQSERVE_MODEL_REPOSITORY"] = str(tmp_path / "mnt")
+        env["SEQSERVE_DEFAULT_MODEL"] = served
+    elif model != "basicmotions":
         if not (ROOT / "models" / model / "model.json").exists():
             pytest.skip(f"no models/{model} to mount")
         mounted = tmp_path / "mnt" / model
@@ -292,7 +300,8 @@ def test_runtime_entrypoint_as_is_serves_and_passes_its_healthcheck(stages, tmp_
             assert b"seqserve_live_sessions" in r.read()
         server.send_signal(signal.SIGTERM)  # what `docker stop` sends
         assert server.wait(timeout=30) == 0
-        assert f"serving {model} v" in (tmp_path / "server.log").read_text()
+        version = "2" if model == "repository" else ""
+        assert f"serving {served} v{version}" in (tmp_path / "server.log").read_text()
     finally:
         if server.poll() is None:
             server.kill()

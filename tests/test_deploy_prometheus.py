@@ -1,5 +1,7 @@
 """Observability for real: promtool on deploy/prometheus.yml, every series the Grafana dashboard
-queries on a live /metrics, and a real Prometheus scraping a real server under load."""
+queries on a live /metrics, and a real Prometheus scraping a real server under load. The
+dashboard's ``$model`` and ``$version`` variables are filled as Grafana would: each value their
+``label_values`` queries give, and "All" (``.*``)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "seqserve.json"
 SELECTOR = re.compile(r"\b(seqserve_\w+)\s*(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
+LABEL_VALUES = re.compile(r"label_values\((.*),\s*(\w+)\)")
+ALL = ".*"  # the variables' allValue
 
 
 def _need(binary: str) -> str:
@@ -43,6 +47,40 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     queries = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
     assert queries, "the dashboard queries nothing"
     return queries
+
+
+def _variables() -> list[tuple[str, str, str]]:
+    """(name, metric selector, label) of every template variable, in dashboard order: each is
+    ``label_values(SELECTOR, LABEL)`` over a seqserve metric."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = []
+    for variable in dashboard["templating"]["list"]:
+        query = variable["query"]
+        text = query["query"] if isinstance(query, dict) else query
+        assert text == variable["definition"], variable["name"]
+        match = LABEL_VALUES.fullmatch(text)
+        assert match, f"${variable['name']}: not label_values(...): {text}"
+        assert variable["allValue"] == ALL and variable["includeAll"], variable["name"]
+        found.append((variable["name"], match[1], match[2]))
+    return found
+
+
+def _fill(expr: str, values: dict[str, str]) -> str:
+    """An expression with ``$name`` / ``${name}`` replaced as Grafana does for one value."""
+    for name, value in values.items():
+        expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    return expr
+
+
+def test_every_dashboard_query_is_filtered_by_model_and_version():
+    names = [name for name, _, _ in _variables()]
+    assert names == ["model", "version"]
+    for title, expr in _dashboard_queries():
+        for metric, matchers in SELECTOR.findall(expr):
+            parsed = {(n, op): v for n, op, v in MATCHER.findall(matchers)}
+            assert parsed.get(("model", "=~")) == "$model", f"{title}: {metric} not by $model"
+            version = parsed.get(("version", "=~"), "")
+            assert version in ("$version", "$version|"), f"{title}: {metric} not by $version"
 
 
 def _matches(labels: dict[str, str], matchers: list[tuple[str, str, str]]) -> bool:
@@ -71,8 +109,8 @@ def _get(url: str) -> Any:
 
 
 async def _traffic(port: int, samples: dict[str, Any], tag: str = "") -> int:
-    """Stream two sessions, frame by frame and in chunks, plus one failing unary Step; returns
-    the frames applied."""
+    """Stream two sessions, frame by frame and in chunks, plus one unary Step that succeeds and
+    one that fails; returns the frames applied."""
     import grpc
 
     from seqserve.proto import seqserve_pb2_grpc as pb_grpc
@@ -87,10 +125,11 @@ async def _traffic(port: int, samples: dict[str, Any], tag: str = "") -> int:
         answers = [r async for r in stub.Stream(iter(requests))]
         assert len(answers) == len(requests)
         assert not any(a.HasField("error") for a in answers)
+        await stub.Step(step_request(f"unary{tag}", 0, x[:1], start=True))
         with pytest.raises(grpc.aio.AioRpcError) as error:  # an unknown session, no start
             await stub.Step(step_request("nobody", 3, x[:1]))
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    return 40 + 30
+    return 40 + 30 + 1
 
 
 def test_promtool_accepts_the_prometheus_config():
@@ -113,7 +152,31 @@ async def test_every_series_the_dashboard_queries_is_on_a_live_metrics_endpoint(
     await _traffic(port, samples)
     body = await asyncio.to_thread(_get, f"http://127.0.0.1:{app.metrics_port}/metrics")
     series = [(s.name, s.labels) for f in text_string_to_metric_families(body) for s in f.samples]
-    for title, expr in _dashboard_queries():
+
+    def label_values(selector: str, label: str) -> list[str]:
+        ((name, matchers),) = SELECTOR.findall(selector)
+        wanted = MATCHER.findall(matchers)
+        return sorted({ls[label] for n, ls in series if n == name and _matches(ls, wanted)})
+
+    # Grafana's choices: every value of each variable given the ones before it, and "All".
+    choices: list[dict[str, str]] = [{}]
+    for name, selector, label in _variables():
+        grown = []
+        for chosen in choices:
+            values = label_values(_fill(selector, chosen), label)
+            assert values, f"${name}: {selector} gives no value on /metrics"
+            grown += [{**chosen, name: v} for v in values]
+        choices = grown
+    assert choices == [{"model": "basicmotions", "version": "1"}]
+    for chosen in [*choices, {name: ALL for name, _, _ in _variables()}]:
+        _check_series(series, chosen)
+
+
+def _check_series(series: list[tuple[str, dict[str, str]]], chosen: dict[str, str]) -> None:
+    for title, raw in _dashboard_queries():
+        expr = _fill(raw, chosen)
+        assert "$" not in expr.replace("$__rate_interval", ""), f"{title}: unfilled {expr}"
+        title = f"{title} {chosen}"
         selectors = SELECTOR.findall(expr)
         assert selectors, f"{title}: no seqserve metric in {expr}"
         label_names: set[str] = set()
@@ -163,6 +226,17 @@ class Prometheus:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def label_values(self, label: str, selector: str) -> list[str]:
+        """What Grafana's ``label_values(SELECTOR, LABEL)`` asks Prometheus."""
+        reply = json.loads(
+            _get(
+                f"{self.url}/api/v1/label/{label}/values?"
+                + urllib.parse.urlencode({"match[]": selector})
+            )
+        )
+        assert reply["status"] == "success", reply
+        return sorted(reply["data"])
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         reply = json.loads(
@@ -233,13 +307,24 @@ async def test_real_prometheus_scrapes_latency_quantiles_and_exact_step_count(
         assert p99 is not None and math.isfinite(p99) and 0 < p99 < 6.6, p99
         assert _value(prometheus.query("sum(increase(seqserve_steps_total[1m]))")) > 0
 
-        # Every dashboard query is valid PromQL and returns series; the latency ones a number.
-        for title, expr in _dashboard_queries():
-            result = prometheus.query(expr.replace("$__rate_interval", "1m"))
-            assert result, f"{title}: no data for {expr}"
-            if "request_duration" in expr:
-                values = [float(r["value"][1]) for r in result]
-                assert all(math.isfinite(v) and v > 0 for v in values), (title, values)
+        # The variables as Grafana fills them: label_values is Prometheus's label values API.
+        (model, selector, label), (version, version_selector, version_label) = _variables()
+        models = prometheus.label_values(label, selector)
+        assert models == ["basicmotions"], models
+        versions = prometheus.label_values(
+            version_label, _fill(version_selector, {model: models[0]})
+        )
+        assert versions == ["1"], versions
+        # Every dashboard query is valid PromQL and returns series, for the one model version
+        # and for All; the latency ones a number.
+        for chosen in ({model: models[0], version: versions[0]}, {model: ALL, version: ALL}):
+            for title, raw in _dashboard_queries():
+                expr = _fill(raw, chosen).replace("$__rate_interval", "1m")
+                result = prometheus.query(expr)
+                assert result, f"{title} {chosen}: no data for {expr}"
+                if "request_duration" in expr:
+                    values = [float(r["value"][1]) for r in result]
+                    assert all(math.isfinite(v) and v > 0 for v in values), (title, values)
         errors = prometheus.query('seqserve_requests_total{code="NOT_FOUND",rpc="Step"}')
         assert _value(errors) == 2
     finally:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -553,3 +554,85 @@ async def test_native_and_protocol_share_one_session_namespace(server, samples, 
     assert np.abs(got[0] - solo_run(model_dir, x)[3:]).max() <= TOL
     reply = await stub.GetSession(pb.SessionRef(session_id="s-9"))
     assert reply.position == 6
+
+
+async def test_repository_calls_over_a_model_repository(start_server, samples, tmp_path):
+    """Against a repository of two models, basicmotions with versions 1 and 2 (policy: both)
+    and japanesevowels: the index lists every version, a sequence started on version 1 stays
+    there when named and is answered by it, unload drains japanesevowels (a sequence pinned to
+    it goes on) and load brings it back."""
+    import shutil
+
+    root = tmp_path / "repo"
+    bundled = Path(__file__).resolve().parent.parent / "models"
+    for version in (1, 2):
+        shutil.copytree(bundled / "basicmotions", root / "basicmotions" / str(version))
+    (root / "basicmotions" / "config.json").write_text('{"version_policy": {"all": true}}')
+    shutil.copytree(bundled / "japanesevowels", root / "japanesevowels" / "1")
+    _, port = await start_server(model_dir="", model_repository=str(root))
+    x = samples["x"][0][:4]
+    vowels = np.zeros((3, 12), np.float32)
+
+    def client_side() -> None:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        index = client.get_model_repository_index().models
+        assert sorted((m.name, m.version, m.state) for m in index) == [
+            (MODEL, "1", "READY"),
+            (MODEL, "2", "READY"),
+            ("japanesevowels", "1", "READY"),
+        ]
+        assert client.get_model_metadata(MODEL).versions == ["1", "2"]
+        # A sequence started on version 1 (named) is answered by it; the latest is 2.
+        first = client.infer(
+            MODEL, [_frames(x[:2])], model_version="1", sequence_id=77, sequence_start=True
+        )
+        assert first.get_response().model_version == "1"
+        again = client.infer(MODEL, [_frames(x[2:])], sequence_id=77)
+        assert again.get_response().model_version == "1"
+        code, text = _status(
+            lambda: client.infer(MODEL, [_frames(x[2:3])], model_version="2", sequence_id=77)
+        )
+        assert code == "StatusCode.FAILED_PRECONDITION" and "version 1" in text
+        fresh = client.infer(MODEL, [_frames(x[:1])], sequence_id=78, sequence_start=True)
+        assert fresh.get_response().model_version == "2"
+        # A japanesevowels sequence survives an unload of its model; new ones are refused.
+        client.infer("japanesevowels", [_frames(vowels[:2])], sequence_id=5, sequence_start=True)
+        client.unload_model("japanesevowels")
+        assert not client.is_model_ready("japanesevowels")
+        states = {(m.name, m.version): m.state for m in client.get_model_repository_index().models}
+        assert states[("japanesevowels", "1")] == "UNLOADING"  # a sequence is pinned to it
+        kept = client.infer("japanesevowels", [_frames(vowels[2:])], sequence_id=5)
+        assert kept.get_response().model_version == "1"
+        code, _ = _status(
+            lambda: client.infer(
+                "japanesevowels", [_frames(vowels[:1])], sequence_id=6, sequence_start=True
+            )
+        )
+        assert code == "StatusCode.UNAVAILABLE"
+        client.load_model("japanesevowels")
+        assert client.is_model_ready("japanesevowels")
+        client.infer("japanesevowels", [_frames(vowels[:1])], sequence_id=6, sequence_start=True)
+
+    await _in_thread(client_side)
+
+
+def test_every_domain_error_has_a_status_on_both_wires():
+    """A new error class must be given its status on the native and the protocol wire alike
+    (else it would reach a client as INTERNAL)."""
+    import inspect
+
+    from seqserve.server import errors
+    from seqserve.server.oip.front import status_of
+    from seqserve.server.servicer import _status_code
+
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.SeqServeError) and cls is not errors.SeqServeError
+    ]
+    assert len(classes) >= 15
+    for cls in classes:
+        exc = cls.__new__(cls)
+        assert status_of(exc)[0] != "INTERNAL", cls
+        assert _status_code(exc) != grpc.StatusCode.INTERNAL, cls
+        assert status_of(exc)[0] == _status_code(exc).name, cls

@@ -122,9 +122,9 @@ async def test_a_batch_never_holds_two_steps_of_one_session(server, stub, sample
     seen: list[list[int]] = []
     real_step = runtime.step
 
-    def spy(frames, states):
+    def spy(frames, states, positions=None):
         seen.append([int(v) for v in frames[:, 0].view(np.int32)])
-        return real_step(frames, states)
+        return real_step(frames, states, positions)
 
     runtime.step = spy
     # Frame value encodes (session, step) so each batch row can be traced back to its session.
@@ -188,13 +188,13 @@ async def test_long_requests_run_off_the_event_loop(server, stub, samples):
     threads: dict[str, str] = {}
     real_step, real_sequence = runtime.step, runtime.sequence
 
-    def step(frames, states):
+    def step(frames, states, positions=None):
         threads["step"] = threading.current_thread().name
-        return real_step(frames, states)
+        return real_step(frames, states, positions)
 
-    def sequence(frames, states):
+    def sequence(frames, states, positions=None):
         threads["sequence"] = threading.current_thread().name
-        return real_sequence(frames, states)
+        return real_sequence(frames, states, positions)
 
     runtime.step, runtime.sequence = step, sequence
     x = samples["x"][0]

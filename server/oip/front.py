@@ -14,10 +14,14 @@ from ..errors import (
     BadRequest,
     CapacityExceeded,
     Draining,
+    NotAllowed,
     PositionError,
     SeqServeError,
     SessionExists,
     SessionNotFound,
+    VersionDraining,
+    VersionMismatch,
+    VersionRetired,
 )
 from ..metrics import Metrics
 from ..models import Models
@@ -58,6 +62,10 @@ _STATUS: dict[type[BaseException], tuple[str, int]] = {
     Draining: ("UNAVAILABLE", 503),
     StoreUnavailable: ("UNAVAILABLE", 503),
     SessionMoved: ("ABORTED", 409),
+    VersionRetired: ("NOT_FOUND", 404),
+    VersionMismatch: ("FAILED_PRECONDITION", 400),
+    VersionDraining: ("FAILED_PRECONDITION", 400),
+    NotAllowed: ("PERMISSION_DENIED", 403),
 }
 INFER_RPCS = ("ModelInfer", "ModelStreamInfer")
 _CODES = ("OK", *sorted({code for code, _ in _STATUS.values()}), "INTERNAL")

@@ -98,9 +98,17 @@ def prepare(
     outputs: Sequence[RequestedOutput],
 ) -> InferCall:
     """Check a request and decode its frames; BadRequest / ModelNotFound say what is wrong."""
-    engine, spec = models.resolve(model_name, model_version)
     sequence = read_sequence(params)
     number = version_number(model_version)
+    if sequence is None:
+        engine, spec = models.resolve(model_name, model_version)
+    else:  # the version the sequence is pinned to (a new one: the version asked for, or latest)
+        if not model_name:
+            models.resolve(model_name, model_version)  # raises: no model named
+        engine = models.models.model(model_name).route(
+            sequence.session_id, number, creating=sequence.start and not sequence.position
+        )
+        spec = engine.spec
     if len(inputs) != 1 or inputs[0].name != INPUT:
         names = ", ".join(repr(t.name) for t in inputs) or "none"
         raise BadRequest(
