@@ -17,7 +17,16 @@ from pathlib import Path
 
 import grpc
 
-__all__ = ["BENCH", "ROOT", "Server", "cpu_seconds", "echo_server", "free_port", "seqserve_server"]
+__all__ = [
+    "BENCH",
+    "ROOT",
+    "Server",
+    "cpu_seconds",
+    "echo_server",
+    "free_port",
+    "repository_server",
+    "seqserve_server",
+]
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -100,6 +109,17 @@ def seqserve_server(
 ) -> AbstractAsyncContextManager[Server]:
     """``seqserve-server`` with its defaults, minus metrics and snapshots. ``wrap`` prefixes
     the command (a profiler, e.g. ``py-spy record -o out.svg --``)."""
+    return _seqserve(("--model-dir", str(model_dir)), extra, wrap)
+
+
+def repository_server(root: Path, *extra: str) -> AbstractAsyncContextManager[Server]:
+    """``seqserve-server --model-repository root``, otherwise as ``seqserve_server``."""
+    return _seqserve(("--model-repository", str(root)), extra, ())
+
+
+def _seqserve(
+    models: Sequence[str], extra: Sequence[str], wrap: Sequence[str]
+) -> AbstractAsyncContextManager[Server]:
     port = free_port()
     command = [
         *wrap,
@@ -111,8 +131,7 @@ def seqserve_server(
         "127.0.0.1",
         "--port",
         str(port),
-        "--model-dir",
-        str(model_dir),
+        *models,
         "--metrics-port",
         "-1",
         "--http-port",

@@ -31,7 +31,14 @@ from .oip import HttpFront, InferenceService, OipFront, bind_socket
 from .runtime import ModelRunner
 from .servicer import SeqServeServicer
 from .settings import Settings
-from .snapshot import capture_parts, lock_snapshot, read_parts, restore_part, write_snapshot
+from .snapshot import (
+    Part,
+    capture_parts,
+    lock_snapshot,
+    read_parts,
+    restore_part,
+    write_snapshot,
+)
 from .versions import ModelVersion
 from .wire import add_to_server
 
@@ -75,6 +82,9 @@ class App:
         self._checkpoints: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._snapshot_lock = snapshot_lock  # held until stopped: one server per snapshot file
+        # Snapshot parts of versions this server cannot load: every snapshot it writes keeps
+        # them, so the sessions are not lost to a server started without their version.
+        self.kept: list[Part] = []
 
     @property
     def engine(self) -> Engine:
@@ -160,6 +170,7 @@ class App:
         return capture_parts(
             [(e.spec, e.table, e.version) for e in self.models.engines() if len(e.table)],
             clean=clean,
+            kept=self.kept,
         )
 
     async def checkpoint(self) -> None:
@@ -227,7 +238,7 @@ def _create(
     models.on_failure = lambda v: metrics.load_failures.labels(v.model, str(v.number)).inc()
     try:
         models.start()
-        _restore(settings, models)
+        kept = _restore(settings, models)
     except BaseException:
         executor.shutdown(wait=False)
         raise
@@ -283,17 +294,20 @@ def _create(
         sock = bind_socket(settings.host, settings.http_port, settings.reuse_port)
         rest = HttpFront(front, settings, sock, tokens)
     app = App(settings, server, models, servicer, health_servicer, metrics, inference, rest, lock)
+    app.kept = kept
     return app, port
 
 
-def _restore(settings: Settings, models: Models) -> None:
+def _restore(settings: Settings, models: Models) -> list[Part]:
     """Sessions of the last snapshot, each into exactly the version and graphs it ran on
     (loaded from the repository if it is there but not wanted: it then drains). Sessions of a
-    version of a served model this server lacks answer version_unavailable; a snapshot of a
-    model not served at all is refused whole (a server started on the wrong folder)."""
+    version of a served model this server lacks answer version_unavailable, and their part is
+    returned, to be written into every later snapshot; a snapshot of a model not served at all
+    is refused whole (a server started on the wrong folder)."""
     path = Path(settings.snapshot_path) if settings.snapshot_path else None
+    kept: list[Part] = []
     if path is None or not path.exists():
-        return
+        return kept
     try:
         parts = read_parts(path)
         for part in parts:
@@ -323,6 +337,7 @@ def _restore(settings: Settings, models: Models) -> None:
                     part.version,
                     part.fingerprint[:12],
                 )
+                kept.append(part)
                 continue
             restore_part(path, part, engine.spec, engine.table)
     except SnapshotError as exc:
@@ -332,12 +347,13 @@ def _restore(settings: Settings, models: Models) -> None:
             for session in engine.table:
                 engine.table.end(session, "expired")
         log.error("%s; starting with no sessions (--ignore-bad-snapshot)", exc)
-        return
+        return []
     if settings.snapshot_interval <= 0:
         # Restored state now lives in memory and nothing rewrites the file until the next drain:
         # a stale copy must never load twice. With periodic snapshots the file is rewritten
         # within the interval, and after a crash it is exactly the last durable state.
         path.unlink()
+    return kept
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:

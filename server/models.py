@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,8 +277,17 @@ class Models:
             model.problems = [str(p) for p in folder.problems]
             for problem in folder.problems:
                 log.warning("repository: %s", problem)
-            for number in sorted(folder.wanted):
-                self._load_now(model, folder.versions[number])
+            failed: set[int] = set()
+            tried: set[int] = set()
+            wanted = folder.wanted
+            while wanted - tried:
+                for number in sorted(wanted - tried):
+                    tried.add(number)
+                    if self._load_now(model, folder.versions[number]).state != "ready":
+                        failed.add(number)
+                # A wanted version that fails validation leaves its place in the policy to
+                # the next version (latest:1 with a broken 2 serves 1).
+                wanted = folder.policy.select(set(folder.versions) - failed)
             model.refresh()
         default = self.models[self.default]
         if default.latest() is None:
@@ -321,25 +330,47 @@ class Models:
                 model = self.models.get(name)
                 if model is None:
                     model = self.models[name] = Model(name, folder.policy)
-                model.policy = folder.policy
-                model.problems = [str(p) for p in folder.problems]
-                for problem in folder.problems:
-                    log.warning("repository: %s", problem)
-                wanted = folder.wanted | (model.requested & set(folder.versions))
-                for number in sorted(wanted):
-                    await self._want(model, folder.versions[number])
-                for number, version in list(model.versions.items()):
-                    if number not in wanted and version.state in ("ready", "loading"):
-                        self._drain(model, version, "not in the version policy")
-                    if number not in folder.versions and version.state == "unavailable":
-                        del model.versions[number]  # a failed version whose folder is gone
-                model.refresh()
+                await self._apply(model, folder)
             for name, model in self.models.items():
                 if name not in folders:
                     for version in model.versions.values():
                         if version.state in ("ready", "loading"):
                             self._drain(model, version, "removed from the repository")
                     model.refresh()
+
+    async def _apply(self, model: Model, folder: ModelFolder) -> list[int]:
+        """Serve the versions the model's policy wants of ``folder`` and those loaded by name,
+        and drain the others; the version numbers the policy tried to serve."""
+        model.policy = folder.policy
+        problems = [str(p) for p in folder.problems]
+        for problem in problems:
+            if problem not in model.problems:  # logged when it appears, not at every poll
+                log.warning("repository: %s", problem)
+        model.problems = problems
+        # A wanted version that fails validation never replaces a good one: the policy is
+        # applied again without it (latest:1 with a broken 2 keeps serving 1).
+        failed: set[int] = set()
+        wanted = folder.wanted
+        while True:
+            for number in sorted(wanted):
+                await self._want(model, folder.versions[number])
+            now = {n for n in wanted if model.versions[n].state == "unavailable"}
+            if not now:
+                break
+            failed |= now
+            wanted = folder.policy.select(set(folder.versions) - failed)
+        # Versions loaded by name stay, whatever the policy says, until unloaded.
+        requested = model.requested & set(folder.versions)
+        for number in sorted(requested - wanted):
+            await self._want(model, folder.versions[number])
+        keep = wanted | requested
+        for number, version in list(model.versions.items()):
+            if number not in keep and version.state in ("ready", "loading"):
+                self._drain(model, version, "not in the version policy")
+            if number not in folder.versions and version.state == "unavailable":
+                del model.versions[number]  # a failed version whose folder is gone
+        model.refresh()
+        return sorted(wanted | failed)
 
     async def _want(self, model: Model, source: VersionSource) -> None:
         version = model.versions.get(source.version)
@@ -450,7 +481,10 @@ class Models:
                     and version.draining_since is not None
                     and time.monotonic() - version.draining_since >= timeout
                 )
-                if version.sessions == 0 or expired:
+                # Not while sessions are being claimed into it from the shared store (a
+                # version loaded for a session that lives on it has none until that is done).
+                idle = version.sessions == 0 and not version.engine.handover.busy
+                if idle or expired:
                     await self._release(model, version)
 
     async def _release(self, model: Model, version: ModelVersion) -> None:
@@ -468,6 +502,11 @@ class Models:
         version.engine = None
         self._set(version, "unavailable", f"released ({version.reason or 'retired'})")
         model.refresh()
+        heir = model.latest()
+        if heir is not None and heir.engine is not None:
+            # Sessions that ended on it (closed, expired) are still told so, not "unknown".
+            for session_id, tomb in engine.table.tombstones():
+                heir.engine.table.bury(session_id, tomb.reason, tomb.position, tomb.owner)
         engine.draining = True
         await engine.drain()
         await engine.stop()
@@ -515,20 +554,12 @@ class Models:
             if version:  # loaded by name: it stays whatever the policy says, until unloaded
                 model.requested.add(version)
             numbers = [version] if version else sorted(folder.wanted)
-            loaded = []
             for number in numbers:
-                source = folder.versions[number]
                 current = model.versions.get(number)
                 if current is not None and current.state == "unavailable":
                     current.failed_signature = None  # asked explicitly: try again
-                await self._want(model, source)
-                loaded.append(model.versions[number])
-            # Versions the policy no longer wants (a newer one came in with latest:1) drain.
-            keep = folder.wanted | model.requested
-            for number, other in model.versions.items():
-                if number not in keep and other.state in ("ready", "loading"):
-                    self._drain(model, other, "not in the version policy")
-            model.refresh()
+            tried = await self._apply(model, folder)  # the named version is requested
+            loaded = [model.versions[number] for number in ([version] if version else tried)]
         failed = [v for v in loaded if v.state != "ready"]
         if failed:
             raise ModelError("; ".join(f"{name} v{v.number}: {v.reason}" for v in failed))
@@ -562,10 +593,16 @@ class Models:
         source = folder.versions.get(number) if folder is not None else None
         if source is not None and (version is None or not version.serving):
             async with self._lock:
-                loaded = await self._load(model, source)
-                if loaded.state == "ready" and number not in folder.wanted:  # type: ignore[union-attr]
-                    self._drain(model, loaded, "loaded for sessions pinned to it")
-                model.refresh()
+                # Requests for many sessions of that version arrive together: the first loads
+                # it, the others find it loaded (loading it again would replace the engine
+                # holding the sessions adopted meanwhile).
+                loaded = model.versions.get(number)
+                if loaded is None or not loaded.serving:
+                    loaded = await self._load(model, source)
+                    wanted = folder.wanted | model.requested  # type: ignore[union-attr]
+                    if loaded.state == "ready" and number not in wanted:
+                        self._drain(model, loaded, "loaded for sessions pinned to it")
+                    model.refresh()
             if loaded.serving and loaded.fingerprint.startswith(fingerprint) and loaded.engine:
                 return loaded.engine
         raise VersionUnavailable(
@@ -742,25 +779,28 @@ class Models:
         return engine.open(session_id or None, principal)
 
     async def lookup(self, model: str, session_id: str, principal: str) -> SessionStatus:
-        engine = self.model(model).route(session_id, 0, creating=False)
-        try:
-            return await engine.lookup(session_id, principal)
-        except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).lookup(session_id, principal)
+        return await self._session_call(model, session_id, principal, Engine.lookup)
 
     async def reset(self, model: str, session_id: str, principal: str) -> SessionStatus:
-        engine = self.model(model).route(session_id, 0, creating=False)
-        try:
-            return await engine.reset(session_id, principal)
-        except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).reset(session_id, principal)
+        return await self._session_call(model, session_id, principal, Engine.reset)
 
     async def close(self, model: str, session_id: str, principal: str) -> SessionStatus:
+        return await self._session_call(model, session_id, principal, Engine.close)
+
+    async def _session_call(
+        self,
+        model: str,
+        session_id: str,
+        principal: str,
+        call: Callable[[Engine, str, str], Awaitable[SessionStatus]],
+    ) -> SessionStatus:
+        """A session call on the engine of the session's version (found in the shared store
+        when it lives on a version not loaded here: loaded, then asked)."""
         engine = self.model(model).route(session_id, 0, creating=False)
         try:
-            return await engine.close(session_id, principal)
+            return await call(engine, session_id, principal)
         except VersionElsewhere as exc:
-            return await (await self._elsewhere(model, exc)).close(session_id, principal)
+            return await call(await self._elsewhere(model, exc), session_id, principal)
 
     # -- sessions that live on another version (shared store) ---------------------------------
 

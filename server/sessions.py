@@ -187,6 +187,10 @@ class SessionTable:
     def touch_slots(self, slots: np.ndarray) -> None:
         self.columns.last_used[slots] = self.clock()
 
+    def tombstones(self) -> list[tuple[str, Tombstone]]:
+        """The sessions that ended here (as far as remembered), oldest first."""
+        return list(self._ended.items())
+
     def bury(self, session_id: str, reason: EndReason, position: int, owner: str) -> None:
         """Record a session that ended elsewhere (another replica), unless it is live here."""
         if session_id not in self._live:

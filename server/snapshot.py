@@ -132,7 +132,8 @@ def write_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     log.info("saved %d sessions to %s", count, path)
 
 
-def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
+def _load(path: Path) -> tuple[dict[str, np.ndarray], Any]:
+    """A snapshot file's arrays and decoded header; SnapshotError if it is unreadable."""
     try:
         # Opened here, not by np.load: numpy leaves its own file open when the zip is corrupt.
         with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
@@ -143,6 +144,11 @@ def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
         header = json.loads(arrays["header"].tobytes())
     except (KeyError, ValueError) as exc:
         raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    return arrays, header
+
+
+def _read(path: Path, spec: ModelSpec, window: int) -> dict[str, np.ndarray]:
+    arrays, header = _load(path)
     return _check(path, arrays, header, spec, window)
 
 
@@ -242,10 +248,15 @@ class Part:
 
 
 def capture_parts(
-    parts: Sequence[tuple[ModelSpec, SessionTable, int]], *, clean: bool = False
+    parts: Sequence[tuple[ModelSpec, SessionTable, int]],
+    *,
+    clean: bool = False,
+    kept: Sequence[Part] = (),
 ) -> dict[str, np.ndarray]:
     """Every version's sessions in one snapshot (format /3): part ``i``'s arrays are named
-    ``p<i>_<name>``. Call on the event loop (see ``capture``)."""
+    ``p<i>_<name>``. Call on the event loop (see ``capture``). ``kept``: parts of an earlier
+    snapshot this server could not restore (a version it lacks), written again as they were
+    so a server that has that version can still take them."""
     headers = []
     out: dict[str, np.ndarray] = {}
     for i, (spec, table, version) in enumerate(parts):
@@ -255,6 +266,11 @@ def capture_parts(
         headers.append(header)
         for name, values in arrays.items():
             out[f"p{i}_{name}"] = values
+    for i, part in enumerate(kept, start=len(headers)):
+        headers.append({**part.header, "version_number": part.version})
+        for name, values in part.arrays.items():
+            if name != "header":
+                out[f"p{i}_{name}"] = values
     header = {"format": MULTI, "parts": headers, "created": time.time()}
     out["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     return out
@@ -264,16 +280,7 @@ def read_parts(path: str | Path) -> list[Part]:
     """The parts of a snapshot of any format (a /1 or /2 file is one part); SnapshotError if it
     is unreadable. Each part is checked against its model by ``restore_part``."""
     path = Path(path)
-    try:
-        # Opened here, not by np.load: numpy leaves its own file open when the file is corrupt.
-        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise SnapshotError(f"{path}: not a readable seqserve snapshot ({exc})") from None
-    try:
-        header = json.loads(arrays["header"].tobytes())
-    except (KeyError, ValueError) as exc:
-        raise SnapshotError(f"{path}: snapshot header missing or unreadable ({exc})") from None
+    arrays, header = _load(path)
     if not isinstance(header, dict):
         raise SnapshotError(f"{path}: snapshot header is not an object")
     if header.get("format") in _READABLE:

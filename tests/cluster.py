@@ -255,10 +255,14 @@ class Replica(_Process):
         """Until grpc.health.v1 says SERVING (RuntimeError with the log if it exits)."""
         _wait(lambda: _serving(self.target), self, "starting", False, timeout)
 
-    def restart(self, timeout: float = START_TIMEOUT) -> None:
-        """Start again on the same ports with the same arguments (stop or kill it first)."""
+    def restart(self, timeout: float = START_TIMEOUT, **flags: str) -> None:
+        """Start again on the same ports (stop or kill it first), with the same arguments but
+        for ``flags`` (``model_repository="/new/repo"`` sets ``--model-repository``, replacing
+        its value if it was given), which it keeps for later restarts."""
         if self.alive:
             raise RuntimeError(f"{self.name} is still running")
+        for name, value in flags.items():
+            self.args = _with_flag(self.args, "--" + name.replace("_", "-"), value)
         self.launch()
         self.wait_ready(timeout)
 
@@ -282,6 +286,15 @@ class Replica(_Process):
             for (n, ls), v in self.metrics().items()
             if n == name and set(labels.items()) <= set(ls)
         )
+
+
+def _with_flag(args: tuple[str, ...], flag: str, value: str) -> tuple[str, ...]:
+    """``args`` with every ``flag``'s value set to ``value`` (the flag added if absent)."""
+    out, found = list(args), False
+    for i, arg in enumerate(out[:-1]):
+        if arg == flag:
+            out[i + 1], found = value, True
+    return tuple(out) if found else (*out, flag, value)
 
 
 def _serving(target: str) -> bool:
@@ -510,15 +523,17 @@ def start_cluster(
     nginx: bool = True,
     haproxy: bool = False,
     args: Sequence[str] = (),
+    repository: Path | None = None,
     cluster: Cluster | None = None,
 ) -> Cluster:
     """Start Redis (if ``redis``), ``replicas`` seqserve replicas, then nginx and HAProxy in
     front of them (if ``nginx``, ``haproxy``), each running the deployed config (deploy/) with
     only its addresses changed.
 
-    Each replica runs ``--model-dir model_dir --snapshot-path <its dir>/sessions.npz
-    --snapshot-interval 0 --log-level info`` then ``args``, in which ``{name}`` becomes the
-    replica's name and ``{redis}`` the Redis URL. Replicas start in parallel. Pass ``cluster``
+    Each replica runs ``--model-dir model_dir`` (or ``--model-repository repository`` when
+    given) ``--snapshot-path <its dir>/sessions.npz --snapshot-interval 0 --log-level info``
+    then ``args``, in which ``{name}`` becomes the replica's name and ``{redis}`` the Redis
+    URL. Replicas start in parallel. Pass ``cluster``
     to have what starts recorded in it as it starts (so a failure half-way still gets cleaned).
     """
     c = cluster or Cluster(workdir)
@@ -535,8 +550,8 @@ def start_cluster(
         home = workdir / name
         home.mkdir(parents=True, exist_ok=True)
         argv = (
-            "--model-dir",
-            str(model_dir),
+            *(("--model-repository", str(repository)) if repository else ()),
+            *(() if repository else ("--model-dir", str(model_dir))),
             "--snapshot-path",
             str(home / "sessions.npz"),
             "--snapshot-interval",
