@@ -176,9 +176,11 @@ def error_from_rpc(
     exc: grpc.RpcError, *, target: str = "", session_id: str = "", in_session: bool = False
 ) -> SeqServeError:
     """Map a failed call (status + trailing ``seqserve-reason`` metadata) to an exception."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or ""  # type: ignore[attr-defined]
-    trailing = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+    code = exc.code()
+    details = exc.details() or ""
+    # The stubs type each item as an object with .key/.value; it is a (key, value) pair (a
+    # namedtuple on sync calls, a plain tuple in grpc.aio's Metadata).
+    trailing: dict[str, str | bytes] = dict(exc.trailing_metadata() or ())  # type: ignore[arg-type]
     reason = str(trailing.get("seqserve-reason", ""))
     raw_position = trailing.get("seqserve-expected-position")
     position = int(raw_position) if raw_position not in (None, "") else None

@@ -8,7 +8,7 @@ LSTM i, f, c, o; GRU z, r, h) so that every node runs on onnxruntime's CUDA prov
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -116,9 +116,9 @@ def _gru(
     h_prev: tf.Tensor,
     kernel: tf.Tensor,
     recurrent: tf.Tensor,
-    act,
-    gate,
-) -> tf.Tensor:  # type: ignore[no-untyped-def]
+    act: Callable[[tf.Tensor], tf.Tensor],
+    gate: Callable[[tf.Tensor], tf.Tensor],
+) -> tf.Tensor:
     units = layer.units
     matrix_x = tf.matmul(x, kernel)
     bias = layer.bias

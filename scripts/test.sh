@@ -6,5 +6,5 @@ source "$(dirname "$0")/_venv.sh" server,export,dev
 .venv/bin/python proto/generate.py --check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy server client export proto/codec.py
+.venv/bin/mypy  # the packages named in pyproject.toml [tool.mypy]
 exec .venv/bin/python -P -m pytest -q -p no:cacheprovider "$@"

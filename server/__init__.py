@@ -13,7 +13,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "pip install 'seqserve[server]' (or 'seqserve[gpu]' for CUDA)"
     ) from exc
 
-from .app import App, create_server, main, serve
+from .app import App, create_server, serve
+from .cli import main
 from .settings import Settings, parse_settings
 
 __all__ = ["App", "Settings", "create_server", "main", "parse_settings", "serve"]

@@ -1,5 +1,6 @@
-"""Entry points: ``create_server`` builds and binds, ``serve`` runs until a signal, ``main`` is the
-``seqserve-server`` command (flags, logging, signal handlers)."""
+"""Entry points: ``create_server`` builds and binds, ``serve`` runs until a signal, ``run_forever``
+runs one server in this process with signal handlers (``cli.main`` is the ``seqserve-server``
+command)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +30,7 @@ from .models import Models
 from .oip import HttpFront, InferenceService, OipFront, bind_socket
 from .runtime import ModelRunner, inference_executor
 from .servicer import SeqServeServicer
-from .settings import Settings, parse_settings
+from .settings import Settings
 from .snapshot import (
     Part,
     capture_parts,
@@ -42,7 +42,7 @@ from .snapshot import (
 from .versions import ModelVersion
 from .wire import add_to_server
 
-__all__ = ["App", "configure_logging", "create_server", "main", "run_forever", "serve"]
+__all__ = ["App", "configure_logging", "create_server", "run_forever", "serve"]
 
 log = logging.getLogger("seqserve.server")
 
@@ -411,13 +411,3 @@ def run_forever(settings: Settings) -> int:
         log.error("%s", exc)
         return 2
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
-    configure_logging(settings)
-    if settings.workers > 1:
-        from .workers import run_workers
-
-        return run_workers(settings)
-    return run_forever(settings)

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -123,11 +123,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method  # type: ignore[attr-defined]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)  # None: no such method
+        method = handler_call_details.method
         if handler is None or method.startswith(EXEMPT_PREFIX):
             return handler
         return _wrap(handler, self._authenticate, method)
@@ -143,7 +145,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 return None
             return self._principal_of(token.strip().encode("utf-8", "replace"))
         if self.certificates:
-            names = context.auth_context().get("x509_common_name") or []
+            names = list(context.auth_context().get("x509_common_name") or ())
             if names:
                 name = names[0].decode("utf-8", "replace")
                 return name if _PRINCIPAL_RE.fullmatch(name) else None
@@ -167,15 +169,31 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
     raise AssertionError("abort returned")
 
 
-def _wrap(
-    handler: grpc.RpcMethodHandler,
-    authenticate: Callable[[grpc.aio.ServicerContext], str | None],
-    method: str,
-) -> grpc.RpcMethodHandler:
-    if handler.unary_unary or handler.stream_unary:
-        behavior = handler.unary_unary or handler.stream_unary
+# A method's function on a grpc.aio server: a coroutine function (unary response) or an async
+# generator function (or a coroutine function writing with context.write()) for streams, of any
+# request type. grpc's stubs type RpcMethodHandler's behaviours as sync functions of a sync
+# ServicerContext only.
+_AioBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+
+def _behavior(handler: grpc.RpcMethodHandler[Any, Any]) -> _AioBehavior:
+    found = (
+        handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    )
+    if found is None:
+        raise TypeError("a method handler without a behaviour")
+    return cast(_AioBehavior, found)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    authenticate: Callable[[grpc.aio.ServicerContext[Any, Any]], str | None],
+    method: str,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    behavior = _behavior(handler)
+    if handler.unary_unary or handler.stream_unary:
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             principal = authenticate(context)
             if principal is None:
                 await _refuse(context, method)
@@ -193,9 +211,9 @@ def _wrap(
             response_serializer=handler.response_serializer,
         )
 
-    behavior = handler.unary_stream or handler.stream_stream
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         principal = authenticate(context)
         if principal is None:
             await _refuse(context, method)

@@ -44,7 +44,7 @@ from .scheduler import Scheduler
 from .sessions import Quota, SessionTable, check_session_id, gap_error
 from .settings import Settings
 from .states import StateBank
-from .store import Claim, Store
+from .store import Claim, CommitOutcome, Store
 from .work import Group, Session, StepResult, Work
 from .writeback import Answers, Immediate, WriteBack, checkpoint_commits
 
@@ -198,7 +198,7 @@ class Engine:
                 len(sessions),
             )
             return 0
-        return sum(outcome.value == "1" for outcome in written)
+        return sum(outcome is CommitOutcome.WRITTEN for outcome in written)
 
     async def _sweep(self) -> None:
         interval = min(1.0, self.settings.session_idle_timeout / 4)

@@ -10,7 +10,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .store import Checkpoint, Claim, CommitOutcome, Commits, Peek, StoreUnavailable
+from .store import (
+    CallKind,
+    CallOutcome,
+    Checkpoint,
+    Claim,
+    CommitOutcome,
+    Commits,
+    Peek,
+    StoreUnavailable,
+)
 
 __all__ = ["MemoryStore", "Shelf"]
 
@@ -67,13 +76,13 @@ class MemoryStore:
         self.replica = replica
         self.ttl = ttl
         self.calls: list[str] = []  # every call made, in order (tests read it)
-        self.observe: Callable[[str, float, str], None] = lambda kind, seconds, outcome: None
+        self.observe: Callable[[CallKind, float, CallOutcome], None] = lambda kind, sec, out: None
 
     @property
     def available(self) -> bool:
         return not self.shelf.down
 
-    def _call(self, kind: str) -> bool:
+    def _call(self, kind: CallKind) -> bool:
         self.calls.append(kind)
         self.observe(kind, 0.0, "failed" if self.shelf.down else "ok")
         return not self.shelf.down
@@ -152,7 +161,7 @@ class MemoryStore:
                 out.append(CommitOutcome.MISSING if entry is None else CommitOutcome.TAKEN)
                 continue
             if entry is None or (entry.closed and is_full):
-                entry = self.shelf.entries[session_id] = _Entry(self.replica, int(head))
+                entry = self.shelf.entries[key] = _Entry(self.replica, int(head))
             entry.owner, entry.head, entry.closed = self.replica, int(head), closed == "1"
             if is_full:
                 entry.position, entry.principal, entry.data = int(head), principal, data

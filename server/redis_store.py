@@ -20,7 +20,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .store import Checkpoint, Claim, CommitOutcome, Commits, Peek, StoreUnavailable
+from .store import (
+    CallKind,
+    CallOutcome,
+    Checkpoint,
+    Claim,
+    CommitOutcome,
+    Commits,
+    Peek,
+    StoreUnavailable,
+)
 
 __all__ = ["RedisStore"]
 
@@ -143,8 +152,7 @@ class RedisStore:
         self._owner = self._redis.register_script(_OWNER)
         self._peek = self._redis.register_script(_PEEK)
         self._down_until = 0.0
-        # (call kind, seconds, outcome "ok" / "failed" / "skipped"): metrics hook
-        self.observe: Callable[[str, float, str], None] = lambda kind, seconds, outcome: None
+        self.observe: Callable[[CallKind, float, CallOutcome], None] = lambda kind, sec, out: None
 
     def key(self, session_id: str) -> str:
         return f"{self.namespace}:{session_id}"
@@ -176,7 +184,7 @@ class RedisStore:
                         args=[self.replica, principal, self.ttl_ms, self.tag],
                         client=pipe,
                     )
-                return await pipe.execute()  # type: ignore[no-any-return]
+                return await pipe.execute()
 
         replies = await self._guard(run, "claim")
         if replies is None:
@@ -257,7 +265,7 @@ class RedisStore:
         )
         return None if reply is None else [_OUTCOMES[c] for c in reply.decode()]
 
-    async def _guard(self, call: Callable[[], Awaitable[Any]], kind: str) -> Any:
+    async def _guard(self, call: Callable[[], Awaitable[Any]], kind: CallKind) -> Any:
         """``await call()``, or None if Redis failed (then skip it for ``retry_after``)."""
         if not self.available:
             self.observe(kind, 0.0, "skipped")

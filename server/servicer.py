@@ -82,7 +82,7 @@ def decode_matrix(m: pb.Matrix, features: int, what: str = "frames") -> np.ndarr
 
 def _status_code(exc: Exception) -> grpc.StatusCode:
     for kind in type(exc).__mro__:
-        code = STATUS_CODES.get(kind)  # type: ignore[call-overload]
+        code = STATUS_CODES.get(kind)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -130,7 +130,7 @@ class SessionTable:
     def at_slots(self, slots: np.ndarray) -> list[Session]:
         """The live sessions in ``slots`` (each must hold one)."""
         by_slot = self._by_slot
-        return [by_slot[s] for s in slots.tolist()]  # type: ignore[misc]
+        return [by_slot[s] for s in slots.tolist()]
 
     def create(
         self,

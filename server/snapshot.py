@@ -135,7 +135,8 @@ def write_snapshot(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 def _load(path: Path) -> tuple[dict[str, np.ndarray], Any]:
     """A snapshot file's arrays and decoded header; SnapshotError if it is unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Opened here, not by np.load: numpy leaves its own file open when the zip is corrupt.
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise SnapshotError(f"{path}: not a readable seqserve snapshot ({exc})") from None

@@ -20,6 +20,8 @@ from typing import Literal, Protocol
 from .errors import SessionMoved, StoreUnavailable
 
 __all__ = [
+    "CallKind",
+    "CallOutcome",
     "Checkpoint",
     "Claim",
     "ClaimKind",
@@ -40,6 +42,8 @@ class Checkpoint:
 
 
 ClaimKind = Literal["ok", "none", "foreign", "closed", "elsewhere"]
+CallKind = Literal["ping", "claim", "peek", "owner", "commit"]
+CallOutcome = Literal["ok", "failed", "skipped"]  # skipped: backing off after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +92,7 @@ class CommitOutcome(enum.Enum):
 class Store(Protocol):
     url: str
     replica: str
-    # (call kind, seconds, outcome "ok" / "failed" / "skipped"): the metrics hook
-    observe: Callable[[str, float, str], None]
+    observe: Callable[[CallKind, float, CallOutcome], None]  # the metrics hook
 
     @property
     def available(self) -> bool:

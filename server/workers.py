@@ -22,6 +22,7 @@ import socket
 import time
 from types import FrameType
 
+from .app import configure_logging, run_forever
 from .settings import Settings
 
 __all__ = ["run_workers", "worker_settings"]
@@ -45,8 +46,6 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 
 
 def _worker(settings: Settings) -> None:
-    from .app import configure_logging, run_forever
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into one SIGTERM
     configure_logging(settings)
     raise SystemExit(run_forever(settings))

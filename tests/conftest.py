@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+# Test modules import window_models and also name it in pytest_plugins (for its fixture): marked
+# here, before any of them is collected, its asserts are rewritten on that first import instead
+# of pytest warning that it was imported too early to rewrite.
+pytest.register_assert_rewrite("window_models")
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 # SEQSERVE_TEST_MODEL_DIR runs the server tests against another model directory.
 DEFAULT_MODEL = Path(os.environ.get("SEQSERVE_TEST_MODEL_DIR", MODELS / "basicmotions"))

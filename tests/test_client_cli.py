@@ -161,7 +161,7 @@ def test_predict_csv_file_and_json(cli_server, env, samples, model_dir, tmp_path
     out = tmp_path / "out.csv"
     result = seqserve(env, "--target", cli_server, "predict", str(path), "sample:1", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert [r["source"] for r in rows] == ["walk.csv", "sample:1"]
     assert rows[0]["label"] == rows[1]["label"]
     solo = solo_run(model_dir, x)

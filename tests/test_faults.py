@@ -57,6 +57,16 @@ def _serve(model_dir: Path, port: int, snapshot: Path, interval: float) -> subpr
     return proc
 
 
+def _stop(proc: subprocess.Popen[str], sig: int, timeout: float) -> int:
+    """Signal the server, wait for it, and close the pipe of its stderr."""
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    finally:
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
 def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model_dir, samples):
     port, snapshot = free_port(), tmp_path / "sessions.npz"
     xs = [samples["x"][i * 10][:60] for i in range(4)]
@@ -73,8 +83,7 @@ def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model
             for i, x in enumerate(xs):
                 stub.Step(step_request(f"k{i}", 30, x[30:40]))  # acknowledged, then the crash
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        _stop(proc, signal.SIGKILL, 10)
 
     proc = _serve(model_dir, port, snapshot, interval=3.0)
     try:
@@ -98,8 +107,7 @@ def test_kill_9_loses_at_most_the_frames_after_the_last_snapshot(tmp_path, model
                 assert np.abs(outputs[i][0] - expected[:30]).max() <= 1e-5
                 assert not stub.GetSession(pb.SessionRef(session_id=f"k{i}")).rolled_back
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert _stop(proc, signal.SIGTERM, 30) == 0
 
 
 def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, model_dir, samples):
@@ -117,8 +125,7 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, mod
 
     async def restart(when: asyncio.Event) -> None:
         await when.wait()
-        procs[0].send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(procs[0].wait, 30) == 0
+        assert await asyncio.to_thread(_stop, procs[0], signal.SIGTERM, 30) == 0
         assert snapshot.exists()
         procs.append(await asyncio.to_thread(_serve, model_dir, port, snapshot, 0.0))
 
@@ -155,8 +162,8 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(tmp_path, mod
         outputs, replays = asyncio.run(run())
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            if proc.returncode is None:
+                _stop(proc, signal.SIGTERM, 30)
     assert len(procs) == 2
     print(
         f"SIGTERM under load: {n_sessions * frames} frames, 0 lost, 0 doubled, "

@@ -121,7 +121,7 @@ class InferenceService(grpc.GenericRpcHandler):
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         if not method.startswith(_PREFIX):
             return None
         name = method[len(_PREFIX) :]
@@ -371,7 +371,8 @@ class InferenceService(grpc.GenericRpcHandler):
 
 
 def _serialize(message: Any) -> bytes:
-    return message.SerializeToString()  # type: ignore[no-any-return]
+    data: bytes = message.SerializeToString()
+    return data
 
 
 async def _unimplemented(name: str, request: bytes, context: grpc.aio.ServicerContext) -> None:

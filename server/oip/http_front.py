@@ -38,6 +38,11 @@ log = logging.getLogger("seqserve.oip.http")
 PROTOCOL = "oip-http"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _PUBLIC = ("/v2/health/live", "/v2/health/ready")
+# The caller, kept on the request. aiohttp 3.14+ warns about plain string keys and offers typed
+# ones; older releases (the floor is 3.9) take the string.
+_PRINCIPAL: web.RequestKey[str] | str = (
+    web.RequestKey("principal", str) if hasattr(web, "RequestKey") else "principal"
+)
 _HTTP_CODES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -139,7 +144,7 @@ class HttpFront:
         rpc = _rpc_name(request)
         try:
             if request.path not in _PUBLIC:
-                request["principal"] = self._authenticate(request)
+                request[_PRINCIPAL] = self._authenticate(request)
             response = await handler(request)
         except web.HTTPException as exc:  # no route, wrong method, body too large
             code = _HTTP_CODES.get(exc.status, "INVALID_ARGUMENT")
@@ -261,7 +266,7 @@ class HttpFront:
             [o for o, _ in outputs],
         )
         try:
-            result = await self.front.start(call, request.get("principal", ""))
+            result = await self.front.start(call, request.get(_PRINCIPAL, ""))
         except Exception as exc:
             raise infer.explain(call, exc) from None
         return _infer_response(call, result, outputs, binary_default)
