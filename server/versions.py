@@ -82,7 +82,7 @@ def check_reference(
     difference. ModelError if it is missing or over ``tolerance``."""
     path = spec.directory / "reference.npz"
     try:
-        with np.load(path) as data:
+        with path.open("rb") as fh, np.load(fh) as data:  # numpy leaks its own handle on errors
             x, lengths, expected = data["x"], data["lengths"], data["probabilities"]
     except FileNotFoundError:
         raise ModelError(f"{path}: missing (a version must carry its reference outputs)") from None
