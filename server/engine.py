@@ -44,9 +44,9 @@ from .scheduler import Scheduler
 from .sessions import Quota, SessionTable, check_session_id, gap_error
 from .settings import Settings
 from .states import StateBank
-from .store import Claim, CommitOutcome, Store
+from .store import Claim, Store
 from .work import Group, Session, StepResult, Work
-from .writeback import Answers, Immediate, WriteBack, checkpoint_commits
+from .writeback import Answers, Immediate, WriteBack
 
 __all__ = ["BatchResult", "Engine", "SessionStatus", "StepResult", "make_store", "store_namespace"]
 
@@ -183,22 +183,10 @@ class Engine:
         await self.handover.close()
 
     async def save_to_store(self) -> int:
-        """Write every session's state to the shared store (on drain, after the scheduler
-        stopped), so another replica resumes them with nothing lost. Returns how many."""
-        if self.store is None:
-            return 0
-        sessions = [s for s in self.table if s.saved != s.position or s.synced != s.position]
-        if not sessions:
-            return 0
-        commits, _ = checkpoint_commits(sessions, self.bank, 1)
-        written = await self.store.commit(commits)
-        if written is None:
-            log.error(
-                "drain: the session store is unreachable; %d sessions were not saved there",
-                len(sessions),
-            )
-            return 0
-        return sum(outcome is CommitOutcome.WRITTEN for outcome in written)
+        """Write every session's state to the shared store, if there is one (on drain, after
+        the scheduler stopped), so another replica resumes them with nothing lost. Returns
+        how many."""
+        return await self.answers.save_all(list(self.table))
 
     async def _sweep(self) -> None:
         interval = min(1.0, self.settings.session_idle_timeout / 4)
@@ -282,7 +270,7 @@ class Engine:
     async def lookup(self, session_id: str, principal: str = "") -> SessionStatus:
         """Like ``get``, but with a shared store a session held elsewhere is read from there
         (not taken over: its next step does that), so a client can resume on any replica."""
-        if self.store is None or self.table.find(session_id) is not None:
+        if self.table.find(session_id) is not None:
             return self.get(session_id, principal)
         check_session_id(session_id)
         found = await self.handover.peek(session_id, principal)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Protocol
 
 import numpy as np
@@ -25,6 +26,8 @@ from .store import CommitOutcome, Commits, Store
 from .work import Group, Session, Sink
 
 __all__ = ["Answers", "Immediate", "WriteBack", "checkpoint_commits", "resolve"]
+
+log = logging.getLogger("seqserve.writeback")
 
 
 def resolve(sink: Sink, value: object) -> None:
@@ -56,6 +59,10 @@ class Answers(Protocol):
         """Return once every answer given to this object has been delivered."""
         ...
 
+    async def save_all(self, sessions: list[Session]) -> int:
+        """Checkpoint these sessions in full (a drain); how many were written."""
+        ...
+
 
 class Immediate:
     """No shared store: nothing to wait for."""
@@ -73,6 +80,9 @@ class Immediate:
 
     async def settle(self) -> None:
         pass
+
+    async def save_all(self, sessions: list[Session]) -> int:
+        return 0  # nowhere to save them: a snapshot file is the app's business
 
 
 def checkpoint_commits(
@@ -144,6 +154,20 @@ class WriteBack:
                 await writing
             if self._touched:  # a round finished while the last write ran
                 self.round_done()
+
+    async def save_all(self, sessions: list[Session]) -> int:
+        changed = [s for s in sessions if s.saved != s.position or s.synced != s.position]
+        if not changed:
+            return 0
+        commits, _ = checkpoint_commits(changed, self.table.bank, 1)
+        written = await self.store.commit(commits)
+        if written is None:
+            log.error(
+                "drain: the session store is unreachable; %d sessions were not saved there",
+                len(changed),
+            )
+            return 0
+        return sum(outcome is CommitOutcome.WRITTEN for outcome in written)
 
     async def _write(self) -> None:
         while self._touched:
