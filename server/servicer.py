@@ -44,6 +44,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .models import Models
+from .streams import Drained, Streams
 from .wire import Undecodable, decoded
 
 __all__ = ["STATUS_CODES", "SeqServeServicer", "decode_matrix"]
@@ -66,9 +67,6 @@ STATUS_CODES: dict[type[SeqServeError], grpc.StatusCode] = {
     VersionMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
 }
-
-_END = object()  # reader finished
-_DRAIN = object()  # server draining: end the stream once every accepted request is answered
 
 
 def decode_matrix(m: pb.Matrix, features: int, what: str = "frames") -> np.ndarray:
@@ -128,9 +126,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self.models = models
         self.metrics = metrics
         self.settings = models.settings
-        self._streams: set[asyncio.Queue[Any]] = set()
-        # Streams whose one task is waiting for the next request (nothing outstanding).
-        self._reading: dict[asyncio.Queue[Any], asyncio.Task[Any]] = {}
+        self._streams = Streams(self.settings.stream_inflight, lambda: models.draining)
         # Every (rpc, code) series of the default model exists from the start, so rate() sees
         # the first error too.
         metrics.declare(_RPCS, (c.name for c in _REPORTED_CODES), "native", models.default, "")
@@ -147,10 +143,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     def drain(self) -> None:
         """Ask every open stream to end (UNAVAILABLE) once its accepted requests are answered."""
-        for queue in self._streams:
-            queue.put_nowait(_DRAIN)
-        for task in list(self._reading.values()):  # streams waiting for their next request
-            task.cancel()
+        self._streams.drain()
 
     def _done(
         self, rpc: str, started: float, code: grpc.StatusCode, model: str = "", version: int = 0
@@ -330,156 +323,30 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         respond: Callable[[Any, Any], Any],
         failed: Callable[[str, Any, float, Exception], Any],
     ) -> AsyncIterator[Any]:
-        """Read requests, submit each at once (clients pipeline), write answers as they settle.
-        ``failed`` turns an error into that RPC's response message; the stream goes on.
-
-        While every answer is ready the moment its request is submitted (a lone client of an
-        idle server), this one task reads, answers and writes: one loop turn per message. From
-        the first request that has to wait, a reader task takes over reading, so requests keep
-        being admitted (and batched) while answers wait, and this task only writes."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams.add(queue)
-        iterator = requests.__aiter__()
-        reader: asyncio.Task[None] | None = None
-        task = asyncio.current_task()
-        drained = [False]
+        """Answers as they settle (``streams.Streams``); ``failed`` turns an error into that
+        RPC's response message and the stream goes on."""
         try:
-            while not drained[0]:
-                if self.models.draining:
-                    drained[0] = True
-                    break
-                if task is not None:
-                    self._reading[queue] = task  # drain() may cancel this read
-                try:
-                    request = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                except asyncio.CancelledError:
-                    if not self.models.draining:
-                        raise
-                    drained[0] = True
-                    break
-                finally:
-                    self._reading.pop(queue, None)
-                started = time.perf_counter()
-                try:
-                    future = submit(request)
-                except Exception as exc:
-                    yield failed(rpc, request, started, exc)
-                    continue
-                if future.done():
-                    yield self._settled(rpc, request, started, respond, failed, future)
-                    continue
-                # From here on a reader task reads; this task writes what settles.
-                slots = asyncio.Semaphore(self.settings.stream_inflight - 1)
-                outstanding = [1]
-                future.add_done_callback(
-                    functools.partial(self._answer, rpc, queue, request, started, respond, failed)
-                )
-                reader = asyncio.create_task(
-                    self._read(rpc, iterator, queue, slots, outstanding, submit, respond, failed)
-                )
-                async for response in self._write(queue, slots, outstanding, drained):
-                    yield response
-                break
-            if drained[0]:
-                context.set_trailing_metadata((("seqserve-reason", "draining"),))
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "server is draining; resume from your last acknowledged position after it "
-                    "restarts",
-                )
-        finally:
-            self._streams.discard(queue)
-            self._reading.pop(queue, None)
-            if reader is not None:
-                reader.cancel()
-        if (
-            reader is not None
-            and not reader.cancelled()
-            and reader.done()
-            and reader.exception() is not None
-        ):
-            raise reader.exception()  # type: ignore[misc]
-
-    async def _write(
-        self,
-        queue: asyncio.Queue[Any],
-        slots: asyncio.Semaphore,
-        outstanding: list[int],
-        drained: list[bool],
-    ) -> AsyncIterator[Any]:
-        """Answers as they settle, until the reader is done and every request is answered, or
-        the server drains and every accepted request is answered (``drained[0]`` then)."""
-        reading = True
-        draining = self.models.draining
-        while reading or outstanding[0]:
-            if draining and not outstanding[0]:
-                break
-            item = await queue.get()
-            if item is _END:
-                reading = False
-            elif item is _DRAIN:
-                draining = True
-            else:
-                outstanding[0] -= 1
-                slots.release()
-                yield item
-        drained[0] = draining
-
-    async def _read(
-        self,
-        rpc: str,
-        requests: AsyncIterator[Any],
-        queue: asyncio.Queue[Any],
-        slots: asyncio.Semaphore,
-        outstanding: list[int],
-        submit: Callable[[Any], Any],
-        respond: Callable[[Any, Any], Any],
-        failed: Callable[[str, Any, float, Exception], Any],
-    ) -> None:
-        try:
-            async for request in requests:
-                await slots.acquire()
-                outstanding[0] += 1
-                started = time.perf_counter()
-                try:
-                    future = submit(request)
-                except Exception as exc:
-                    queue.put_nowait(failed(rpc, request, started, exc))
-                    continue
-                if future.done() and outstanding[0] == 1:
-                    # Answered at once with nothing else outstanding (so it overtakes no
-                    # answer still on its way): no callback's loop turn.
-                    self._answer(rpc, queue, request, started, respond, failed, future)
-                else:
-                    future.add_done_callback(
-                        functools.partial(
-                            self._answer, rpc, queue, request, started, respond, failed
-                        )
-                    )
-        finally:
-            queue.put_nowait(_END)
-
-    def _answer(
-        self,
-        rpc: str,
-        queue: asyncio.Queue[Any],
-        request: Any,
-        started: float,
-        respond: Callable[[Any, Any], Any],
-        failed: Callable[[str, Any, float, Exception], Any],
-        future: asyncio.Future[Any],
-    ) -> None:
-        queue.put_nowait(self._settled(rpc, request, started, respond, failed, future))
+            async for response in self._streams.serve(
+                requests,
+                functools.partial(_ticket, submit),
+                functools.partial(self._settled, rpc, respond, failed),
+                functools.partial(failed, rpc),
+            ):
+                yield response
+        except Drained:
+            context.set_trailing_metadata((("seqserve-reason", "draining"),))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is draining; resume from your last acknowledged position after it restarts",
+            )
 
     def _settled(
         self,
         rpc: str,
-        request: Any,
-        started: float,
         respond: Callable[[Any, Any], Any],
         failed: Callable[[str, Any, float, Exception], Any],
+        request: Any,
+        started: float,
         future: asyncio.Future[Any],
     ) -> Any:
         """The response message of a settled request."""
@@ -747,6 +614,13 @@ _RPCS = (
     "CloseSession",
     "GetModel",
 )
+
+
+def _ticket(
+    submit: Callable[[Any], asyncio.Future[Any]], request: Any
+) -> tuple[Any, asyncio.Future[Any]]:
+    """A native request is its own ticket."""
+    return request, submit(request)
 
 
 def _model_of(request: object) -> str:

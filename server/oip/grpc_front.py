@@ -26,6 +26,7 @@ from seqserve.proto import inference as pb
 from ..auth import current_principal
 from ..engine import StepResult
 from ..errors import BadRequest, Draining
+from ..streams import Drained, Streams
 from . import infer
 from .front import OipFront, error_message, expected_position, status_of
 from .sequences import ParamValue
@@ -36,8 +37,6 @@ log = logging.getLogger("seqserve.oip.grpc")
 
 PROTOCOL = "oip-grpc"
 _PREFIX = f"/{pb.SERVICE}/"
-_END = object()
-_DRAIN = object()
 _TYPED = (
     "bool_contents",
     "int_contents",
@@ -101,7 +100,9 @@ class InferenceService(grpc.GenericRpcHandler):
     def __init__(self, front: OipFront) -> None:
         self.front = front
         self.models = front.models
-        self._streams: set[asyncio.Queue[Any]] = set()
+        self._streams = Streams(
+            front.settings.stream_inflight, lambda: front.models.models.draining
+        )
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         for name, (kind, request, _) in pb.METHODS.items():
             behaviour = getattr(self, name)
@@ -136,8 +137,7 @@ class InferenceService(grpc.GenericRpcHandler):
 
     def drain(self) -> None:
         """End every open stream (UNAVAILABLE) once its accepted requests are answered."""
-        for queue in self._streams:
-            queue.put_nowait(_DRAIN)
+        self._streams.drain()
 
     # -- unary calls --------------------------------------------------------------------------
 
@@ -284,74 +284,41 @@ class InferenceService(grpc.GenericRpcHandler):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        """Read requests and submit each at once (one sequence's in the order read), write
-        answers as they settle. Pauses reading at ``--stream-inflight`` unanswered requests."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.front.settings.stream_inflight)
-        outstanding = [0]
-        self._streams.add(queue)
-        reader = asyncio.create_task(self._read(requests, queue, slots, outstanding))
-        reading, draining = True, self.front.models.models.draining
+        """Answers as they settle (``streams.Streams``: one sequence's in the order read); a
+        failed request is answered in the stream, which goes on."""
         try:
-            while reading or outstanding[0]:
-                if draining and not outstanding[0]:
-                    break
-                item = await queue.get()
-                if item is _END:
-                    reading = False
-                elif item is _DRAIN:
-                    draining = True
-                else:
-                    outstanding[0] -= 1
-                    slots.release()
-                    yield item
-            if draining:
-                context.set_trailing_metadata((("seqserve-reason", "draining"),))
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "server is draining; resend unanswered requests after it restarts "
-                    "(with sequence_position, nothing is applied twice)",
-                )
-        finally:
-            self._streams.discard(queue)
-            reader.cancel()
-        if not reader.cancelled() and reader.done() and reader.exception() is not None:
-            raise reader.exception()  # type: ignore[misc]
+            async for reply in self._streams.serve(
+                requests,
+                functools.partial(self._stream_submit, current_principal()),
+                self._stream_answer,
+                self._stream_error,
+            ):
+                yield reply
+        except Drained:
+            context.set_trailing_metadata((("seqserve-reason", "draining"),))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is draining; resend unanswered requests after it restarts "
+                "(with sequence_position, nothing is applied twice)",
+            )
 
-    async def _read(
-        self,
-        requests: AsyncIterator[Any],
-        queue: asyncio.Queue[Any],
-        slots: asyncio.Semaphore,
-        outstanding: list[int],
-    ) -> None:
-        principal = current_principal()
+    def _stream_submit(
+        self, principal: str, request: Any
+    ) -> tuple[tuple[Any, infer.InferCall], asyncio.Future[Any]]:
+        call = None
         try:
-            async for request in requests:
-                await slots.acquire()
-                outstanding[0] += 1
-                started = time.perf_counter()
-                call = None
-                try:
-                    call = self._prepare(request)
-                    future = self.front.start(call, principal)
-                except Exception as exc:
-                    queue.put_nowait(self._stream_error(request, started, infer.explain(call, exc)))
-                    continue
-                future.add_done_callback(
-                    functools.partial(self._answered, queue, request, call, started)
-                )
-        finally:
-            queue.put_nowait(_END)
+            call = self._prepare(request)
+            return (request, call), self.front.start(call, principal)
+        except Exception as exc:
+            raise infer.explain(call, exc) from None
 
-    def _answered(
+    def _stream_answer(
         self,
-        queue: asyncio.Queue[Any],
-        request: Any,
-        call: infer.InferCall,
+        ticket: tuple[Any, infer.InferCall],
         started: float,
         future: asyncio.Future[Any],
-    ) -> None:
+    ) -> Any:
+        request, call = ticket
         if future.cancelled():
             exc: BaseException | None = Draining("cancelled")
         else:
@@ -365,9 +332,8 @@ class InferenceService(grpc.GenericRpcHandler):
                 exc = failure
             else:
                 self.front.done("ModelStreamInfer", PROTOCOL, started, "OK")
-                queue.put_nowait(reply)
-                return
-        queue.put_nowait(self._stream_error(request, started, infer.explain(call, exc)))
+                return reply
+        return self._stream_error(request, started, infer.explain(call, exc))
 
 
 def _serialize(message: Any) -> bytes:
