@@ -58,11 +58,12 @@ ENV PATH=/opt/seqserve/bin:$PATH \
     SEQSERVE_HOST=0.0.0.0 \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_PORT=8081 \
+    SEQSERVE_HTTP_PORT=8000 \
     SEQSERVE_MODEL_DIR="" \
     SEQSERVE_MODEL_REPOSITORY="" \
     SEQSERVE_SNAPSHOT_PATH=/var/lib/seqserve/sessions.npz \
     SEQSERVE_DEVICE=cuda
-EXPOSE 50051 8081
+EXPOSE 50051 8000 8081
 # seqserve health exits 1 (not SERVING: starting, draining) or 2 (unreachable); docker reserves 2.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD seqserve --target "127.0.0.1:${SEQSERVE_PORT}" --timeout 3 health || exit 1
@@ -80,10 +81,11 @@ ENV PATH=/opt/seqserve/bin:$PATH \
     SEQSERVE_HOST=0.0.0.0 \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_PORT=8081 \
+    SEQSERVE_HTTP_PORT=8000 \
     SEQSERVE_MODEL_DIR="" \
     SEQSERVE_MODEL_REPOSITORY="" \
     SEQSERVE_SNAPSHOT_PATH=/var/lib/seqserve/sessions.npz
-EXPOSE 50051 8081
+EXPOSE 50051 8000 8081
 # seqserve health exits 1 (not SERVING: starting, draining) or 2 (unreachable); docker reserves 2.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD seqserve --target "127.0.0.1:${SEQSERVE_PORT}" --timeout 3 health || exit 1

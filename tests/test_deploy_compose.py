@@ -120,7 +120,7 @@ def test_seqserve_ports_are_the_ones_it_listens_on_and_exposes(compose, stages, 
     service = compose["services"]["seqserve"]
     exposed = stages[service["build"]["target"]].exposed
     ports = _container_ports(service)
-    assert ports == {server_settings.port, server_settings.metrics_port}
+    assert ports == {server_settings.port, server_settings.http_port, server_settings.metrics_port}
     assert ports <= exposed
 
 

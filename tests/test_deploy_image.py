@@ -163,7 +163,7 @@ def test_server_image_env_ports_and_paths_agree_with_the_settings(stages, name):
     seqserve_env = {k: v for k, v in env.items() if k.startswith("SEQSERVE_")}
     assert set(seqserve_env) <= fields, f"not settings: {set(seqserve_env) - fields}"
     settings = parse_settings([], environ=seqserve_env)
-    assert stage.exposed == {settings.port, settings.metrics_port}
+    assert stage.exposed == {settings.port, settings.http_port, settings.metrics_port}
     assert settings.model_dir == "", "the bundled default model unless a directory is mounted"
     assert settings.model_repository == "", "nor a repository"
     # The snapshot's folder exists in the image and belongs to the user the server runs as.

@@ -181,4 +181,5 @@ def test_replicas_drain_before_kubernetes_kills_them_and_leave_while_draining(ob
     assert container["readinessProbe"]["grpc"]["port"] == _port(container, "grpc")
     assert _port(container, "grpc") == DEFAULTS.port
     assert _port(container, "metrics") == DEFAULTS.metrics_port
+    assert _port(container, "http") == DEFAULTS.http_port
     assert spec["securityContext"]["runAsUser"] == 10001  # the image's user
