@@ -303,6 +303,22 @@ async def test_http_port_off_and_drain(start_server):
     app2, _ = await start_server()
     port = app2.http_port
     assert (await asyncio.to_thread(_http, port, "/v2/health/ready"))[0] == 200
+    # The drain's first step (what SIGTERM starts): REST stays up until the end of the drain,
+    # not ready, and new work is refused as draining (503), an open sequence included.
+    body = {"inputs": [{"name": "frames", "datatype": "FP32", "shape": [1, 1, 6], "data": [0] * 6}]}
+    url = f"/v2/models/{MODEL}/infer"
+    open_one = {**body, "parameters": {"sequence_id": "d", "sequence_start": True}}
+    assert (await asyncio.to_thread(_http, port, url, json.dumps(open_one).encode()))[0] == 200
+    app2.refuse_new()
+    assert (await asyncio.to_thread(_http, port, "/v2/health/ready"))[0] == 400
+    assert (await asyncio.to_thread(_http, port, "/v2/health/live"))[0] == 200
+    for parameters in ({}, {"sequence_id": "d"}, {"sequence_id": "e", "sequence_start": True}):
+        doc = json.dumps({**body, "parameters": parameters}).encode()
+        code, headers, reply = await asyncio.to_thread(_http, port, url, doc)
+        assert code == 503, (parameters, reply)
+        assert headers["seqserve-code"] == "UNAVAILABLE"
+        assert headers["seqserve-reason"] == "draining"
+        assert "draining" in json.loads(reply)["error"]
     await app2.stop()
     with pytest.raises(OSError):
         await asyncio.to_thread(
