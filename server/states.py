@@ -19,6 +19,18 @@ from .model import ModelSpec
 
 __all__ = ["StateBank"]
 
+# Batches of at least this many state floats gather and scatter tensor by tensor; smaller ones
+# through one whole-row array (fewer numpy calls for a lone session).
+_WIDE = 16_384
+
+
+def _flush(values: np.ndarray) -> None:
+    """Denormal float32 values (and -0.0) become +0.0, in place: every value whose exponent bits
+    are zero is multiplied by 0 as an integer. Branch-free, so as fast with the many exact zeros
+    of relu states as without (a boolean-mask assignment was 5x slower on them)."""
+    bits = values.view(np.uint32)
+    np.multiply(bits, (bits & 0x7F800000) != 0, out=bits)
+
 
 class StateBank:
     def __init__(self, spec: ModelSpec, capacity: int, window: int) -> None:
@@ -58,8 +70,13 @@ class StateBank:
         self.states[slot] = 0.0
 
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
-        rows = self.states[slots]
-        return [np.ascontiguousarray(rows[:, slab_columns]) for slab_columns in self._columns]
+        """Each state tensor's rows of ``slots``, as fresh contiguous arrays."""
+        if len(slots) * self.states.shape[1] < _WIDE:
+            rows = self.states[slots]
+            return [np.ascontiguousarray(rows[:, columns]) for columns in self._columns]
+        # Wide (many sessions, or window copies): one fancy index per tensor, no whole-row
+        # temporary (measured 10x faster for 48 window sessions at T = 30).
+        return [self.states[slots, columns] for columns in self._columns]
 
     def scatter(self, slots: np.ndarray, states: list[np.ndarray]) -> None:
         """Write back new states, denormal values flushed to zero: relu LSTM states that decay
@@ -67,9 +84,24 @@ class StateBank:
         bundled model: sessions replaying recordings in a loop grew 11 % denormal state values
         and a step went from 5 to 25 us per session; flushed, it stays at 5-6 us). A flushed
         value differs from the computed one by less than 1.2e-38."""
-        rows = np.concatenate(states, axis=1) if len(states) > 1 else np.array(states[0])
-        rows[(rows.view(np.uint32) & 0x7F800000) == 0] = 0.0  # zero exponent: 0 or denormal
-        self.states[slots] = rows
+        if len(slots) * self.states.shape[1] < _WIDE:
+            rows = (
+                np.concatenate(states, axis=1, dtype=np.float32)
+                if len(states) > 1
+                else np.array(states[0], np.float32)
+            )
+            _flush(rows)
+            self.states[slots] = rows
+            return
+        # Wide: each tensor flushed where it lies (the runtime's own fresh output) and written
+        # into its columns, with no whole-row temporary.
+        for columns, state in zip(self._columns, states, strict=True):
+            if not (
+                state.dtype == np.float32 and state.flags.writeable and state.flags.c_contiguous
+            ):
+                state = np.array(state, np.float32)
+            _flush(state)
+            self.states[slots, columns] = state
 
     def record_steps(self, slots: np.ndarray, positions: np.ndarray, probs: np.ndarray) -> None:
         """One output row per slot: ``probs[i]`` is frame ``positions[i]`` of ``slots[i]``."""
