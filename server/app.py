@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -26,13 +27,14 @@ from .engine import Engine
 from .errors import ModelError, SnapshotError
 from .metrics import Metrics, VersionGauges
 from .model import ModelSpec, bundled_models_dir
-from .models import Models
+from .models import Models, Waiting
 from .oip import HttpFront, InferenceService, OipFront, bind_socket
 from .runtime import ModelRunner, inference_executor
 from .servicer import SeqServeServicer
 from .settings import Settings
 from .snapshot import (
     Part,
+    age_part,
     capture_parts,
     lock_snapshot,
     read_parts,
@@ -85,6 +87,7 @@ class App:
         # Snapshot parts of versions this server cannot load: every snapshot it writes keeps
         # them, so the sessions are not lost to a server started without their version.
         self.kept: list[Part] = []
+        self._kept_at = time.monotonic()  # when the kept parts' idle times were last advanced
 
     @property
     def engine(self) -> Engine:
@@ -167,11 +170,21 @@ class App:
             self.inference.drain()
 
     def _capture(self, *, clean: bool = False) -> dict[str, np.ndarray]:
+        self._age_kept()
         return capture_parts(
             [(e.spec, e.table, e.version) for e in self.models.engines() if len(e.table)],
             clean=clean,
             kept=self.kept,
         )
+
+    def _age_kept(self) -> None:
+        """Kept parts lose the sessions that stayed idle past the idle timeout while this
+        server ran, as sessions in memory expire (here they answer expired from then on)."""
+        now = time.monotonic()
+        timeout = self.settings.session_idle_timeout
+        aged = [age_part(part, now - self._kept_at, timeout) for part in self.kept]
+        self._kept_at = now
+        self.kept = [part for part in aged if part is not None]
 
     async def checkpoint(self) -> None:
         """Save every session now (captured on the loop, written in the writer thread)."""
@@ -326,8 +339,16 @@ def _restore(settings: Settings, models: Models) -> list[Part]:
         for part, engine in targets:
             if engine is None:
                 model = models.models[part.model]
-                for session_id in part.arrays.get("ids", ()):
-                    model.unavailable[str(session_id)] = part.version
+                ids = part.arrays.get("ids", ())
+                positions = part.arrays.get("positions", np.zeros(len(ids), np.int64))
+                idle = part.arrays.get("idle", np.zeros(len(ids)))
+                now = time.monotonic()
+                for session_id, position, waited in zip(ids, positions, idle, strict=False):
+                    model.unavailable[str(session_id)] = Waiting(
+                        part.version,
+                        int(position),
+                        now + settings.session_idle_timeout - float(waited),
+                    )
                 log.warning(
                     "%s: %d sessions ran on %s version %d (graphs %s), which this server "
                     "cannot load; they answer version_unavailable",

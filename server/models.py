@@ -32,6 +32,7 @@ from .errors import (
     ModelError,
     NotAllowed,
     SeqServeError,
+    SessionNotFound,
     UnknownModel,
     VersionDraining,
     VersionElsewhere,
@@ -47,7 +48,7 @@ from .settings import Settings
 from .versions import ModelVersion, VersionState, load_graphs
 from .work import StepResult
 
-__all__ = ["Model", "Models", "VersionInfo"]
+__all__ = ["Model", "Models", "VersionInfo", "Waiting"]
 
 log = logging.getLogger("seqserve.models")
 
@@ -69,6 +70,16 @@ class VersionInfo:
     latest: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A session saved (snapshot) on a version this server cannot load: it answers
+    version_unavailable until ``expires`` (``time.monotonic()``), then expired."""
+
+    version: int
+    position: int
+    expires: float
+
+
 class Model:
     """One model's versions and the sessions pinned to them."""
 
@@ -79,8 +90,8 @@ class Model:
         self.problems: list[str] = []  # what the repository holds for it that cannot serve
         # Sessions that ended with their version: (version, position), for a precise answer.
         self.retired: OrderedDict[str, tuple[int, int]] = OrderedDict()
-        # Sessions saved (snapshot) on a version this server cannot load: the version.
-        self.unavailable: dict[str, int] = {}
+        # Sessions saved (snapshot) on a version this server cannot load.
+        self.unavailable: dict[str, Waiting] = {}
         # Versions loaded by name (LoadModel with a version): served whatever the policy says,
         # until unloaded.
         self.requested: set[int] = set()
@@ -173,11 +184,20 @@ class Model:
                 position=position,
             )
         waiting = self.unavailable.get(session_id)
-        if waiting is not None:
-            raise VersionUnavailable(
-                f"session {session_id!r} runs on model {self.name!r} version {waiting}, which "
-                "this server cannot load; resume it on a server that has that version"
+        if waiting is None:
+            return
+        if time.monotonic() >= waiting.expires:
+            raise SessionNotFound(
+                f"session {session_id!r} expired at position {waiting.position}: it waited "
+                f"longer than the idle timeout for model {self.name!r} version "
+                f"{waiting.version}, which this server cannot load",
+                reason="expired",
+                position=waiting.position,
             )
+        raise VersionUnavailable(
+            f"session {session_id!r} runs on model {self.name!r} version {waiting.version}, "
+            "which this server cannot load; resume it on a server that has that version"
+        )
 
     def stateless(self, version: int) -> Engine:
         """The engine for a request that touches no session (Predict, GetModel): the version

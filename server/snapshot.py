@@ -24,7 +24,7 @@ import os
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +36,7 @@ from .sessions import SessionTable
 
 __all__ = [
     "Part",
+    "age_part",
     "capture",
     "capture_parts",
     "load_snapshot",
@@ -274,6 +275,28 @@ def capture_parts(
     header = {"format": MULTI, "parts": headers, "created": time.time()}
     out["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     return out
+
+
+def age_part(part: Part, seconds: float, idle_timeout: float) -> Part | None:
+    """``part`` as it stands ``seconds`` later on a server whose sessions expire after
+    ``idle_timeout``: every session idle that much longer, those idle past the timeout gone
+    (they expired here, as a session held in memory would); None once none is left."""
+    ids, idle = part.arrays.get("ids"), part.arrays.get("idle")
+    if ids is None or idle is None or idle.shape != ids.shape:
+        return part  # not a part this server can judge; written again as it came
+    idle = idle + seconds
+    keep = idle <= idle_timeout
+    if not keep.any():
+        return None
+    count = len(ids)
+    header = {**part.header, "sessions": int(keep.sum())}
+    arrays = {
+        name: values[keep] if name != "header" and values.shape[:1] == (count,) else values
+        for name, values in part.arrays.items()
+    }
+    arrays["idle"] = idle[keep]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    return replace(part, header=header, arrays=arrays)
 
 
 def read_parts(path: str | Path) -> list[Part]:

@@ -1011,6 +1011,42 @@ async def test_a_restart_restores_every_session_into_its_exact_version(
 # -- metrics ------------------------------------------------------------------------------------
 
 
+async def test_sessions_waiting_for_a_missing_version_expire_like_any_other(
+    serve, repo, v2_dir, xs, tmp_path
+):
+    """Sessions of a version this server lacks answer version_unavailable while they could
+    still resume elsewhere; once idle past the timeout here they answer expired (with the
+    position they were saved at), and the next snapshot no longer carries them."""
+    from seqserve.server.snapshot import read_parts
+
+    snapshot = str(tmp_path / "sessions.npz")
+    repo.add(BM, 1, BASICMOTIONS)
+    first = await serve(snapshot_path=snapshot)
+    await first.step("old", xs[0], 0, 12)
+    repo.add(BM, 2, v2_dir)
+    await first.stub.LoadModel(pb.LoadModelRequest(model=BM), timeout=WAIT)
+    await first.step("new", xs[2], 0, 5)
+    await first.app.stop()
+
+    repo.remove(BM, 1)
+    timeout = 3.0
+    second = await serve(snapshot_path=snapshot, session_idle_timeout=timeout)
+    started = time.monotonic()
+    code, reason, message = await refused(second.step("old", xs[0], 12))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "version_unavailable"), message
+    position = 5
+    while time.monotonic() - started < timeout + 0.2:  # past the deadline set at the restore
+        await asyncio.sleep(0.4)
+        await second.step("new", xs[2], position)  # a session in use on version 2 stays live
+        position += 1
+    code, reason, message = await refused(second.step("old", xs[0], 12))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "expired"), message
+    assert "position 12" in message and "version 1" in message
+    await second.app.stop()
+    parts = read_parts(snapshot)
+    assert [(p.version, list(p.arrays["ids"])) for p in parts] == [(2, ["new"])]
+
+
 async def test_metrics_carry_the_model_and_version(serve, repo, v2_dir, xs, jv_xs):
     repo.add(BM, 1, BASICMOTIONS)
     repo.add(BM, 2, v2_dir)
