@@ -27,8 +27,9 @@ from .engine import Engine
 from .errors import ModelError, SnapshotError
 from .metrics import Metrics, VersionGauges
 from .model import ModelSpec, bundled_models_dir
-from .models import Models, Waiting
+from .models import Models
 from .oip import HttpFront, InferenceService, OipFront, bind_socket
+from .routes import Waiting
 from .runtime import ModelRunner, inference_executor
 from .servicer import SeqServeServicer
 from .settings import Settings
