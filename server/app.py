@@ -40,6 +40,7 @@ from .snapshot import (
     lock_snapshot,
     read_parts,
     restore_part,
+    waiting_sessions,
     write_snapshot,
 )
 from .versions import ModelVersion
@@ -340,15 +341,10 @@ def _restore(settings: Settings, models: Models) -> list[Part]:
         for part, engine in targets:
             if engine is None:
                 model = models.models[part.model]
-                ids = part.arrays.get("ids", ())
-                positions = part.arrays.get("positions", np.zeros(len(ids), np.int64))
-                idle = part.arrays.get("idle", np.zeros(len(ids)))
                 now = time.monotonic()
-                for session_id, position, waited in zip(ids, positions, idle, strict=False):
-                    model.unavailable[str(session_id)] = Waiting(
-                        part.version,
-                        int(position),
-                        now + settings.session_idle_timeout - float(waited),
+                for session_id, position, waited in waiting_sessions(part):
+                    model.unavailable[session_id] = Waiting(
+                        part.version, position, now + settings.session_idle_timeout - waited
                     )
                 log.warning(
                     "%s: %d sessions ran on %s version %d (graphs %s), which this server "

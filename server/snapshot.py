@@ -44,6 +44,7 @@ __all__ = [
     "read_parts",
     "restore_part",
     "save_snapshot",
+    "waiting_sessions",
     "write_snapshot",
 ]
 
@@ -282,9 +283,9 @@ def age_part(part: Part, seconds: float, idle_timeout: float) -> Part | None:
     ``idle_timeout``: every session idle that much longer, those idle past the timeout gone
     (they expired here, as a session held in memory would); None once none is left."""
     ids, idle = part.arrays.get("ids"), part.arrays.get("idle")
-    if ids is None or idle is None or idle.shape != ids.shape:
+    if ids is None or idle is None or idle.shape != ids.shape or idle.dtype.kind not in "fiu":
         return part  # not a part this server can judge; written again as it came
-    idle = idle + seconds
+    idle = np.nan_to_num(idle.astype(np.float64)) + seconds  # as waiting_sessions reads it
     keep = idle <= idle_timeout
     if not keep.any():
         return None
@@ -297,6 +298,22 @@ def age_part(part: Part, seconds: float, idle_timeout: float) -> Part | None:
     arrays["idle"] = idle[keep]
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     return replace(part, header=header, arrays=arrays)
+
+
+def waiting_sessions(part: Part) -> list[tuple[str, int, float]]:
+    """(id, position, seconds idle) of every session of a part this server cannot restore;
+    0 for a value the file does not give as a number (the part is not checked further)."""
+    ids = part.arrays.get("ids", np.empty(0))
+    count = len(ids)
+
+    def column(name: str) -> list[float]:
+        values = part.arrays.get(name)
+        if values is None or values.shape != (count,) or values.dtype.kind not in "fiu":
+            return [0.0] * count
+        return np.nan_to_num(values.astype(np.float64)).tolist()
+
+    positions, idle = column("positions"), column("idle")
+    return [(str(ids[k]), int(positions[k]), idle[k]) for k in range(count)]
 
 
 def read_parts(path: str | Path) -> list[Part]:
