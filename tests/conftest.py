@@ -114,3 +114,15 @@ def cluster(tmp_path: Path, model_dir: Path) -> Iterator[Callable[..., Any]]:
     yield start
     for c in made:
         c.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server on a free loopback port (``cluster.Redis``), killed when the test
+    ends."""
+    from cluster import Redis
+
+    server = Redis("redis", tmp_path / "redis.log")
+    server.start(tmp_path / "redis")
+    yield server
+    server.kill()

@@ -1104,16 +1104,6 @@ async def test_metrics_carry_the_model_and_version(serve, repo, v2_dir, xs, jv_x
 CROWD = 12
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    from cluster import Redis
-
-    server = Redis("redis", tmp_path / "redis.log")
-    server.start(tmp_path / "redis")
-    yield server
-    server.kill()
-
-
 async def test_redis_a_replica_adopts_a_session_into_its_exact_version(
     serve, tmp_path, v2_dir, xs, redis_server
 ):

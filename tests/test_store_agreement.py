@@ -6,9 +6,8 @@ MemoryStore, honest."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,14 +22,6 @@ from seqserve.server.store import Claim, Commits, Peek, Store, StoreUnavailable
 TTL = 60.0
 RECORD = 8  # bytes of a full checkpoint's data here (the stores do not look inside)
 Line = tuple[str, int, int, bool, bool, str]  # id, expected head, head, closed, full, principal
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    server = Redis("redis", tmp_path / "redis.log")
-    server.start(tmp_path / "redis")
-    yield server
-    server.kill()
 
 
 def commits(lines: Sequence[Line], rng: random.Random) -> Commits:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -20,14 +19,6 @@ from seqserve.proto import seqserve_pb2_grpc as pb_grpc
 from seqserve.proto.codec import from_matrix, to_matrix
 
 TOL = 1e-5
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    server = Redis("redis", tmp_path / "redis.log")
-    server.start(tmp_path / "redis")
-    yield server
-    server.kill()
 
 
 def text(reply: object) -> str:
