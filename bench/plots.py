@@ -19,8 +19,11 @@ def _latency(plt: Any, r: Results, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for rows, name, color in (
         (r.echo_stream, "echo", "tab:gray"),
+        (r.floor_stream, "floor", "tab:orange"),
         (r.stream, "seqserve", "tab:blue"),
     ):
+        if not rows:
+            continue
         for value, style in (("p50_ms", "-o"), ("p99_ms", "--s")):
             ax.plot(*_xy(rows, value), style, color=color, label=f"{name} {value.split('_')[0]}")
     if r.window:
@@ -51,6 +54,13 @@ def _save(plt: Any, fig: Any, ax: Any, path: Path) -> None:
 def _throughput(plt: Any, r: Results, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(*_xy(r.echo_stream, "rate"), "-o", color="tab:gray", label="echo, 1 frame per message")
+    if r.floor_stream:
+        ax.plot(
+            *_xy(r.floor_stream, "rate"),
+            "-o",
+            color="tab:orange",
+            label="floor (transport + one step per message), 1 frame per message",
+        )
     ax.plot(*_xy(r.stream, "rate"), "-o", color="tab:blue", label="seqserve, 1 frame per message")
     streams = int(r.config["mux_streams"])
     for rows, name, color in ((r.echo_mux, "echo", "tab:gray"), (r.mux, "seqserve", "tab:green")):

@@ -204,6 +204,28 @@ def _targets_section(r: Results) -> list[str]:
         "## Targets (ratios from this run)",
         "",
         *_table(("target", "claim", "measured", "ratio", "goal", "result"), rows),
+        *_floor_lines(r),
+    ]
+
+
+def _floor_lines(r: Results) -> list[str]:
+    """P1 and P2 as the floor server (section 2) scores them in the same run: how far the
+    goals are from what the transport plus one model step per message allows."""
+    parts = []
+    f1, e1, step = Results.at(r.floor_stream, 1), Results.at(r.echo_stream, 1), r.ort_at("step", 1)
+    if f1 and e1 and step:
+        ratio = f1.p50_ms / (e1.p50_ms + step.seconds * 1e3)
+        parts.append(f"P1 {ratio:.2f} (p50 {_ms(f1.p50_ms)} ms)")
+    load = _common_load(r.floor_stream, r.echo_stream, 128)
+    f, e = Results.at(r.floor_stream, load or 0), Results.at(r.echo_stream, load or 0)
+    if f and e:
+        parts.append(f"P2 {f.rate / e.rate:.2f} ({_n(f.rate)} steps/s at {load} sessions)")
+    if not parts:
+        return []
+    return [
+        "The floor of section 2 (the transport plus one onnxruntime step per message, nothing "
+        f"else) scores, in this run: {'; '.join(parts)}.",
+        "",
     ]
 
 
@@ -280,6 +302,7 @@ def _stream_section(r: Results) -> list[str]:
     rows = []
     for s in r.stream:
         e = Results.at(r.echo_stream, s.load)
+        f = Results.at(r.floor_stream, s.load)
         rows.append(
             (
                 str(s.load),
@@ -289,6 +312,8 @@ def _stream_section(r: Results) -> list[str]:
                 _ms(e.p50_ms) if e else "—",
                 _n(e.rate) if e else "—",
                 f"{s.rate / e.rate:.2f}" if e else "—",
+                _ms(f.p50_ms) if f else "—",
+                _n(f.rate) if f else "—",
                 f"{s.client_cpu:.2f}",
                 f"{s.server_cpu:.2f}",
             )
@@ -297,7 +322,11 @@ def _stream_section(r: Results) -> list[str]:
         "## 2. Streaming: one frame per message",
         "",
         "Each session on its own `Stream` call (one channel), sending one frame and "
-        "awaiting its answer before the next.",
+        "awaiting its answer before the next. The floor is `bench/floor_server.py`: a bare "
+        "`grpc.aio` `Stream` that keeps each session's states in a dict and runs the step "
+        "graph right in the handler, one message at a time, with nothing else (no batching, "
+        "positions, checks or metrics): what any Python server of this transport and model pays "
+        "per message.",
         "",
         *_table(
             (
@@ -308,6 +337,8 @@ def _stream_section(r: Results) -> list[str]:
                 "echo p50 ms",
                 "echo msg/s",
                 "steps/s ÷ echo",
+                "floor p50 ms",
+                "floor steps/s",
                 "client cores",
                 "server cores",
             ),

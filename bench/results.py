@@ -54,6 +54,7 @@ class Results:
     ort: list[OrtPoint] = field(default_factory=list)
     echo_stream: list[Summary] = field(default_factory=list)
     stream: list[Summary] = field(default_factory=list)
+    floor_stream: list[Summary] = field(default_factory=list)  # bench/floor_server.py
     echo_mux: list[Summary] = field(default_factory=list)
     mux: list[Summary] = field(default_factory=list)
     mux_status: str = "not run"  # "ok", or why there are no seqserve figures

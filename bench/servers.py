@@ -23,6 +23,7 @@ __all__ = [
     "Server",
     "cpu_seconds",
     "echo_server",
+    "floor_server",
     "free_port",
     "repository_server",
     "seqserve_server",
@@ -102,6 +103,13 @@ def echo_server() -> AbstractAsyncContextManager[Server]:
     port = free_port()
     command = [sys.executable, "-P", str(BENCH / "echo_server.py"), str(port)]
     return _serving("echo", command, port)
+
+
+def floor_server(model_dir: Path) -> AbstractAsyncContextManager[Server]:
+    """bench/floor_server.py: the transport plus one onnxruntime step per message, nothing else."""
+    port = free_port()
+    command = [sys.executable, "-P", str(BENCH / "floor_server.py"), str(port), str(model_dir)]
+    return _serving("floor", command, port)
 
 
 def seqserve_server(

@@ -50,7 +50,7 @@ from bench.machine import CpuMark, load_note, machine_info
 from bench.plots import write_plots
 from bench.report import write_report
 from bench.results import Results, Summary
-from bench.servers import BENCH, ROOT, Server, echo_server, seqserve_server
+from bench.servers import BENCH, ROOT, Server, echo_server, floor_server, seqserve_server
 from seqserve.server.model import load_model_spec
 from seqserve.server.runtime import Runtime
 
@@ -174,7 +174,7 @@ class Suite:
         for (_, rows), done in zip(pairs, runs, strict=True):
             rows.append(Summary.of(load, done))
 
-    async def stream(self, echo: Server, seq: Server) -> None:
+    async def stream(self, echo: Server, floor: Server, seq: Server) -> None:
         c, r = self.config, self.results
         for sessions in c.concurrency:
 
@@ -188,7 +188,8 @@ class Suite:
                     tag=f"s{sessions}r{i}",
                 )
 
-            await self._rounds(sessions, [(echo, r.echo_stream), (seq, r.stream)], measure)
+            pairs = [(echo, r.echo_stream), (floor, r.floor_stream), (seq, r.stream)]
+            await self._rounds(sessions, pairs, measure)
 
     async def mux(self, echo: Server, seq: Server) -> None:
         c, r = self.config, self.results
@@ -282,9 +283,13 @@ class Suite:
             await _guard(r, "limits", self.limits_inprocess)
         if {"limits", "stream", "mux", "predict", "today"} & set(only):
             extra = shlex.split(self.config.server_args)
-            async with echo_server() as echo, seqserve_server(self.model_dir, *extra) as seq:
+            async with (
+                echo_server() as echo,
+                floor_server(self.model_dir) as floor,
+                seqserve_server(self.model_dir, *extra) as seq,
+            ):
                 if {"limits", "stream"} & set(only):
-                    await _guard(r, "stream", lambda: self.stream(echo, seq))
+                    await _guard(r, "stream", lambda: self.stream(echo, floor, seq))
                 if "mux" in only:
                     await _guard(r, "mux", lambda: self.mux(echo, seq))
                 if "predict" in only:

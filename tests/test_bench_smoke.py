@@ -114,7 +114,9 @@ def test_quick_suite_writes_every_table_and_plot(tmp_path, model_dir):
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results["failures"]
     assert [s["load"] for s in results["stream"]] == [1, 4]
-    for summary in results["stream"] + results["echo_stream"] + results["echo_mux"]:
+    assert [s["load"] for s in results["floor_stream"]] == [1, 4]
+    streams = results["stream"] + results["echo_stream"] + results["floor_stream"]
+    for summary in streams + results["echo_mux"]:
         assert summary["rate"] > 0 and 0 < summary["p50_ms"] <= summary["p99_ms"]
     assert results["mux"] or results["mux_status"].startswith("not implemented")
     assert results["memory"]["rss_stepped"] > results["memory"]["rss_empty"] > 0
