@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -379,7 +380,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     await app.start()
     log.info(
         "serving %s (default %s) on %s:%d (%s, %s; REST on :%s, metrics on :%s, %d sessions "
-        "restored)",
+        "restored; %s event loop)",
         ", ".join(f"{v.model} v{v.version} {v.state}" for v in app.models.list()),
         app.models.default,
         settings.host,
@@ -391,6 +392,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         app.http_port,
         app.metrics_port,
         app.models.live_sessions,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = stop or asyncio.Event()
     await stop.wait()
@@ -424,8 +426,26 @@ def run_forever(settings: Settings) -> int:
         await serve(settings, stop)
 
     try:
-        asyncio.run(run())
+        factory = loop_factory(settings.loop)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run())
     except (ModelError, SnapshotError, ConfigError, OSError) as exc:
         log.error("%s", exc)
         return 2
     return 0
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``--loop`` names: uvloop's where asked for (or, with ``auto``, where it is
+    installed), else None (asyncio's own). ConfigError if uvloop is asked for and missing."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError("--loop uvloop: uvloop is not installed (pip install uvloop)") from (
+                None
+            )
+        return None
+    return uvloop.new_event_loop

@@ -159,6 +159,13 @@ class Settings:
         "processes (what --workers does for its workers; they must share "
         "a --store)",
     )
+    loop: str = _opt(
+        "auto",
+        "the event loop: uvloop (libuv's, in C: fewer microseconds per message), asyncio (the "
+        "standard library's), or auto (uvloop where it is installed, as with seqserve[server] "
+        "off Windows)",
+        choices=("auto", "asyncio", "uvloop"),
+    )
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def replace(self, **changes: Any) -> Settings:

@@ -363,3 +363,69 @@ def test_model_dir_checks(tmp_path, model_dir):
     (target / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="no_such_input"):
         Runtime(load_model_spec(target))
+
+
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_the_cli_serves_on_the_event_loop_asked_for_and_drains_on_sigterm(loop, samples, model_dir):
+    """``--loop auto`` runs on uvloop (installed with seqserve[server]); ``--loop asyncio`` on
+    the standard library's loop. Either way the process serves a stream exactly as in process
+    (solo_run) and drains on SIGTERM with exit status 0."""
+    import signal
+
+    expected = "uvloop" if loop == "auto" else "asyncio"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-P", "-m", "seqserve.server", "--host", "127.0.0.1", "--port"),
+            *("0", "--model-dir", str(model_dir), "--metrics-port", "-1", "--http-port", "-1"),
+            *("--snapshot-path", "", "--loop", loop),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:  # the start-up line names the port and the loop
+            lines.append(line)
+            if " serving " in line:
+                break
+        started = lines[-1]
+        assert f"; {expected} event loop)" in started, "".join(lines)
+        port = int(re.search(r" on 127\.0\.0\.1:(\d+) ", started).group(1))  # type: ignore[union-attr]
+        x = samples["x"][0][:5]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SeqServeStub(channel)
+            answers = list(
+                stub.Stream(
+                    iter([step_request("l", t, x[t : t + 1], start=t == 0) for t in range(5)]),
+                    timeout=30,
+                )
+            )
+        got = np.concatenate([probs(a) for a in answers])
+        np.testing.assert_allclose(got, solo_run(model_dir, x), atol=TOL)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+        assert proc.returncode == 0, rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_loop_uvloop_without_uvloop_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+    from seqserve.server.app import loop_factory
+
+    fake = tmp_path / "uvloop"  # a uvloop that cannot be imported, as where it is not installed
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no uvloop here')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = _cli(
+        "--loop", "uvloop", "--port", "0", "--metrics-port", "-1", "--http-port", "-1", env=env
+    )
+    assert out.returncode == 2
+    assert "--loop uvloop: uvloop is not installed" in out.stderr
+    # Where it is missing, auto means asyncio's own loop (None: asyncio.Runner's default).
+    assert loop_factory("auto") is not None  # installed here, with seqserve[server]
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert loop_factory("auto") is None and loop_factory("asyncio") is None
