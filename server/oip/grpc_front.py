@@ -222,21 +222,22 @@ class InferenceService(grpc.GenericRpcHandler):
             result = await self.front.start(call, current_principal())
         except Exception as exc:
             raise infer.explain(call, exc) from None
-        return self._response(request, call, result)
+        return self._response(request, call, result, pb.ModelInferResponse())
 
     # -- inference ----------------------------------------------------------------------------
 
     def _prepare(self, request: Any) -> infer.InferCall:
-        raw = request.raw_input_contents
-        if len(raw) and len(raw) != len(request.inputs):
+        raw, tensors = request.raw_input_contents, request.inputs
+        if not len(raw):
+            inputs = [_input(tensor, None) for tensor in tensors]
+        elif len(raw) == len(tensors):
+            inputs = [_input(tensor, data) for tensor, data in zip(tensors, raw, strict=True)]
+        else:
             raise BadRequest(
-                f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one "
+                f"{len(raw)} raw_input_contents for {len(tensors)} inputs: give one "
                 "per input, or none",
                 reason="bad_frames",
             )
-        inputs = [
-            _input(tensor, raw[i] if len(raw) else None) for i, tensor in enumerate(request.inputs)
-        ]
         return infer.prepare(
             self.models,
             request.model_name,
@@ -247,12 +248,13 @@ class InferenceService(grpc.GenericRpcHandler):
             [_requested(out) for out in request.outputs],
         )
 
-    def _response(self, request: Any, call: infer.InferCall, result: Any) -> Any:
-        spec = call.spec
+    def _response(self, request: Any, call: infer.InferCall, result: Any, response: Any) -> Any:
+        """Fill ``response`` (a ModelInferResponse, or a stream reply's own ``infer_response``:
+        built in place, not copied in)."""
         version = result.version if isinstance(result, StepResult) else call.engine.version
-        response = pb.ModelInferResponse(
-            model_name=spec.name, model_version=str(version), id=request.id
-        )
+        response.model_name = call.spec.name
+        response.model_version = str(version)
+        response.id = request.id
         if isinstance(result, StepResult):
             response.parameters["sequence_position"].int64_param = result.position
             response.parameters["sequence_next_position"].int64_param = result.next_position
@@ -324,10 +326,9 @@ class InferenceService(grpc.GenericRpcHandler):
         else:
             exc = future.exception()
         if exc is None:
+            reply = pb.ModelStreamInferResponse()
             try:
-                reply = pb.ModelStreamInferResponse(
-                    infer_response=self._response(request, call, future.result())
-                )
+                self._response(request, call, future.result(), reply.infer_response)
             except Exception as failure:
                 exc = failure
             else:

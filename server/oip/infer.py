@@ -233,8 +233,11 @@ def probabilities(result: StepResult | list[np.ndarray]) -> np.ndarray:
     return np.stack(result)
 
 
+_ALL_OUTPUTS = (RequestedOutput(OUTPUT),)  # what a request that names no output gets
+
+
 def outputs(call: InferCall, probs: np.ndarray) -> list[OutputTensor]:
-    wanted = call.outputs or [RequestedOutput(OUTPUT)]
+    wanted = call.outputs or _ALL_OUTPUTS
     built = []
     for out in wanted:
         if out.classification:

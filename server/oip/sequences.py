@@ -73,8 +73,8 @@ def read_sequence(params: Mapping[str, ParamValue]) -> SequenceStep | None:
     do not make sense together."""
     if not params:
         return None
-    for key in params.keys() - _KNOWN:
-        if key.startswith("sequence_"):
+    for key in params:
+        if key not in _KNOWN and key.startswith("sequence_"):
             raise BadRequest(
                 f"unknown parameter {key!r} (sequence parameters: {', '.join(sorted(_KNOWN))})",
                 reason="bad_parameter",
