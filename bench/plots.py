@@ -19,7 +19,7 @@ def _latency(plt: Any, r: Results, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for rows, name, color in (
         (r.echo_stream, "echo", "tab:gray"),
-        (r.floor_stream, "floor", "tab:orange"),
+        (r.floor_stream, "floor", "tab:purple"),
         (r.stream, "seqserve", "tab:blue"),
     ):
         if not rows:
@@ -58,7 +58,7 @@ def _throughput(plt: Any, r: Results, path: Path) -> None:
         ax.plot(
             *_xy(r.floor_stream, "rate"),
             "-o",
-            color="tab:orange",
+            color="tab:purple",
             label="floor (transport + one step per message), 1 frame per message",
         )
     ax.plot(*_xy(r.stream, "rate"), "-o", color="tab:blue", label="seqserve, 1 frame per message")
