@@ -444,8 +444,7 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         if name == "uvloop":
-            raise ConfigError("--loop uvloop: uvloop is not installed (pip install uvloop)") from (
-                None
-            )
+            missing = "--loop uvloop: uvloop is not installed (pip install uvloop)"
+            raise ConfigError(missing) from None
         return None
     return uvloop.new_event_loop
