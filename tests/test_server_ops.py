@@ -365,6 +365,7 @@ def test_model_dir_checks(tmp_path, model_dir):
         Runtime(load_model_spec(target))
 
 
+@pytest.mark.timeout(90)  # a server that never says it serves fails here instead of hanging
 @pytest.mark.parametrize("loop", ["auto", "asyncio"])
 def test_the_cli_serves_on_the_event_loop_asked_for_and_drains_on_sigterm(loop, samples, model_dir):
     """``--loop auto`` runs on uvloop (installed with seqserve[server]); ``--loop asyncio`` on
